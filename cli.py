@@ -21,7 +21,7 @@ COMMANDS = {
     "export": ("export.commands", "export", "Export trained runs to ONNX (and Caffe2), with proven parity."),
     "inspect": ("export.commands", "inspect", "Show an exported model: description, I/O, formats, parity, sizes."),
     "embed": ("runtime.commands", "embed", "Embed images with an exported model (onnxruntime)."),
-    "probe": ("runtime.commands", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
+    "probe": ("runtime.probe_commands", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
     "evaluate": ("runtime.evaluate", "evaluate", "Measure universality: linear probes on many targets, mNRG."),
     "bench": ("benchmarks.commands", "bench", "Benchmark the runtime against PyTorch, side by side."),
 }
