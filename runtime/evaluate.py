@@ -1,0 +1,493 @@
+"""Measure universality: frozen embeddings + linear probes on many targets, aggregated over them.
+
+Library use (the reproduction study calls this):
+
+    from runtime.evaluate import evaluate_models
+    report = evaluate_models(["models/spe", "models/mucale"], ["fashion-mnist", "digits", "my/folder"],
+                             out_dir="reports/cmp", reference="models/spe")
+    report["models"]["mucale"]["mnrg"]
+
+For each model and target: the target's `train`/`test` splits (else a seeded stratified split),
+embeddings from the runtime pipeline (the model's deterministic evaluation transform, no
+augmentation), cached per (model, target, split) as npz; a linear probe (`runtime.probes`; its
+regularisation chosen on a validation split, then refit on train+val) scored once on test.
+Accuracies in the report are fractions in [0, 1]; mNRG/aNRG are x100 (see runtime.universality).
+Never imports torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+
+from common.data import DataError, ImageDataset, load_dataset, stratified_split
+from common.data import cache_dir as unirep_cache_dir
+from common.description import ModelDescription
+from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
+
+PROBES = ("logreg", "svm")
+DEFAULT_TEST_FRACTION = 0.3
+CACHE_FORMAT = 1        # bump when the cached arrays change meaning
+
+
+class EvaluationError(ValueError):
+    """Evaluation cannot run as asked; the message says what is wrong and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and their splits
+
+@dataclass
+class TargetSplit:
+    """The images and leaf-class labels of a target's train and test sides, and how they were made."""
+
+    name: str
+    spec: str
+    classes: list[str]
+    train_paths: list[str]
+    train_labels: np.ndarray
+    test_paths: list[str]
+    test_labels: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def selection_hash(self, root: str) -> str:
+        """Hash of exactly which files sit on which side with which label."""
+        h = hashlib.sha256()
+        for side, paths, labels in (("train", self.train_paths, self.train_labels),
+                                    ("test", self.test_paths, self.test_labels)):
+            for p, y in zip(paths, labels):
+                h.update(f"{side}\0{os.path.relpath(p, root)}\0{int(y)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _cap_per_class(indices: np.ndarray, labels: np.ndarray, max_per_class: int | None,
+                   rng: np.random.Generator) -> np.ndarray:
+    if not max_per_class:
+        return indices
+    keep = [rng.permutation(indices[labels[indices] == c])[:max_per_class]
+            for c in np.unique(labels[indices])]
+    return np.sort(np.concatenate(keep)) if keep else indices
+
+
+def split_target(dataset: ImageDataset, test_fraction: float = DEFAULT_TEST_FRACTION,
+                 seed: int = 0, max_per_class: int | None = None, name: str | None = None
+                 ) -> TargetSplit:
+    """Train/test sides of a target at its leaf level.
+
+    The dataset's own `train/` and `test/` splits are used when present ("given"); otherwise a
+    seeded stratified split keeps `test_fraction` of every class for test ("stratified"; a class
+    with 2 or more images has one on each side). `max_per_class` then keeps at most that many
+    images per class on each side, chosen with `seed`.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise EvaluationError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    if dataset.has_test_split and "train" in dataset.splits:
+        kind = "given"
+        sides = {}
+        for side in ("train", "test"):
+            labels = dataset.labels(side)
+            idx = _cap_per_class(np.arange(len(labels)), labels, max_per_class, rng)
+            paths = dataset.paths(side)
+            sides[side] = ([paths[i] for i in idx], labels[idx])
+    else:
+        kind = "stratified"
+        split = next(iter(dataset.splits))
+        labels, paths = dataset.labels(split), dataset.paths(split)
+        train_idx, test_idx = stratified_split(labels, test_fraction, seed)
+        sides = {}
+        for side, idx in (("train", train_idx), ("test", test_idx)):
+            idx = _cap_per_class(idx, labels, max_per_class, rng)
+            sides[side] = ([paths[i] for i in idx], labels[idx])
+    (train_paths, train_labels), (test_paths, test_labels) = sides["train"], sides["test"]
+    name = name or dataset.name
+    if len(np.unique(train_labels)) < 2:
+        raise EvaluationError(f"target {name!r}: the train side has fewer than 2 classes; a probe "
+                              "needs at least 2 (give a folder with 2+ class folders)")
+    if len(test_labels) == 0:
+        raise EvaluationError(f"target {name!r}: the test side is empty; give more images per "
+                              "class or a larger --test-fraction")
+    info = {
+        "split": kind,
+        "test_fraction": test_fraction if kind == "stratified" else None,
+        "seed": seed,
+        "max_per_class": max_per_class,
+        "n_train": len(train_paths),
+        "n_test": len(test_paths),
+        "n_classes": len(dataset.leaf_classes),
+        "n_classes_train": int(len(np.unique(train_labels))),
+        "n_classes_test": int(len(np.unique(test_labels))),
+        "level": dataset.levels[-1].name,
+        "fingerprint": dataset.fingerprint(),
+        "root": dataset.root,
+    }
+    return TargetSplit(name, name, list(dataset.leaf_classes), train_paths, train_labels,
+                       test_paths, test_labels, info)
+
+
+def load_target(spec: str, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0,
+                max_per_class: int | None = None, name: str | None = None) -> TargetSplit:
+    """A built-in spec or ImageFolder path -> TargetSplit, with errors that name the target."""
+    try:
+        dataset = load_dataset(spec)
+    except DataError as e:
+        raise EvaluationError(f"target {spec!r}: {e}") from e
+    target = split_target(dataset, test_fraction, seed, max_per_class, name or spec)
+    target.spec = spec
+    target.info["spec"] = spec
+    return target
+
+
+def _target_name(spec: str) -> str:
+    return os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec
+
+
+def _dedupe(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and the embedding cache
+
+def check_model_dir(model_dir: str) -> ModelDescription:
+    if not os.path.isdir(model_dir):
+        raise EvaluationError(f"model dir {model_dir!r} not found; give a folder written by "
+                              "`python cli.py export`")
+    if not os.path.exists(os.path.join(model_dir, "model.onnx")):
+        raise EvaluationError(f"{model_dir}: no model.onnx inside; is it an exported model "
+                              "(`python cli.py export RUN_DIR --out MODEL_DIR`)?")
+    try:
+        return ModelDescription.load(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationError(f"{model_dir}: unusable description.json ({e})") from e
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Content hash of the ONNX graph and the description (which fixes the preprocessing)."""
+    h = hashlib.sha256()
+    for fname in ("model.onnx", "description.json"):
+        with open(os.path.join(model_dir, fname), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def cache_key(model_fp: str, target: TargetSplit) -> str:
+    settings = {k: target.info[k] for k in ("split", "test_fraction", "seed", "max_per_class")}
+    payload = json.dumps({"format": CACHE_FORMAT, "model": model_fp,
+                          "target": target.info["fingerprint"], "settings": settings,
+                          "selection": target.selection_hash(target.info["root"])},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")[:40] or "x"
+
+
+@dataclass
+class Embedded:
+    train: np.ndarray          # (n_train, D), NaN rows where embedding failed
+    test: np.ndarray
+    errors: dict[str, str]     # path -> message
+    images_per_s: float
+    seconds: float
+    cached: bool
+
+
+def _save_npz_atomic(path: str, **arrays) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_cached(path: str, target: TargetSplit) -> Embedded | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            train, test = z["train"], z["test"]
+            errors = json.loads(str(z["errors"]))
+            speed, seconds = float(z["images_per_s"]), float(z["seconds"])
+    except (OSError, KeyError, ValueError):
+        return None     # unreadable or from an older layout: embed again
+    if len(train) != len(target.train_paths) or len(test) != len(target.test_paths):
+        return None
+    return Embedded(train, test, errors, speed, seconds, cached=True)
+
+
+def embed_target(pipeline_factory, target: TargetSplit, cache_path: str | None) -> Embedded:
+    """Embeddings of both sides of a target, from the cache when there, else through the pipeline."""
+    if cache_path and os.path.exists(cache_path):
+        hit = _load_cached(cache_path, target)
+        if hit is not None:
+            return hit
+    pipeline = pipeline_factory()
+    paths = target.train_paths + target.test_paths
+    start = time.perf_counter()
+    result = pipeline.embed(paths)
+    seconds = time.perf_counter() - start
+    vectors = np.asarray(result.vectors, dtype=np.float32)
+    if len(vectors) != len(paths):
+        raise EvaluationError(f"the pipeline returned {len(vectors)} vectors for {len(paths)} images")
+    errors = {paths[int(i)]: str(msg) for i, msg in (result.errors or {}).items()}
+    n_train = len(target.train_paths)
+    embedded = Embedded(vectors[:n_train], vectors[n_train:], errors,
+                        len(paths) / max(seconds, 1e-9), seconds, cached=False)
+    if cache_path:
+        _save_npz_atomic(cache_path, train=embedded.train, test=embedded.test,
+                         errors=np.array(json.dumps(errors)),
+                         images_per_s=np.array(embedded.images_per_s),
+                         seconds=np.array(seconds))
+    return embedded
+
+
+# ---------------------------------------------------------------------------------------------
+# Probing
+
+def _valid_rows(x: np.ndarray) -> np.ndarray:
+    return np.isfinite(x).all(axis=1)
+
+
+def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg", seed: int = 0
+                 ) -> dict:
+    """Fit the probe on the train side, score it once on the test side; items that failed to
+    embed are dropped from both X and y and counted."""
+    from .probes import make_probe
+
+    ok_train, ok_test = _valid_rows(embedded.train), _valid_rows(embedded.test)
+    x_train, y_train = embedded.train[ok_train], target.train_labels[ok_train]
+    x_test, y_test = embedded.test[ok_test], target.test_labels[ok_test]
+    if len(np.unique(y_train)) < 2 or len(y_test) == 0:
+        first = next(iter(embedded.errors.values()), "no message")
+        raise EvaluationError(f"target {target.name!r}: too few images could be embedded "
+                              f"({len(y_train)} train, {len(y_test)} test); first error: {first}")
+    estimator = make_probe(probe, seed=seed)
+    start = time.perf_counter()
+    estimator.fit(x_train, y_train)
+    fit_seconds = time.perf_counter() - start
+    y_pred = np.asarray(estimator.predict(x_test))
+    return {
+        "top1": top1_accuracy(y_test, y_pred),
+        "mean_per_class": mean_per_class_accuracy(y_test, y_pred),
+        "C": float(estimator.C_),
+        "n_train": int(len(y_train)),
+        "n_test": int(len(y_test)),
+        "dropped": {"train": int((~ok_train).sum()), "test": int((~ok_test).sum())},
+        "errors": dict(list(embedded.errors.items())[:5]),
+        "split": target.info["split"],
+        "chance": float(1.0 / max(target.info["n_classes_train"], 1)),
+        "images_per_s": round(embedded.images_per_s, 2),
+        "embed_seconds": round(embedded.seconds, 3),
+        "probe_seconds": round(fit_seconds, 3),
+        "cached": embedded.cached,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole evaluation
+
+def _versions() -> dict:
+    import sklearn
+    out = {"python": platform.python_version(), "numpy": np.__version__,
+           "scikit-learn": sklearn.__version__, "machine": platform.machine(),
+           "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        import onnxruntime
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | None,
+                    reference: str | None = None, probe: str = "logreg", seed: int = 0,
+                    cache_dir: str | None = None, device: str = "auto", batch_size: int = 32,
+                    threads: int | None = None, names: list[str] | None = None,
+                    test_fraction: float = DEFAULT_TEST_FRACTION,
+                    max_per_class: int | None = None, use_cache: bool = True,
+                    progress: bool = True) -> dict:
+    """Evaluate every model on every target; write report.json/.md/.png to `out_dir` (if given)
+    and return the report dict (layout in runtime.report).
+
+    `reference` is a model dir (in `model_dirs` or not; it is evaluated too) that mNRG/aNRG are
+    relative to. `cache_dir` defaults to $UNIREP_CACHE/embeddings; `use_cache=False` embeds
+    afresh without reading or writing it. Raises EvaluationError for unusable inputs.
+    """
+    from tqdm import tqdm
+
+    if probe not in PROBES:
+        raise EvaluationError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
+    if not model_dirs:
+        raise EvaluationError("give at least one model dir")
+    if not targets:
+        raise EvaluationError("give at least one target (--target DATA)")
+    if names and len(names) != len(model_dirs):
+        raise EvaluationError(f"{len(names)} names for {len(model_dirs)} model dirs; give one "
+                              "--name per model dir, in the same order")
+    model_dirs = [os.path.normpath(d) for d in model_dirs]
+    model_names = list(names) if names else [os.path.basename(os.path.abspath(d)) for d in model_dirs]
+    reference_name = None
+    if reference is not None:
+        reference = os.path.normpath(reference)
+        same = [i for i, d in enumerate(model_dirs)
+                if os.path.exists(d) and os.path.exists(reference)
+                and os.path.samefile(d, reference)]
+        if same:
+            reference_name = _dedupe(model_names)[same[0]]
+        else:
+            model_dirs.append(reference)
+            model_names.append(os.path.basename(os.path.abspath(reference)))
+    model_names = _dedupe(model_names)
+    if reference is not None and reference_name is None:
+        reference_name = model_names[-1]
+
+    # Check everything before the long work, so a typo fails in a second.
+    descriptions = {name: check_model_dir(d) for name, d in zip(model_names, model_dirs)}
+    target_names = _dedupe([_target_name(t) for t in targets])
+    splits = {name: load_target(spec, test_fraction, seed, max_per_class, name)
+              for name, spec in zip(target_names, targets)}
+
+    cache_dir = cache_dir or os.path.join(unirep_cache_dir(), "embeddings")
+    counters = {"hits": 0, "misses": 0}
+    models: dict[str, dict] = {}
+    pairs = [(m, t) for m in model_names for t in target_names]
+    bar = tqdm(pairs, desc="evaluate", unit="pair", disable=not progress, leave=False)
+    pipelines: dict[str, object] = {}
+    for model_name, target_name in bar:
+        bar.set_postfix_str(f"{model_name} on {target_name}")
+        model_dir = model_dirs[model_names.index(model_name)]
+        desc, target = descriptions[model_name], splits[target_name]
+        entry = models.setdefault(model_name, {
+            "model_dir": os.path.abspath(model_dir), "embedding_dim": int(desc.feature_dim),
+            "architecture": desc.architecture, "method": desc.method,
+            "fingerprint": model_fingerprint(model_dir), "targets": {}})
+        cache_path = None
+        if use_cache:
+            cache_path = os.path.join(cache_dir, f"{entry['fingerprint']}-{_slug(target_name)}-"
+                                                 f"{cache_key(entry['fingerprint'], target)}.npz")
+
+        def factory(model_dir=model_dir, model_name=model_name):
+            if model_name not in pipelines:
+                from .pipeline import FeaturePipeline
+                pipelines[model_name] = FeaturePipeline(model_dir, device=device, threads=threads,
+                                                        batch_size=batch_size)
+            return pipelines[model_name]
+
+        embedded = embed_target(factory, target, cache_path)
+        counters["hits" if embedded.cached else "misses"] += 1
+        if embedded.train.shape[1] != desc.feature_dim:
+            entry["embedding_dim"] = int(embedded.train.shape[1])
+        entry["targets"][target_name] = probe_target(embedded, target, probe, seed)
+        entry["targets"][target_name]["cache_file"] = cache_path
+    bar.close()
+
+    for name, agg in aggregate_models(models, reference_name).items():
+        models[name].update(agg)
+        models[name]["images_per_s"] = float(np.mean(
+            [r["images_per_s"] for r in models[name]["targets"].values()]))
+    report = {
+        "models": models,
+        "reference": reference_name,
+        "targets": {name: dict(s.info) for name, s in splits.items()},
+        "probe": probe,
+        "seed": seed,
+        "metric": "top1",
+        "settings": {"test_fraction": test_fraction, "max_per_class": max_per_class,
+                     "device": device, "batch_size": batch_size, "threads": threads},
+        "providers": {n: _provider(p) for n, p in pipelines.items()},
+        "cache": {"dir": cache_dir if use_cache else None, **counters},
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if out_dir:
+        from .report import write_report
+        report["files"] = write_report(report, out_dir)
+    return report
+
+
+def _provider(pipeline) -> str | None:
+    for attr in ("provider", "providers"):
+        value = getattr(pipeline, attr, None)
+        if value:
+            return value if isinstance(value, str) else str(value[0])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+@click.command("evaluate")
+@click.argument("model_dirs", nargs=-1, required=True, metavar="MODEL_DIR [MODEL_DIR ...]")
+@click.option("--target", "-t", "targets", multiple=True, required=True, metavar="DATA",
+              help="A target: a built-in (fashion-mnist, mnist, digits, emoji:...) or an "
+                   "ImageFolder (leaf folder = class). Repeat for several.")
+@click.option("--reference", "-r", metavar="MODEL_DIR",
+              help="Model the mNRG/aNRG are relative to (typically the specific-only network); "
+                   "evaluated too if not listed.")
+@click.option("--probe", type=click.Choice(PROBES), default="logreg", show_default=True,
+              help="logreg: multinomial logistic regression (Kornblith/CLIP); svm: one-vs-rest "
+                   "linear SVM (the TPAMI paper).")
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="Display name per MODEL_DIR, in order (default: folder names).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Report folder: report.json, report.md, report.png.")
+@click.option("--test-fraction", default=DEFAULT_TEST_FRACTION, show_default=True, type=float,
+              help="Test share of the seeded stratified split, for targets without train/ and test/.")
+@click.option("--max-per-class", type=int, default=None,
+              help="Keep at most N images per class on each side (seeded), for quick runs.")
+@click.option("--seed", default=0, show_default=True, help="Seed of splits, subsampling and probes.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Embedding cache folder [default: $UNIREP_CACHE/embeddings].")
+@click.option("--no-cache", is_flag=True, help="Embed afresh; neither read nor write the cache.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: all cores].")
+def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fraction, max_per_class,
+             seed, cache_dir, no_cache, device, batch_size, threads):
+    """Measure universality: a linear probe per (model, target) on frozen embeddings.
+
+    Each target uses its train/ and test/ splits, else a seeded stratified split (reported).
+    The probe's regularisation is chosen on a validation split and refit on train+val; test is
+    scored once. Per model: top-1 and mean per-class accuracy per target, their mean, Kornblith's
+    mean logit and, with --reference, mNRG and aNRG (x100; 0 = as good as the reference).
+
+    \b
+    Example:
+      python cli.py evaluate models/spe models/mucale -t fashion-mnist -t digits \\
+          -t ~/photos/flowers --reference models/spe --out reports/cmp
+    """
+    try:
+        report = evaluate_models(list(model_dirs), list(targets), out_dir, reference=reference,
+                                 probe=probe, seed=seed, cache_dir=cache_dir, device=device,
+                                 batch_size=batch_size, threads=threads, names=list(names) or None,
+                                 test_fraction=test_fraction, max_per_class=max_per_class,
+                                 use_cache=not no_cache)
+    except (EvaluationError, DataError) as e:
+        raise click.UsageError(str(e)) from e
+    from .report import render_table
+    click.echo(render_table(report))
+    cache = report["cache"]
+    click.echo(f"\nembeddings: {cache['hits']} from cache, {cache['misses']} computed")
+    for path in report.get("files", {}).values():
+        click.echo(f"wrote {path}")

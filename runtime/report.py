@@ -1,0 +1,160 @@
+"""Writers for an evaluation report: report.json, report.md and report.png, each written atomically.
+
+report.json layout (accuracies are fractions in [0, 1]; mNRG/aNRG are x100):
+
+    {"models": {NAME: {"model_dir", "embedding_dim", "architecture", "method", "fingerprint",
+                       "targets": {TARGET: {"top1", "mean_per_class", "C", "n_train", "n_test",
+                                            "split", "dropped", "errors", "chance",
+                                            "images_per_s", "cached", ...}},
+                       "mean", "logit_mean", "mnrg", "anrg", "images_per_s"}},
+     "reference": NAME or null,
+     "targets": {TARGET: {"spec", "split" ("given" | "stratified"), "test_fraction", "seed",
+                          "max_per_class", "n_train", "n_test", "n_classes", "fingerprint", ...}},
+     "probe", "seed", "metric", "settings", "providers", "cache", "versions", "created"}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from common.description import save_json_atomic
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _columns(report: dict) -> list[tuple[str, callable, str]]:
+    """(header, value getter, format) for every column of the model table."""
+    targets = list(report["targets"])
+    cols = [(t, (lambda m, t=t: 100 * m["targets"][t]["top1"]), "{:.1f}") for t in targets]
+    cols.append(("mean", lambda m: 100 * m["mean"], "{:.1f}"))
+    cols.append(("logit mean", lambda m: m["logit_mean"], "{:.2f}"))
+    if report.get("reference"):
+        cols.append(("mNRG", lambda m: m["mnrg"], "{:+.1f}"))
+        cols.append(("aNRG", lambda m: m["anrg"], "{:+.1f}"))
+    return cols
+
+
+def render_table(report: dict) -> str:
+    """Markdown table: models x targets (top-1 %), mean, logit mean, mNRG, aNRG; best in bold."""
+    cols = _columns(report)
+    models = report["models"]
+    best = {h: max(get(m) for m in models.values()) for h, get, _ in cols}
+    header = ["model", "dim"] + [h for h, _, _ in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in models.items():
+        label = f"{name} (ref)" if name == report.get("reference") else name
+        cells = [label, str(m["embedding_dim"])]
+        for h, get, fmt in cols:
+            value = get(m)
+            text = fmt.format(value)
+            cells.append(f"**{text}**" if len(models) > 1 and text == fmt.format(best[h]) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    models, targets = report["models"], report["targets"]
+    out = ["# Universality evaluation", "",
+           f"Probe: `{report['probe']}` (regularisation chosen on a validation split, refit on "
+           f"train+val, test scored once); seed {report['seed']}. Cells: top-1 accuracy (%) "
+           "on each target's test side; best per column in bold.", ""]
+    if report.get("reference"):
+        out += [f"mNRG / aNRG: x100 median / mean over targets of the normalised relative gain "
+                f"(s - s_ref) / (100 - s_ref), relative to **{report['reference']}**.", ""]
+    out += [render_table(report), "", "## Mean per-class accuracy (%)", ""]
+    header = ["model"] + list(targets)
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in models.items():
+        out.append("| " + " | ".join([name] + [f"{100 * m['targets'][t]['mean_per_class']:.1f}"
+                                               for t in targets]) + " |")
+    out += ["", "## Probe and embedding details", "",
+            "| model | target | C | n_train | n_test | dropped | images/s | cached |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        for t, r in m["targets"].items():
+            dropped = r["dropped"]["train"] + r["dropped"]["test"]
+            out.append(f"| {name} | {t} | {r['C']:.3g} | {r['n_train']} | {r['n_test']} | "
+                       f"{dropped} | {r['images_per_s']:.0f} | {'yes' if r['cached'] else 'no'} |")
+    out += ["", "## Targets", "",
+            "| target | spec | split | train | test | classes |", "|---|---|---|---|---|---|"]
+    for t, info in targets.items():
+        split = info["split"]
+        if split == "stratified":
+            split += f" ({100 * info['test_fraction']:.0f}% test, seed {info['seed']})"
+        if info.get("max_per_class"):
+            split += f", at most {info['max_per_class']}/class"
+        out.append(f"| {t} | `{info['spec']}` | {split} | {info['n_train']} | {info['n_test']} | "
+                   f"{info['n_classes']} |")
+    v = report.get("versions", {})
+    out += ["", f"Created {report.get('created', '')} with " +
+            ", ".join(f"{k} {v[k]}" for k in ("python", "numpy", "onnxruntime", "scikit-learn")
+                      if k in v) + f"; {v.get('platform', '')}, {v.get('cpus', '?')} CPUs.", ""]
+    return "\n".join(out)
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Grouped bars of top-1 per target for each model, plus mean accuracy and mNRG panels."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models, targets = report["models"], list(report["targets"])
+    names = list(models)
+    has_ref = bool(report.get("reference"))
+    widths = [max(3, 1.2 * len(targets)), 1.6] + ([1.6] if has_ref else [])
+    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 2, 4.2),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    axes = axes[0]
+    colours = plt.get_cmap("tab10")(np.arange(len(names)) % 10)
+    bar = 0.8 / len(names)
+    x = np.arange(len(targets))
+    for i, name in enumerate(names):
+        accs = [100 * models[name]["targets"][t]["top1"] for t in targets]
+        axes[0].bar(x + (i - (len(names) - 1) / 2) * bar, accs, bar, label=name, color=colours[i])
+    axes[0].set_xticks(x, [t if len(t) <= 18 else t[:16] + ".." for t in targets],
+                       rotation=20, ha="right")
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[0].set_ylim(0, 100)
+    axes[0].set_title(f"per target ({report['probe']} probe)")
+    axes[0].legend(fontsize=8, loc="lower left")
+    axes[1].bar(np.arange(len(names)), [100 * models[n]["mean"] for n in names], color=colours)
+    axes[1].set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    axes[1].set_ylim(0, 100)
+    axes[1].set_title("mean accuracy (%)")
+    if has_ref:
+        axes[2].bar(np.arange(len(names)), [models[n]["mnrg"] for n in names], color=colours)
+        axes[2].axhline(0, color="black", linewidth=0.8)
+        axes[2].set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+        axes[2].set_title(f"mNRG vs {report['reference']}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    _write_atomic(path, buffer.getvalue())
+
+
+def write_report(report: dict, out_dir: str) -> dict[str, str]:
+    """Write report.json, report.md and report.png into `out_dir`; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {kind: os.path.join(out_dir, f"report.{kind}") for kind in ("json", "md", "png")}
+    plot_report(report, paths["png"])
+    _write_atomic(paths["md"], render_markdown(report).encode())
+    save_json_atomic(paths["json"], {**report, "files": paths})
+    return paths
