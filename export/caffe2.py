@@ -1,0 +1,754 @@
+"""ONNX -> Caffe2 conversion, with Caffe2's message definitions built at run time.
+
+No Caffe2 runtime installs on current Python, so this module carries the parts of
+`caffe2/proto/caffe2.proto` a deployment needs (NetDef, OperatorDef, Argument, TensorProto,
+DeviceOption; proto2, package `caffe2`, the original field numbers) as a FileDescriptorProto and
+lets the protobuf library build the message classes: no protoc, no generated code.
+
+A Caffe2 model is two nets: `init_net.pb` fills every weight blob (one `GivenTensorFill` per
+float tensor) and `predict_net.pb` holds the operators, with `external_input` = the data blob then
+every weight blob. `value_info.json` names the input blob and its shape. The conversion follows the
+old onnx-caffe2 backend's conventions (NCHW, pads as begin+end, FC for Gemm with W as [out, in]).
+
+Constants are folded at conversion time: Constant nodes, initializers used as shapes or axes,
+sub-graphs whose inputs are all constant (evaluated with onnx's reference evaluator), and the
+`Shape -> Gather -> Concat` arithmetic that exporters emit for a dynamic batch (the batch dimension
+is tracked symbolically and becomes Caffe2's "copy this dimension" 0 in `Reshape`).
+`export.caffe2_exec` runs the nets with NumPy to prove parity with onnxruntime.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+
+import numpy as np
+
+__all__ = ["NetDef", "OperatorDef", "Argument", "TensorProto", "DeviceOption",
+           "UnsupportedOnnxOp", "onnx_to_caffe2", "convert_onnx_file", "load_net", "save_net",
+           "arg_value", "args_dict", "CAFFE2_PROTO_FIELDS"]
+
+# --------------------------------------------------------------------------------------------
+# Message definitions
+# --------------------------------------------------------------------------------------------
+
+# (field name, number, label, type, type name for messages/enums, default) per message, as in
+# caffe2.proto. Kept as data so tests can check the wire numbers against an independent decode.
+CAFFE2_PROTO_FIELDS: dict[str, list[tuple]] = {
+    "TensorProto": [
+        ("dims", 1, "repeated", "int64", None, None),
+        ("data_type", 2, "optional", "enum", ".caffe2.TensorProto.DataType", "FLOAT"),
+        ("float_data", 3, "repeated", "float", None, None),
+        ("int32_data", 4, "repeated", "int32", None, None),
+        ("byte_data", 5, "optional", "bytes", None, None),
+        ("string_data", 6, "repeated", "bytes", None, None),
+        ("name", 7, "optional", "string", None, None),
+    ],
+    "Argument": [
+        ("name", 1, "optional", "string", None, None),
+        ("f", 2, "optional", "float", None, None),
+        ("i", 3, "optional", "int64", None, None),
+        ("s", 4, "optional", "bytes", None, None),
+        ("floats", 5, "repeated", "float", None, None),
+        ("ints", 6, "repeated", "int64", None, None),
+        ("strings", 7, "repeated", "bytes", None, None),
+        ("n", 8, "optional", "message", ".caffe2.NetDef", None),
+        ("nets", 9, "repeated", "message", ".caffe2.NetDef", None),
+    ],
+    "DeviceOption": [
+        ("device_type", 1, "optional", "int32", None, "0"),
+        ("device_id", 2, "optional", "int32", None, None),
+        ("random_seed", 3, "optional", "uint32", None, None),
+    ],
+    "OperatorDef": [
+        ("input", 1, "repeated", "string", None, None),
+        ("output", 2, "repeated", "string", None, None),
+        ("name", 3, "optional", "string", None, None),
+        ("type", 4, "optional", "string", None, None),
+        ("arg", 5, "repeated", "message", ".caffe2.Argument", None),
+        ("device_option", 6, "optional", "message", ".caffe2.DeviceOption", None),
+        ("engine", 7, "optional", "string", None, None),
+        ("control_input", 8, "repeated", "string", None, None),
+        ("is_gradient_op", 9, "optional", "bool", None, "false"),
+    ],
+    "NetDef": [
+        ("name", 1, "optional", "string", None, None),
+        ("op", 2, "repeated", "message", ".caffe2.OperatorDef", None),
+        ("type", 3, "optional", "string", None, None),
+        ("num_workers", 4, "optional", "int32", None, None),
+        ("device_option", 5, "optional", "message", ".caffe2.DeviceOption", None),
+        ("arg", 6, "repeated", "message", ".caffe2.Argument", None),
+        ("external_input", 7, "repeated", "string", None, None),
+        ("external_output", 8, "repeated", "string", None, None),
+    ],
+}
+# Only TensorProto's numeric arrays are declared packed in caffe2.proto; Argument.floats/ints are not.
+_PACKED = {("TensorProto", "float_data"), ("TensorProto", "int32_data")}
+TENSOR_DATA_TYPES = {"UNDEFINED": 0, "FLOAT": 1, "INT32": 2, "BYTE": 3, "STRING": 4, "BOOL": 5,
+                     "UINT8": 6, "INT8": 7, "UINT16": 8, "INT16": 9, "INT64": 10, "FLOAT16": 12,
+                     "DOUBLE": 13}
+
+
+def _build_messages() -> dict:
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    types = {"int64": F.TYPE_INT64, "int32": F.TYPE_INT32, "uint32": F.TYPE_UINT32,
+             "float": F.TYPE_FLOAT, "bytes": F.TYPE_BYTES, "string": F.TYPE_STRING,
+             "bool": F.TYPE_BOOL, "message": F.TYPE_MESSAGE, "enum": F.TYPE_ENUM}
+    labels = {"optional": F.LABEL_OPTIONAL, "repeated": F.LABEL_REPEATED}
+    file = descriptor_pb2.FileDescriptorProto(name="caffe2/proto/caffe2.proto", package="caffe2",
+                                              syntax="proto2")
+    for msg_name, fields in CAFFE2_PROTO_FIELDS.items():
+        msg = file.message_type.add(name=msg_name)
+        if msg_name == "TensorProto":
+            enum = msg.enum_type.add(name="DataType")
+            for name, number in TENSOR_DATA_TYPES.items():
+                enum.value.add(name=name, number=number)
+        for name, number, label, ftype, type_name, default in fields:
+            field = msg.field.add(name=name, number=number, label=labels[label], type=types[ftype])
+            if type_name:
+                field.type_name = type_name
+            if default is not None:
+                field.default_value = default
+            if (msg_name, name) in _PACKED:
+                field.options.packed = True
+    # A private pool: never clashes with another copy of caffe2.proto loaded in the process.
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"caffe2.{name}"))
+            for name in CAFFE2_PROTO_FIELDS}
+
+
+_MESSAGES = _build_messages()
+NetDef = _MESSAGES["NetDef"]
+OperatorDef = _MESSAGES["OperatorDef"]
+Argument = _MESSAGES["Argument"]
+TensorProto = _MESSAGES["TensorProto"]
+DeviceOption = _MESSAGES["DeviceOption"]
+
+
+def make_arg(name: str, value) -> "Argument":
+    """An Argument from a Python value: int -> i, float -> f, str/bytes -> s, lists -> ints/floats/strings."""
+    arg = Argument(name=name)
+    if isinstance(value, (bool, int, np.integer)):
+        arg.i = int(value)
+    elif isinstance(value, (float, np.floating)):
+        arg.f = float(value)
+    elif isinstance(value, str):
+        arg.s = value.encode()
+    elif isinstance(value, bytes):
+        arg.s = value
+    elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        arg.floats.extend(value.ravel().tolist())
+    else:
+        values = list(np.asarray(value).ravel().tolist()) if isinstance(value, np.ndarray) else list(value)
+        if all(isinstance(v, (bool, int, np.integer)) for v in values):
+            arg.ints.extend(int(v) for v in values)
+        elif all(isinstance(v, (int, float, np.integer, np.floating)) for v in values):
+            arg.floats.extend(float(v) for v in values)
+        elif all(isinstance(v, (str, bytes)) for v in values):
+            arg.strings.extend(v.encode() if isinstance(v, str) else v for v in values)
+        else:
+            raise TypeError(f"argument {name!r}: cannot encode {value!r}")
+    return arg
+
+
+def make_op(op_type: str, inputs, outputs, name: str = "", **args) -> "OperatorDef":
+    op = OperatorDef(type=op_type, input=list(inputs), output=list(outputs), name=name)
+    op.arg.extend(make_arg(k, v) for k, v in args.items() if v is not None)
+    return op
+
+
+def arg_value(arg: "Argument"):
+    """The Python value of an Argument (whichever field is set; lists for repeated fields)."""
+    for scalar in ("f", "i", "s", "n"):
+        if arg.HasField(scalar):
+            return getattr(arg, scalar)
+    for repeated in ("floats", "ints", "strings", "nets"):
+        if len(getattr(arg, repeated)):
+            return list(getattr(arg, repeated))
+    return []
+
+
+def args_dict(op: "OperatorDef") -> dict:
+    return {a.name: arg_value(a) for a in op.arg}
+
+
+def load_net(path: str) -> "NetDef":
+    with open(path, "rb") as f:
+        return NetDef.FromString(f.read())
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pb", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_net(net: "NetDef", path: str) -> int:
+    """Serialise NET to PATH atomically; returns the size in bytes."""
+    data = net.SerializeToString()
+    _write_atomic(path, data)
+    return len(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+class UnsupportedOnnxOp(ValueError):
+    """An ONNX node (or a form of it) that has no Caffe2 mapping; the message names op and node."""
+
+
+def _attrs(node) -> dict:
+    import onnx
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _is_symbolic(value) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == object
+
+
+def _settle(value: np.ndarray) -> np.ndarray:
+    """A symbolic shape array whose entries are all known becomes a plain int64 constant."""
+    if _is_symbolic(value) and all(isinstance(v, (int, np.integer)) for v in value.ravel()):
+        return value.astype(np.int64)
+    return value
+
+
+class _Converter:
+    """Walks the (topologically sorted) ONNX graph once, folding constants and emitting Caffe2 ops."""
+
+    # Unary ops whose Caffe2 counterpart takes no arguments.
+    UNARY = {"Relu": "Relu", "Sigmoid": "Sigmoid", "Abs": "Abs", "Tanh": "Tanh", "Exp": "Exp",
+             "Log": "Log", "Sqrt": "Sqrt", "Neg": "Negative"}
+    # Elementwise binary ops with numpy-style broadcasting (Caffe2's default when `broadcast` is unset).
+    BINARY = {"Add": "Add", "Sub": "Sub", "Mul": "Mul", "Div": "Div"}
+
+    def __init__(self, model):
+        import onnx
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.consts: dict[str, np.ndarray] = {
+            t.name: onnx.numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.shapes: dict[str, list] = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                self.shapes[vi.name] = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or f"?{vi.name}:{i}")
+                    for i, d in enumerate(vi.type.tensor_type.shape.dim)]
+        self.data_inputs = [i.name for i in self.graph.input if i.name not in self.consts]
+        self.used_names = set(self.consts) | set(self.shapes)
+        for node in self.graph.node:
+            self.used_names.update(node.output)
+        self.ops: list = []
+        self.weights: dict[str, np.ndarray] = {}  # constant blobs the predict net reads, in first-use order
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used_names:
+            name, k = f"{base}_{k}", k + 1
+        self.used_names.add(name)
+        return name
+
+    def fail(self, node, why: str):
+        raise UnsupportedOnnxOp(f"ONNX op {node.op_type} (node {node.name!r}): {why}")
+
+    def const(self, node, name: str, what: str) -> np.ndarray:
+        if name not in self.consts or _is_symbolic(self.consts[name]):
+            self.fail(node, f"{what} ({name!r}) must be a constant to convert to Caffe2")
+        return self.consts[name]
+
+    def blob(self, name: str) -> str:
+        """Name of a blob holding NAME at run time: constants become init_net weights."""
+        if name in self.consts:
+            if _is_symbolic(self.consts[name]):
+                raise UnsupportedOnnxOp(f"tensor {name!r} depends on a dynamic dimension and is "
+                                        "used as data; Caffe2 nets cannot compute shapes")
+            self.weights.setdefault(name, self.consts[name])
+        return name
+
+    def new_weight(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.consts[name] = value
+        self.weights[name] = value
+        return name
+
+    def rank(self, node, name: str) -> int:
+        if name in self.consts:
+            return self.consts[name].ndim
+        if name not in self.shapes:
+            self.fail(node, f"the rank of {name!r} is unknown (ONNX shape inference gave none)")
+        return len(self.shapes[name])
+
+    def axes_of(self, node, attrs: dict, input_index: int = 1) -> list[int] | None:
+        """Axes given as an attribute (older opsets) or as a constant input (newer ones)."""
+        if "axes" in attrs:
+            return [int(a) for a in attrs["axes"]]
+        if len(node.input) > input_index and node.input[input_index]:
+            return [int(a) for a in self.const(node, node.input[input_index], "axes").ravel()]
+        return None
+
+    def emit(self, op_type, inputs, outputs, node, **args):
+        self.ops.append(make_op(op_type, inputs, outputs, name=node.name, **args))
+
+    # ---- main loop ----------------------------------------------------------------------------
+    def run(self):
+        for node in self.graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                self.fail(node, f"custom domain {node.domain!r} is not standard ONNX")
+            inputs = [i for i in node.input if i]
+            if node.op_type == "Constant":
+                self.consts[node.output[0]] = self.constant_value(node)
+            elif node.op_type == "Shape" and inputs[0] not in self.consts:
+                self.consts[node.output[0]] = self.shape_of(node)
+            elif inputs and all(i in self.consts for i in inputs) and node.op_type not in ("Dropout",):
+                self.fold(node)
+            else:
+                handler = getattr(self, f"op_{node.op_type}", None)
+                if handler is None:
+                    self.fail(node, "not supported by the Caffe2 converter")
+                handler(node, _attrs(node))
+        outputs = [o.name for o in self.graph.output]
+        for name in outputs:
+            if name in self.consts:
+                raise UnsupportedOnnxOp(f"graph output {name!r} is a constant; nothing to compute")
+        return outputs
+
+    def constant_value(self, node) -> np.ndarray:
+        import onnx
+        (name, value), = _attrs(node).items()
+        if name == "value":
+            return onnx.numpy_helper.to_array(value)
+        if name in ("value_float", "value_int"):
+            return np.array(value, dtype=np.float32 if name == "value_float" else np.int64)
+        if name in ("value_floats", "value_ints"):
+            return np.array(value, dtype=np.float32 if name == "value_floats" else np.int64)
+        self.fail(node, f"Constant with {name!r} is not supported")
+
+    def shape_of(self, node) -> np.ndarray:
+        name = node.input[0]
+        if name not in self.shapes:
+            self.fail(node, f"the shape of {name!r} is unknown (ONNX shape inference gave none)")
+        attrs = _attrs(node)
+        dims = self.shapes[name][attrs.get("start", 0):attrs.get("end", None)]
+        return _settle(np.array(dims, dtype=object))
+
+    def fold(self, node):
+        """Evaluate a node whose inputs are all constant; symbolic (dynamic-dim) shapes by hand."""
+        values = [self.consts[i] if i else None for i in node.input]
+        if any(_is_symbolic(v) for v in values if v is not None):
+            results = self.fold_symbolic(node, values)
+        else:
+            import onnx
+            from onnx.reference import ReferenceEvaluator
+            feeds = {i: self.consts[i] for i in node.input if i}
+            graph = onnx.helper.make_graph(
+                [node], "fold",
+                [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                 for i, v in feeds.items()],
+                [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                 for o in node.output if o])
+            model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
+            try:
+                results = ReferenceEvaluator(model).run(None, feeds)
+            except Exception as e:
+                self.fail(node, f"cannot fold constant inputs ({type(e).__name__}: {e})")
+        for name, value in zip([o for o in node.output if o], results):
+            self.consts[name] = np.asarray(value)
+
+    def fold_symbolic(self, node, values) -> list:
+        attrs = _attrs(node)
+        op, data = node.op_type, values[0]
+        if op in ("Identity", "Cast"):
+            return [data]
+        if op == "Gather":
+            return [_settle(np.take(data, values[1].astype(np.int64), axis=attrs.get("axis", 0)))]
+        if op == "Concat":
+            return [_settle(np.concatenate([np.asarray(v, dtype=object) for v in values],
+                                           axis=attrs.get("axis", 0)))]
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = self.axes_of(node, attrs)
+            if op == "Unsqueeze":
+                out = data
+                for a in sorted(a % (data.ndim + len(axes)) for a in axes):
+                    out = np.expand_dims(out, a)
+                return [out]
+            return [np.squeeze(data, axis=tuple(axes) if axes is not None else None)]
+        if op == "Slice" and data.ndim == 1:
+            starts, ends = (self.const(node, n, "slice bound").ravel() for n in node.input[1:3])
+            steps = values[4] if len(values) > 4 and values[4] is not None else [1]
+            return [_settle(data[int(starts[0]):int(min(ends[0], len(data))):int(steps[0])])]
+        self.fail(node, "shape arithmetic on a dynamic dimension is not supported; "
+                        "export with a fixed shape or a reshape to [-1, D]")
+
+    # ---- operators ----------------------------------------------------------------------------
+    def pads_for(self, node, attrs, kernel, strides, dilations) -> list[int]:
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("NOTSET", ""):
+            return list(attrs.get("pads", [0] * (2 * len(kernel))))
+        if auto_pad == "VALID":
+            return [0] * (2 * len(kernel))
+        spatial = self.shapes.get(node.input[0], [])[2:]
+        if len(spatial) != len(kernel) or not all(isinstance(s, int) for s in spatial):
+            self.fail(node, f"auto_pad={auto_pad} needs known spatial sizes")
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+
+    def op_Conv(self, node, attrs):
+        weight = self.const(node, node.input[1], "the weight")
+        kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
+        strides = list(attrs.get("strides", [1] * len(kernel)))
+        dilations = list(attrs.get("dilations", [1] * len(kernel)))
+        pads = self.pads_for(node, attrs, kernel, strides, dilations)
+        inputs = [node.input[0], self.blob(node.input[1])]
+        if len(node.input) > 2 and node.input[2]:  # Caffe2's Conv takes the bias as optional input 3
+            inputs.append(self.blob(node.input[2]))
+        self.emit("Conv", inputs, node.output[:1], node, kernels=kernel, strides=strides,
+                  pads=pads, dilations=dilations, group=int(attrs.get("group", 1)))
+
+    def unary(self, node, attrs):
+        self.emit(self.UNARY[node.op_type], [node.input[0]], node.output[:1], node)
+
+    op_Relu = op_Sigmoid = op_Abs = op_Tanh = op_Exp = op_Log = op_Sqrt = op_Neg = unary
+
+    def op_LeakyRelu(self, node, attrs):
+        self.emit("LeakyRelu", [node.input[0]], node.output[:1], node, alpha=float(attrs.get("alpha", 0.01)))
+
+    def op_HardSigmoid(self, node, attrs):
+        self.emit("HardSigmoid", [node.input[0]], node.output[:1], node,
+                  alpha=float(attrs.get("alpha", 0.2)), beta=float(attrs.get("beta", 0.5)))
+
+    def op_HardSwish(self, node, attrs):
+        # Caffe2 has no HardSwish: x * HardSigmoid(x; alpha=1/6, beta=1/2) is its definition.
+        gate = self.fresh(f"{node.output[0]}_hardsigmoid")
+        self.emit("HardSigmoid", [node.input[0]], [gate], node, alpha=1.0 / 6.0, beta=0.5)
+        self.emit("Mul", [node.input[0], gate], node.output[:1], node)
+
+    def op_Clip(self, node, attrs):
+        low, high = attrs.get("min"), attrs.get("max")
+        if len(node.input) > 1 and node.input[1]:
+            low = float(self.const(node, node.input[1], "min"))
+        if len(node.input) > 2 and node.input[2]:
+            high = float(self.const(node, node.input[2], "max"))
+        self.emit("Clip", [node.input[0]], node.output[:1], node,
+                  min=None if low is None else float(low), max=None if high is None else float(high))
+
+    def binary(self, node, attrs):
+        self.emit(self.BINARY[node.op_type], [self.blob(i) for i in node.input], node.output[:1], node)
+
+    op_Add = op_Sub = op_Mul = op_Div = binary
+
+    def extremum(self, node, attrs):
+        """Max/Min against a scalar constant is a Clip; otherwise Caffe2's same-shape Max/Min."""
+        data = [i for i in node.input if i not in self.consts]
+        scalars = [self.consts[i] for i in node.input if i in self.consts]
+        if scalars and all(s.size == 1 for s in scalars) and len(data) == 1:
+            bound = float((max if node.op_type == "Max" else min)(float(s.ravel()[0]) for s in scalars))
+            self.emit("Clip", data, node.output[:1], node,
+                      **({"min": bound} if node.op_type == "Max" else {"max": bound}))
+            return
+        shapes = {tuple(self.shapes.get(i, [])) for i in node.input}
+        if len(shapes) != 1 or scalars:
+            self.fail(node, "Caffe2's Max/Min need inputs of one shape (or one scalar constant)")
+        self.emit(node.op_type, list(node.input), node.output[:1], node)
+
+    op_Max = op_Min = extremum
+
+    def pool(self, node, attrs, caffe2_type: str):
+        if len([o for o in node.output if o]) > 1:
+            self.fail(node, "pooling indices output is not supported")
+        kernel = list(attrs["kernel_shape"])
+        strides = list(attrs.get("strides", [1] * len(kernel)))
+        dilations = list(attrs.get("dilations", [1] * len(kernel)))
+        if any(d != 1 for d in dilations):
+            self.fail(node, "dilated pooling is not supported by Caffe2")
+        pads = self.pads_for(node, attrs, kernel, strides, dilations)
+        if attrs.get("ceil_mode", 0):
+            spatial = self.shapes.get(node.input[0], [])[2:]
+            n = len(kernel)
+            if len(spatial) != n or not all(isinstance(s, int) for s in spatial) or any(
+                    (size + pads[i] + pads[i + n] - kernel[i]) % strides[i]
+                    for i, size in enumerate(spatial)):
+                self.fail(node, "ceil_mode=1 changes the output size here and Caffe2 has no ceil mode")
+        source = node.input[0]
+        if caffe2_type == "AveragePool" and attrs.get("count_include_pad", 0) and any(pads):
+            # Caffe2 averages over the valid pixels only: pad explicitly so zeros are counted.
+            source = self.fresh(f"{node.output[0]}_padded")
+            self.emit("PadImage", [node.input[0]], [source], node, pads=pads, mode="constant", value=0.0)
+            pads = [0] * len(pads)
+        self.emit(caffe2_type, [source], node.output[:1], node, kernels=kernel, strides=strides, pads=pads)
+
+    def op_MaxPool(self, node, attrs):
+        self.pool(node, attrs, "MaxPool")
+
+    def op_AveragePool(self, node, attrs):
+        self.pool(node, attrs, "AveragePool")
+
+    def global_pool(self, node, caffe2_type: str, output: str):
+        if self.rank(node, node.input[0]) != 4:
+            self.fail(node, "global pooling is converted for 4-D NCHW tensors only")
+        self.emit(caffe2_type, [node.input[0]], [output], node, global_pooling=1)
+
+    def op_GlobalAveragePool(self, node, attrs):
+        self.global_pool(node, "AveragePool", node.output[0])
+
+    def op_GlobalMaxPool(self, node, attrs):
+        self.global_pool(node, "MaxPool", node.output[0])
+
+    def reduce(self, node, attrs, caffe2_type: str):
+        rank = self.rank(node, node.input[0])
+        axes = self.axes_of(node, attrs)
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                self.emit("Copy", [node.input[0]], node.output[:1], node)
+                return
+            axes = list(range(rank))
+        axes = sorted({a % rank for a in axes})
+        keepdims = int(attrs.get("keepdims", 1))
+        pool = {"ReduceMean": "AveragePool", "ReduceMax": "MaxPool"}.get(node.op_type)
+        if pool and rank == 4 and axes == [2, 3]:
+            # Over H and W: Caffe2's global pooling (then drop the 1x1 when keepdims=0).
+            if keepdims:
+                self.global_pool(node, pool, node.output[0])
+            else:
+                pooled = self.fresh(f"{node.output[0]}_pooled")
+                self.global_pool(node, pool, pooled)
+                self.emit("Reshape", [pooled], [node.output[0], self.fresh(f"{node.output[0]}_old_shape")],
+                          node, shape=[0, -1])
+            return
+        self.emit(caffe2_type, [node.input[0]], node.output[:1], node, axes=axes, keepdims=keepdims)
+
+    def op_ReduceMean(self, node, attrs):
+        self.reduce(node, attrs, "ReduceMean")
+
+    def op_ReduceMax(self, node, attrs):
+        self.reduce(node, attrs, "ReduceMax")
+
+    def op_ReduceMin(self, node, attrs):
+        self.reduce(node, attrs, "ReduceMin")
+
+    def op_ReduceSum(self, node, attrs):
+        self.reduce(node, attrs, "ReduceSum")
+
+    def op_BatchNormalization(self, node, attrs):
+        if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+            self.fail(node, "training-mode BatchNormalization cannot run in an inference net")
+        self.emit("SpatialBN", [node.input[0]] + [self.blob(i) for i in node.input[1:5]],
+                  node.output[:1], node, is_test=1, epsilon=float(attrs.get("epsilon", 1e-5)))
+
+    def fc(self, node, source: str, weight: np.ndarray, bias: np.ndarray, axis: int = 1):
+        w = self.new_weight(f"{node.name or node.output[0]}_W", np.ascontiguousarray(weight, dtype=np.float32))
+        b = self.new_weight(f"{node.name or node.output[0]}_b", np.ascontiguousarray(bias, dtype=np.float32))
+        self.emit("FC", [source, w, b], node.output[:1], node, axis=axis if axis != 1 else None)
+
+    def op_Gemm(self, node, attrs):
+        if attrs.get("transA", 0):
+            self.fail(node, "transA=1 is not supported (FC takes X as [batch, in])")
+        b_name = node.input[1]
+        weight = self.const(node, b_name, "B (the weight)")
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        if not attrs.get("transB", 0):
+            weight = weight.T  # FC wants W as [out, in]
+        out_dim = weight.shape[0]
+        has_bias = len(node.input) > 2 and node.input[2]
+        c = self.const(node, node.input[2], "C (the bias)") if has_bias else np.zeros(out_dim, np.float32)
+        if c.size not in (1, out_dim):
+            self.fail(node, f"bias of shape {c.shape} is not a per-output vector")
+        bias = np.broadcast_to(c.reshape(-1), (out_dim,)) * beta
+        if attrs.get("transB", 0) and alpha == 1.0 and has_bias and c.shape == (out_dim,) and beta == 1.0:
+            # The common case keeps the ONNX initializers as the blobs (names survive in the nets).
+            self.emit("FC", [node.input[0], self.blob(b_name), self.blob(node.input[2])],
+                      node.output[:1], node)
+            return
+        self.fc(node, node.input[0], weight * alpha, bias)
+
+    def op_MatMul(self, node, attrs):
+        if node.input[1] not in self.consts or self.consts[node.input[1]].ndim != 2:
+            self.fail(node, "only MatMul by a constant 2-D matrix is converted (as FC)")
+        weight = self.consts[node.input[1]]
+        rank = self.rank(node, node.input[0])
+        if rank < 2:
+            self.fail(node, "MatMul of a 1-D input is not supported")
+        self.fc(node, node.input[0], weight.T, np.zeros(weight.shape[1], np.float32), axis=rank - 1)
+
+    def op_Flatten(self, node, attrs):
+        axis = int(attrs.get("axis", 1))
+        if axis < 0:
+            axis += self.rank(node, node.input[0])
+        self.emit("Flatten", [node.input[0]], node.output[:1], node, axis=axis)
+
+    def op_Reshape(self, node, attrs):
+        target = self.const_shape(node, node.input[1], node.input[0])
+        if attrs.get("allowzero", 0) and 0 in target:
+            self.fail(node, "allowzero=1 with a 0 in the shape (an empty tensor) is not supported")
+        self.emit("Reshape", [node.input[0]], [node.output[0], self.fresh(f"{node.output[0]}_old_shape")],
+                  node, shape=target)
+
+    def const_shape(self, node, shape_name: str, data_name: str) -> list[int]:
+        """A target shape as Caffe2 ints: a dynamic dim copied from the input's same position is 0,
+        one other unknown dim is -1."""
+        shape = self.const(node, shape_name, "the target shape") if not _is_symbolic(
+            self.consts.get(shape_name)) else self.consts[shape_name]
+        data_shape = self.shapes.get(data_name, [])
+        target = []
+        for i, dim in enumerate(shape.ravel().tolist()):
+            if isinstance(dim, str):
+                dim = 0 if i < len(data_shape) and data_shape[i] == dim else -1
+            target.append(int(dim))
+        if target.count(-1) > 1:
+            self.fail(node, f"target shape {shape.tolist()} has more than one unknown dimension")
+        return target
+
+    def op_Concat(self, node, attrs):
+        axis = int(attrs["axis"])
+        if axis < 0:
+            axis += self.rank(node, node.input[0])
+        self.emit("Concat", [self.blob(i) for i in node.input],
+                  [node.output[0], self.fresh(f"{node.output[0]}_split_info")], node, axis=axis)
+
+    def op_Softmax(self, node, attrs):
+        rank = self.rank(node, node.input[0])
+        axis = int(attrs.get("axis", -1 if self.opset >= 13 else 1)) % rank
+        if self.opset >= 13 and axis != rank - 1:
+            # Caffe2 coerces to 2-D at `axis` (ONNX < 13 semantics): equal only on the last axis.
+            self.fail(node, "softmax over a non-last axis has no Caffe2 equivalent")
+        self.emit("Softmax", [node.input[0]], node.output[:1], node, axis=axis)
+
+    def op_LpNormalization(self, node, attrs):
+        if attrs.get("p", 2) != 2:
+            self.fail(node, "only p=2 maps to Caffe2's Normalize")
+        axis = int(attrs.get("axis", -1)) % self.rank(node, node.input[0])
+        self.emit("Normalize", [node.input[0]], node.output[:1], node, axis=axis)
+
+    def op_Identity(self, node, attrs):
+        self.emit("Copy", [node.input[0]], node.output[:1], node)
+
+    def op_Dropout(self, node, attrs):
+        if len(node.input) > 2 and node.input[2] and bool(self.const(node, node.input[2], "training_mode")):
+            self.fail(node, "training-mode Dropout cannot run in an inference net")
+        self.emit("Dropout", [node.input[0]], node.output[:1], node, is_test=1,
+                  ratio=float(attrs.get("ratio", 0.5)))
+
+    def op_Unsqueeze(self, node, attrs):
+        axes = self.axes_of(node, attrs)
+        out_rank = self.rank(node, node.input[0]) + len(axes)
+        self.emit("ExpandDims", [node.input[0]], node.output[:1], node, dims=sorted(a % out_rank for a in axes))
+
+    def op_Squeeze(self, node, attrs):
+        rank = self.rank(node, node.input[0])
+        axes = self.axes_of(node, attrs)
+        if axes is None:
+            shape = self.shapes.get(node.input[0], [])
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        self.emit("Squeeze", [node.input[0]], node.output[:1], node, dims=sorted(a % rank for a in axes))
+
+    def op_Transpose(self, node, attrs):
+        rank = self.rank(node, node.input[0])
+        self.emit("Transpose", [node.input[0]], node.output[:1], node,
+                  axes=list(attrs.get("perm", range(rank - 1, -1, -1))))
+
+    def op_Cast(self, node, attrs):
+        import onnx
+        if attrs.get("to") != onnx.TensorProto.FLOAT:
+            self.fail(node, "only casts to float32 are supported")
+        self.emit("Copy", [node.input[0]], node.output[:1], node)
+
+
+def _fill_op(name: str, value: np.ndarray) -> "OperatorDef":
+    if value.dtype.kind == "f":
+        return make_op("GivenTensorFill", [], [name], shape=list(value.shape),
+                       values=np.ascontiguousarray(value, dtype=np.float32))
+    if value.dtype == np.int64:
+        return make_op("GivenTensorInt64Fill", [], [name], shape=list(value.shape), values=value.ravel().tolist())
+    if value.dtype.kind in "iub":
+        return make_op("GivenTensorIntFill", [], [name], shape=list(value.shape),
+                       values=value.astype(np.int64).ravel().tolist())
+    raise UnsupportedOnnxOp(f"constant {name!r} of dtype {value.dtype} has no Caffe2 fill op")
+
+
+def onnx_to_caffe2(model, net_name: str | None = None):
+    """Convert an ONNX ModelProto to (init_net, predict_net, value_info).
+
+    value_info is the classic `{input_name: [onnx_elem_type, shape]}` with the batch set to 1.
+    Raises UnsupportedOnnxOp naming the op and node for anything without a Caffe2 mapping.
+    """
+    converter = _Converter(model)
+    outputs = converter.run()
+    name = net_name or model.graph.name or "model"
+    init_net = NetDef(name=f"{name}_init", type="simple")
+    init_net.op.extend(_fill_op(blob, value) for blob, value in converter.weights.items())
+    init_net.external_output.extend(converter.weights)
+    predict_net = NetDef(name=name, type="simple")
+    predict_net.op.extend(converter.ops)
+    predict_net.external_input.extend(converter.data_inputs + list(converter.weights))
+    predict_net.external_output.extend(outputs)
+    value_info = {}
+    for vi in model.graph.input:
+        if vi.name in converter.data_inputs:
+            shape = [d if isinstance(d, int) else 1 for d in converter.shapes.get(vi.name, [])]
+            value_info[vi.name] = [vi.type.tensor_type.elem_type, shape]
+    return init_net, predict_net, value_info
+
+
+def _shape_doc(dims) -> list:
+    return [d if isinstance(d, int) else "batch" if i == 0 else str(d) for i, d in enumerate(dims)]
+
+
+def convert_onnx_file(onnx_path: str, out_dir: str) -> dict:
+    """Convert ONNX_PATH into OUT_DIR/{init_net.pb, predict_net.pb, value_info.json} (each written
+    atomically). Returns {"ops": histogram, "init_net_bytes", "predict_net_bytes", "weights",
+    "parameters", "inputs", "outputs", "files"}."""
+    import onnx
+    from common.description import save_json_atomic
+
+    model = onnx.load(onnx_path)
+    init_net, predict_net, value_info = onnx_to_caffe2(model)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in
+             (("init_net", "init_net.pb"), ("predict_net", "predict_net.pb"), ("value_info", "value_info.json"))}
+    init_bytes = save_net(init_net, paths["init_net"])
+    predict_bytes = save_net(predict_net, paths["predict_net"])
+    outputs = []
+    for vi in model.graph.output:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                for d in vi.type.tensor_type.shape.dim]
+        outputs.append({"name": vi.name, "elem_type": vi.type.tensor_type.elem_type, "shape": _shape_doc(dims)})
+    inputs = []
+    for vi in model.graph.input:
+        if vi.name in value_info:
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                    for d in vi.type.tensor_type.shape.dim]
+            inputs.append({"name": vi.name, "elem_type": value_info[vi.name][0], "shape": _shape_doc(dims),
+                           "layout": "NCHW" if len(dims) == 4 else None})
+    # Classic entries first (what Caffe2 loaders read: name -> [elem_type, shape]); the "_"-prefixed
+    # key spells the same out, with the dynamic batch, outputs and layout.
+    document = dict(value_info)
+    document["_description"] = {"inputs": inputs, "outputs": outputs, "order": "NCHW",
+                                "init_net": "init_net.pb", "predict_net": "predict_net.pb"}
+    save_json_atomic(paths["value_info"], document)
+    params = sum(int(np.prod(arg_value(a))) for op in init_net.op for a in op.arg if a.name == "shape")
+    return {"ops": dict(collections.Counter(op.type for op in predict_net.op)),
+            "init_net_bytes": init_bytes, "predict_net_bytes": predict_bytes,
+            "weights": len(init_net.op), "parameters": params,
+            "inputs": inputs, "outputs": outputs, "files": paths}
