@@ -1,0 +1,181 @@
+"""`python cli.py embed`: images -> FEATURES.npy with the onnxruntime feature pipeline.
+
+Heavy imports (numpy, onnxruntime) happen inside the command so `cli.py --help` stays instant.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+MAX_ERRORS_SHOWN = 50
+
+
+def _list_file_items(path: str) -> list[tuple[str, str]]:
+    """Paths listed one per line ('#' comments and blank lines skipped); relative entries are
+    relative to the list file's folder."""
+    base = os.path.dirname(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.UsageError(f"{path}: cannot read the list of images ({e})")
+    from runtime.pipeline import iter_folder
+    items = []
+    for line in lines:
+        if line and not line.startswith("#"):
+            full = line if os.path.isabs(line) else os.path.join(base, line)
+            if os.path.isdir(full):  # expanded here so ids stay aligned with rows
+                items += [(p, p) for p in iter_folder(full)]
+            else:
+                items.append((full, full))
+    return items
+
+
+def collect_items(inputs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(id, path) for every image named by INPUT arguments, in order."""
+    from common.data import BUILTINS, DataError, load_dataset, parse_spec
+    from runtime.pipeline import iter_folder
+
+    items: list[tuple[str, str]] = []
+    for arg in inputs:
+        if arg.startswith("@"):
+            items += _list_file_items(arg[1:])
+        elif os.path.isdir(arg):
+            found = [(p, p) for p in iter_folder(arg)]
+            if not found:
+                raise click.UsageError(f"{arg}: folder holds no image files")
+            items += found
+        elif os.path.isfile(arg) and arg.lower().endswith(".txt"):
+            items += _list_file_items(arg)
+        elif not os.path.exists(arg) and parse_spec(arg)[0] in BUILTINS:
+            try:
+                data = load_dataset(arg)
+            except DataError as e:
+                raise click.UsageError(str(e))
+            for split in data.splits:
+                items += [(os.path.relpath(p, data.root).replace(os.sep, "/"), p)
+                          for p in data.paths(split)]
+        else:  # an image file, or a missing one: reported as a failed item, rows stay aligned
+            items.append((arg, arg))
+    return items
+
+
+def save_npy_atomic(path: str, array) -> None:
+    import tempfile
+
+    import numpy as np
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sidecar_paths(features_path: str) -> tuple[str, str]:
+    """FEATURES.npy -> (FEATURES.ids.json, FEATURES.errors.json)."""
+    stem = features_path[:-4] if features_path.endswith(".npy") else features_path
+    return stem + ".ids.json", stem + ".errors.json"
+
+
+@click.command("embed")
+@click.argument("model_dir", type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Features file to write (.npy); ids go to FEATURES.ids.json beside it.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              default="auto", show_default=True,
+              help="Execution provider; auto tries TensorRT, then CUDA, then the CPU.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Images per model call.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="onnxruntime threads (default: from the cores available).")
+@click.option("--decode-threads", type=click.IntRange(1), default=None,
+              help="Image decoding workers, overlapped with inference (default: from the cores).")
+@click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True, help="Which exported model file to run.")
+@click.option("--exact-decode", is_flag=True,
+              help="Decode JPEGs exactly like training (PIL) instead of the faster "
+                   "libjpeg-turbo path (which differs by about one grey level).")
+def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, variant,
+          exact_decode):
+    """Embed images with an exported model (onnxruntime; no torch needed).
+
+    \b
+    INPUT is any mix of:
+      an image file or a folder (searched recursively, sorted),
+      a text file listing image paths, one per line (list.txt or @list),
+      a built-in dataset (fashion-mnist, mnist, digits, emoji[:...]): all splits,
+      ids are paths relative to the dataset root.
+
+    \b
+    Writes FEATURES.npy (float32, one row per image; NaN rows for images that failed),
+    FEATURES.ids.json (the ids, aligned with the rows) and FEATURES.errors.json
+    ({row: message}). Failures are listed on stderr; the exit code is 0 unless every
+    image failed.
+
+    \b
+    Example:
+      python cli.py embed models/spe photos/ --out features.npy --batch-size 64
+    """
+    if not out.endswith(".npy"):
+        raise click.UsageError(f"--out {out}: the features file must end in .npy")
+    import numpy as np
+    from tqdm import tqdm
+
+    from common.description import save_json_atomic
+    from runtime.pipeline import FeaturePipeline
+
+    items = collect_items(inputs)
+    if not items:
+        raise click.UsageError("no images to embed: the inputs named none")
+    try:
+        pipe = FeaturePipeline(model_dir, device=device, threads=threads,
+                               decode_threads=decode_threads, batch_size=batch_size,
+                               variant=variant, fast_decode=not exact_decode)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e))
+    note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
+    click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
+               f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
+               f"{pipe.provider_}{note}; threads {pipe.threads_} + {pipe.decode_threads_} "
+               "decode", err=True)
+
+    ids = [i for i, _ in items]
+    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
+    errors: dict[int, str] = {}
+    start, row = time.perf_counter(), 0
+    with pipe, tqdm(total=len(items), unit="img", file=sys.stderr, desc="embed",
+                    dynamic_ncols=True, disable=None) as bar:
+        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
+            vectors[row:row + len(batch)] = batch
+            for j, message in batch_errors.items():
+                errors[row + j] = message.replace(items[row + j][1], ids[row + j], 1)
+            row += len(batch)
+            bar.update(len(batch))
+    elapsed = time.perf_counter() - start
+
+    ids_path, errors_path = sidecar_paths(out)
+    save_npy_atomic(out, vectors)
+    save_json_atomic(ids_path, ids)
+    save_json_atomic(errors_path, {str(k): v for k, v in sorted(errors.items())})
+    for k in sorted(errors)[:MAX_ERRORS_SHOWN]:
+        click.echo(f"error: {errors[k]}", err=True)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        click.echo(f"... and {len(errors) - MAX_ERRORS_SHOWN} more in {errors_path}", err=True)
+    done = len(items) - len(errors)
+    click.echo(f"embedded {done}/{len(items)} images in {elapsed:.1f} s "
+               f"({len(items) / max(elapsed, 1e-9):.1f} img/s); {len(errors)} failed; "
+               f"wrote {out} and {ids_path}", err=True)
+    if done == 0:
+        raise click.ClickException(f"all {len(items)} images failed; see the errors above")

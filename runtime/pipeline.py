@@ -1,0 +1,455 @@
+"""The feature pipeline: images in, float32 embeddings out, with onnxruntime and no torch.
+
+    pipe = FeaturePipeline("models/spe")              # device="auto": TensorRT > CUDA > CPU
+    result = pipe.embed(["a.jpg", "photos/", pil_image, jpeg_bytes])
+    result.vectors            # (N, D) float32, NaN rows where result.errors says why
+    for ids, vectors, errors in pipe.iter_batches(huge_generator): ...
+
+Decoding runs in a small thread pool while the calling thread runs the model: batch k+1 and k+2
+are decoded while batch k is inferred (a bounded window, so memory stays flat on any stream).
+Inputs: paths, folders (expanded to their images, sorted, recursively), bytes, PIL images,
+HxW / HxWxC uint8 arrays, or any iterable of them. A bad item becomes an error entry and a NaN
+row; the rest of its batch goes on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from common.description import ONNX_METADATA_KEY, ModelDescription
+from common.images import ImageDecodeError, is_image_file
+
+from . import providers as P
+from .decode import load_crop, normalize_batch
+
+log = logging.getLogger("unirep.runtime")
+
+VARIANTS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+_SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings aligned with the inputs (after folders are expanded to their files).
+
+    `vectors[i]` belongs to `ids[i]` (a path, or '#i' for in-memory items); failed items have a
+    NaN row and `errors[i]` names the item and the cause."""
+
+    vectors: np.ndarray
+    ids: list[str]
+    errors: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> np.ndarray:
+        mask = np.ones(len(self.ids), dtype=bool)
+        mask[list(self.errors)] = False
+        return mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+def is_single_input(x: Any) -> bool:
+    """A single item (possibly a folder) rather than a collection of items."""
+    return isinstance(x, _SINGLE_TYPES) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
+
+
+def iter_folder(folder: str) -> Iterator[str]:
+    """Image files under `folder`, recursively, in sorted order; hidden entries skipped."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if is_image_file(name) and not name.startswith("."):
+                yield os.path.join(dirpath, name)
+
+
+def iter_inputs(inputs: Any) -> Iterator[tuple[str, Any]]:
+    """Flatten inputs lazily into (id, item): folders become their files, 4-D arrays their
+    images, iterables their elements (one level); anything else is an item (maybe a bad one)."""
+    if is_single_input(inputs) or not _iterable(inputs):
+        items: Iterable = (inputs,)
+    else:
+        items = inputs
+    index = 0
+    for item in items:
+        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
+            found = False
+            for path in iter_folder(os.fspath(item)):
+                found = True
+                yield path, path
+                index += 1
+            if not found:
+                log.warning("%s: folder holds no image files", item)
+            continue
+        if isinstance(item, (str, os.PathLike)):
+            yield os.fspath(item), item
+        else:
+            yield f"#{index}", item
+        index += 1
+
+
+def _iterable(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.ndim == 4
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading
+
+def resolve_model(model_dir: str, variant: str = "fp32") -> str:
+    """Path of the ONNX file for `variant` inside MODEL_DIR (or `model_dir` itself if a file)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if os.path.isfile(model_dir):
+        return model_dir
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: no such model folder (make one with "
+                                "`python cli.py export RUN_DIR --out MODEL_DIR`)")
+    path = os.path.join(model_dir, VARIANTS[variant])
+    if not os.path.isfile(path):
+        have = [v for v, f in VARIANTS.items() if os.path.isfile(os.path.join(model_dir, f))]
+        raise FileNotFoundError(
+            f"{model_dir}: no {VARIANTS[variant]} for variant {variant!r} (variants here: "
+            f"{', '.join(have) or 'none'}); export it with the matching `export` option")
+    return path
+
+
+def load_description(model_path: str, session: ort.InferenceSession | None = None
+                     ) -> ModelDescription:
+    """The model description from the ONNX metadata, else description.json beside the model."""
+    if session is not None:
+        text = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+        if text:
+            return ModelDescription.from_json(text)
+    beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "description.json")
+    if os.path.exists(beside):
+        return ModelDescription.load(beside)
+    raise ValueError(f"{model_path}: no model description (neither ONNX metadata "
+                     f"'{ONNX_METADATA_KEY}' nor description.json); re-export the model")
+
+
+def default_threads(cores: int, gpu: bool, threads: int | None, decode_threads: int | None
+                    ) -> tuple[int, int]:
+    """(onnxruntime intra-op threads, decode threads) that together fit the cores.
+
+    CPU: decoding is a fraction of the model's cost, so one decode worker per 4 cores (at least
+    one) and the rest for the model. GPU: the model needs one host thread; decode gets the rest."""
+    if gpu:
+        decode = decode_threads or max(1, cores - 1)
+        return threads or 1, decode
+    decode = decode_threads or max(1, min(8, cores // 4))
+    return threads or max(1, cores - decode), decode
+
+
+def bucket_sizes(batch_size: int) -> list[int]:
+    """Powers of two below `batch_size`, then `batch_size`: few distinct shapes to compile."""
+    sizes, b = [], 1
+    while b < batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [batch_size]
+
+
+class _DeviceRunner:
+    """CUDA/TensorRT inference through IOBinding: fixed device buffers per batch-size bucket,
+    host->device copy in place, optional CUDA graph per bucket (a graph needs fixed addresses
+    and shapes, hence the buckets)."""
+
+    def __init__(self, session, input_name, output_name, chw, dim, buckets, device_id,
+                 cuda_graph, in_dtype, out_dtype):
+        self.session, self.input_name, self.output_name = session, input_name, output_name
+        self.chw, self.dim, self.buckets = tuple(chw), dim, sorted(buckets)
+        self.device_id, self.cuda_graph = device_id, cuda_graph
+        self.in_dtype, self.out_dtype = in_dtype, out_dtype
+        self.slots: dict[int, tuple] = {}
+
+    def _slot(self, size: int):
+        if size not in self.slots:
+            x = ort.OrtValue.ortvalue_from_shape_and_type((size,) + self.chw, self.in_dtype,
+                                                           "cuda", self.device_id)
+            y = ort.OrtValue.ortvalue_from_shape_and_type((size, self.dim), self.out_dtype,
+                                                           "cuda", self.device_id)
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(self.input_name, x)
+            binding.bind_ortvalue_output(self.output_name, y)
+            run_options = ort.RunOptions()
+            if self.cuda_graph:
+                run_options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(size)))
+            self.slots[size] = (binding, x, y, run_options)
+        return self.slots[size]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(batch), self.buckets[-1]):
+            part = batch[start:start + self.buckets[-1]]
+            size = next(b for b in self.buckets if b >= len(part))
+            if size > len(part):  # pad up to the bucket so the shape (and graph) repeats
+                pad = np.zeros((size - len(part),) + part.shape[1:], dtype=part.dtype)
+                part = np.concatenate([part, pad])
+            binding, x, y, run_options = self._slot(size)
+            x.update_inplace(np.ascontiguousarray(part, dtype=self.in_dtype))
+            self.session.run_with_iobinding(binding, run_options)
+            out.append(y.numpy()[:len(batch) - start])
+        return np.concatenate(out) if out else np.empty((0, self.dim), self.out_dtype)
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(double)": np.float64}
+
+
+class FeaturePipeline:
+    """Images -> embeddings with an exported model (MODEL_DIR or a .onnx file).
+
+    device: auto | cpu | cuda | tensorrt. threads: onnxruntime intra-op threads; decode_threads:
+    decoding workers (defaults fit the cores this process may use). batch_size: images per
+    model call. variant: fp32 | fp16 | int8 (model.onnx, model.fp16.onnx, model.int8.onnx).
+    fast_decode: libjpeg-turbo DCT-downscaled JPEG decoding (False = the exact training
+    transform). prefetch: batches decoded ahead of the model. buckets: batch sizes the GPU path
+    pads to (default: powers of two up to batch_size). cuda_graph: capture a CUDA graph per
+    bucket. cache_optimized: keep the optimised CPU graph in the model's cache folder.
+
+    After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
+    preprocessing_, feature_dim_, threads_, decode_threads_, model_path_, session_.
+    """
+
+    def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
+                 decode_threads: int | None = None, batch_size: int = 32, variant: str = "fp32",
+                 fast_decode: bool = True, prefetch: int = 2,
+                 buckets: Sequence[int] | None = None, cuda_graph: bool = False,
+                 device_id: int = 0, cache_optimized: bool = False,
+                 cache_dir: str | None = None, output: str = "embedding"):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model_dir, self.device, self.threads, self.decode_threads = (
+            model_dir, device, threads, decode_threads)
+        self.batch_size, self.variant, self.fast_decode = batch_size, variant, fast_decode
+        self.prefetch, self.buckets, self.cuda_graph = max(0, prefetch), buckets, cuda_graph
+        self.device_id, self.cache_optimized, self.cache_dir, self.output = (
+            device_id, cache_optimized, cache_dir, output)
+
+        self.model_path_ = resolve_model(model_dir, variant)
+        cores = P.available_cores()
+        # The description (image size) is needed for TensorRT profiles before the real session,
+        # so read it from description.json when present; the ONNX metadata is checked after.
+        probe_desc = _description_beside(self.model_path_)
+        size = probe_desc.preprocessing.input_size if probe_desc else None
+        bucket_list = sorted(set(buckets)) if buckets else bucket_sizes(batch_size)
+        if bucket_list[-1] < batch_size:
+            bucket_list.append(batch_size)
+        wants_gpu = device != "cpu" and not (device == "auto" and P.cuda_device_count()[0] == 0)
+        intra, decode = default_threads(cores, wants_gpu, threads, decode_threads)
+        common_args = dict(device_id=device_id, fp16=variant == "fp16", cache_dir=cache_dir,
+                           cuda_graph=cuda_graph, input_chw=(3, size, size) if size else None,
+                           batch_sizes=(1, batch_size, bucket_list[-1]),
+                           cache_optimized=cache_optimized)
+        info = P.create_session(self.model_path_, device, intra, **common_args)
+        if info.provider == P.CPU and wants_gpu:  # fell back: use CPU thread counts instead
+            intra, decode = default_threads(cores, False, threads, decode_threads)
+            cpu_info = P.create_session(self.model_path_, "cpu", intra, **common_args)
+            info.session, info.optimized_model = cpu_info.session, cpu_info.optimized_model
+        self.session_ = info.session
+        self.provider_, self.fell_back_ = info.provider, info.fell_back
+        self.fallback_reason_ = info.reason
+        self.optimized_model_ = info.optimized_model
+        self.threads_, self.decode_threads_ = intra, decode
+
+        self.description_ = load_description(self.model_path_, self.session_)
+        self.preprocessing_ = self.description_.preprocessing
+        inputs = self.session_.get_inputs()
+        self.input_name_ = inputs[0].name
+        self.input_dtype_ = _NUMPY_TYPES.get(inputs[0].type, np.float32)
+        outputs = {o.name: o for o in self.session_.get_outputs()}
+        if output not in outputs:
+            raise ValueError(f"{self.model_path_}: no output {output!r}; outputs are "
+                             f"{', '.join(outputs)}")
+        shape = outputs[output].shape
+        self.feature_dim_ = (shape[-1] if isinstance(shape[-1], int)
+                             else self.description_.feature_dim)
+        self.output_dtype_ = _NUMPY_TYPES.get(outputs[output].type, np.float32)
+        s = self.preprocessing_.input_size
+        self.input_shape_ = (3, s, s)
+
+        self._runner = None
+        if self.provider_ in P.GPU_PROVIDERS:
+            self._runner = _DeviceRunner(self.session_, self.input_name_, output,
+                                         self.input_shape_, self.feature_dim_, bucket_list,
+                                         device_id, cuda_graph, self.input_dtype_,
+                                         self.output_dtype_)
+        self.buckets_ = bucket_list if self._runner else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"FeaturePipeline({self.model_path_!r}, provider={self.provider_}, "
+                f"dim={self.feature_dim_}, input={self.input_shape_}, threads={self.threads_}, "
+                f"decode_threads={self.decode_threads_}, batch_size={self.batch_size})")
+
+    def close(self) -> None:
+        """Stop the decode workers (the session is freed with the object)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads_,
+                                                thread_name_prefix="unirep-decode")
+            return self._pool
+
+    # -- model only --------------------------------------------------------------------------
+    def embed_arrays(self, x: np.ndarray) -> np.ndarray:
+        """Already preprocessed Nx3xSxS input -> (N, D) float32, in batches of batch_size."""
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape_:
+            raise ValueError(f"expected an array of shape (N, {', '.join(map(str, self.input_shape_))})"
+                             f", got {x.shape}")
+        out = [self._infer(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(out) if out else np.empty((0, self.feature_dim_), np.float32)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype_)
+        if self._runner is not None:
+            y = self._runner.run(batch)
+        else:
+            y = self.session_.run([self.output], {self.input_name_: batch})[0]
+        return np.asarray(y, dtype=np.float32)
+
+    def warmup(self) -> None:
+        """Run each batch shape once so the first real call is not the slow one."""
+        sizes = self.buckets_ or [self.batch_size]
+        for size in sizes:
+            self._infer(np.zeros((size,) + self.input_shape_, np.float32))
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def preprocess(self, items: Sequence[Any]) -> tuple[np.ndarray, dict[int, str]]:
+        """Items -> (Nx3xSxS float32 for the good ones, {position: error}); for tests/benchmarks."""
+        crops, errors = self._decode_into(list(items))
+        ok = [i for i in range(len(items)) if i not in errors]
+        return normalize_batch(crops[ok], self.preprocessing_), errors
+
+    def _decode_into(self, items: list, buffer: np.ndarray | None = None, start: int = 0,
+                     ids: list[str] | None = None):
+        s = self.preprocessing_.input_size
+        if buffer is None:
+            buffer = np.zeros((len(items), s, s, 3), np.uint8)
+        errors = {}
+        for j, item in enumerate(items):
+            try:
+                buffer[start + j] = load_crop(item, self.preprocessing_, self.fast_decode)
+            except ImageDecodeError as e:
+                errors[start + j] = _message(ids[start + j] if ids else f"#{start + j}", e)
+            except Exception as e:  # a bug or an odd input must not stop the batch
+                errors[start + j] = _message(ids[start + j] if ids else f"#{start + j}",
+                                             f"{type(e).__name__}: {e}")
+        return buffer, errors
+
+    # -- streaming -----------------------------------------------------------------------------
+    def _submit(self, chunk: list[tuple[str, Any]], inline: bool):
+        ids = [i for i, _ in chunk]
+        items = [x for _, x in chunk]
+        s = self.preprocessing_.input_size
+        buffer = np.zeros((len(items), s, s, 3), np.uint8)
+        if inline:
+            done: Future = Future()
+            done.set_result(self._decode_into(items, buffer, 0, ids)[1])
+            return ids, buffer, [done]
+        parts = min(self.decode_threads_, len(items))
+        bounds = [round(k * len(items) / parts) for k in range(parts + 1)]
+        pool = self._executor()
+        futures = [pool.submit(lambda a, b: self._decode_into(items[a:b], buffer, a, ids)[1],
+                               a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return ids, buffer, futures
+
+    def _complete(self, ids, buffer, futures):
+        errors: dict[int, str] = {}
+        for f in futures:
+            part = f.result()
+            errors.update({k: v for k, v in part.items()})
+        vectors = np.full((len(ids), self.feature_dim_), np.nan, np.float32)
+        ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
+        if ok.any():
+            vectors[ok] = self._infer(normalize_batch(buffer[ok], self.preprocessing_))
+        return ids, vectors, errors
+
+    def iter_batches(self, inputs: Any) -> Iterator[tuple[list[str], np.ndarray, dict[int, str]]]:
+        """Stream (ids, vectors, errors) per batch; `errors` is keyed by position in the batch.
+
+        Decoding of the next `prefetch` batches overlaps the model call on the current one; at
+        most prefetch + 1 batches are held, whatever the length of the input stream."""
+        inline = is_single_input(inputs) and not (
+            isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs))
+        stream = iter_inputs(inputs)
+        pending: deque = deque()
+        try:
+            while True:
+                chunk = list(islice(stream, self.batch_size))
+                if not chunk:
+                    break
+                pending.append(self._submit(chunk, inline))
+                if len(pending) > self.prefetch:
+                    yield self._complete(*pending.popleft())
+            while pending:
+                yield self._complete(*pending.popleft())
+        finally:  # consumer stopped early: drop queued decode work
+            for _, _, futures in pending:
+                for f in futures:
+                    f.cancel()
+
+    def embed(self, inputs: Any) -> EmbedResult:
+        """Embed one item or an iterable of items; see the module docstring for input kinds."""
+        ids: list[str] = []
+        blocks: list[np.ndarray] = []
+        errors: dict[int, str] = {}
+        for batch_ids, vectors, batch_errors in self.iter_batches(inputs):
+            errors.update({len(ids) + j: m for j, m in batch_errors.items()})
+            ids += batch_ids
+            blocks.append(vectors)
+        vectors = (np.concatenate(blocks) if blocks
+                   else np.empty((0, self.feature_dim_), np.float32))
+        return EmbedResult(vectors, ids, errors)
+
+
+def _message(item_id: str, error: Any) -> str:
+    """'<id>: <cause>', without repeating the id when the cause already starts with it."""
+    text = str(error)
+    return text if text.startswith(item_id) else f"{item_id}: {text}"
+
+
+def _description_beside(model_path: str) -> ModelDescription | None:
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "description.json")
+    try:
+        return ModelDescription.load(path) if os.path.exists(path) else None
+    except ValueError:
+        return None
