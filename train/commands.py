@@ -116,6 +116,12 @@ def train(threads, **options):
                   --reinit N blocks re-initialised, kept layers at lr x --alpha
 
     \b
+    Architectures (--arch): small_cnn (default, 32 px), resnet18, resnet50,
+      mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0 (--pretrained).
+    Evaluation uses the data's test split, else a seeded --val-fraction hold-out.
+    Runs are seeded: same options and --seed give the same weights on CPU.
+
+    \b
     Examples:
       python cli.py train --data fashion-mnist --method specific --epochs 5 --out runs/spe
       python cli.py train --data fashion-mnist --method generic --level 0 --out runs/gen
@@ -145,6 +151,10 @@ def train(threads, **options):
         try:
             plan = prepare(cfg, dist)
         except (ValueError, FileNotFoundError, ImportError, ImageDecodeError) as e:
+            raise click.UsageError(str(e))
+        except RuntimeError as e:  # e.g. train.pretrained.PretrainedUnavailable
+            if type(e).__name__ != "PretrainedUnavailable":
+                raise
             raise click.UsageError(str(e))
         fit(plan)
     finally:

@@ -110,6 +110,7 @@ class Problem:
     eval_paths: list[str]
     eval_targets: np.ndarray
     eval_name: str               # "test split", "hold-out 10%" or "none"
+    eval_parents: list           # per head: leaf index of each class (finer heads) or None
 
 
 def _log(dist: Dist | None, *msg) -> None:
@@ -146,10 +147,10 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else path
 
 
-def build_problem(dataset: ImageDataset, spec: dict, dist: Dist | None = None
-                  ) -> tuple[ImageDataset, list[dict], Callable[[str], np.ndarray], dict]:
+def build_problem(dataset: ImageDataset, spec: dict, dist: Dist | None = None):
     """Apply a label recipe to a dataset: returns (dataset with its final levels, heads,
-    targets(split) -> (N, heads) array, the resolved recipe)."""
+    targets(split, for_eval) -> (N, heads) array, the resolved recipe, per head the leaf class
+    of each of its classes for finer heads, else None)."""
     spec = dict(spec)
     if spec.get("mapping"):
         from .levels import apply_mapping
@@ -195,23 +196,22 @@ def build_problem(dataset: ImageDataset, spec: dict, dist: Dist | None = None
 
     heads = [{"name": levels[i].name, "classes": list(levels[i].classes), "level": i}
              for i in head_levels]
-    finer_cache: dict[str, tuple[np.ndarray, list[str]]] = {}
+    finer_train: tuple[np.ndarray, list[str]] | None = None
+    finer_split = "train" if "train" in dataset.splits else next(iter(dataset.splits))
+    parents: list[np.ndarray | None] = [None] * len(heads)
     if method == "finer":
-        from .levels import finer_labels
+        from .levels import finer_labels, finer_parents
         spec["from"] = _abs(spec["from"])
-
-        def finer(split):
-            if split not in finer_cache:
-                finer_cache[split] = finer_labels(
-                    spec["from"], dataset, split, mode=spec["finer_mode"], k=int(spec["finer_k"]),
-                    min_size=int(spec["finer_min_size"]), seed=int(spec.get("seed", 0)))
-            return finer_cache[split]
-
         _log(dist, f"splitting classes into finer pseudo-classes with {spec['from']} "
                    f"({spec['finer_mode']})")
-        first = "train" if "train" in dataset.splits else "all"
-        names = list(finer(first)[1])
+        # Pseudo-classes exist only where they were clustered (the training images); evaluation
+        # scores the finer head on the leaf labels, summing its probabilities per leaf class.
+        finer_train = finer_labels(
+            spec["from"], dataset, finer_split, mode=spec["finer_mode"], k=int(spec["finer_k"]),
+            min_size=int(spec["finer_min_size"]), seed=int(spec.get("seed", 0)))
+        names = list(finer_train[1])
         heads = [{"name": f"{levels[-1].name}-finer", "classes": names, "level": None}]
+        parents = [finer_parents(names, dataset)]
 
     for h in heads:
         if len(h["classes"]) < 2:
@@ -219,20 +219,20 @@ def build_problem(dataset: ImageDataset, spec: dict, dist: Dist | None = None
                 f"level {h['name']!r} has {len(h['classes'])} class ({', '.join(h['classes'])}); "
                 "a classifier needs at least two: pick another level or add classes")
 
-    def targets(split: str) -> np.ndarray:
+    def targets(split: str, for_eval: bool = False) -> np.ndarray:
+        """(N, heads) labels of a split; a finer head's eval labels are leaf classes."""
         n = len(dataset.splits[split])
         cols = []
         for h in heads:
             if h["level"] is not None:
                 cols.append(dataset.labels(split, h["level"]))
-            else:  # finer pseudo-classes, matched by name to the head's classes
-                labels, names = finer(split)
-                index = {c: i for i, c in enumerate(h["classes"])}
-                lut = np.array([index.get(c, -1) for c in names], dtype=np.int64)
-                cols.append(lut[np.asarray(labels, dtype=np.int64)])
+            elif for_eval or split != finer_split:
+                cols.append(dataset.labels(split))
+            else:
+                cols.append(np.asarray(finer_train[0], dtype=np.int64))
         return np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
 
-    return dataset, heads, targets, spec
+    return dataset, heads, targets, spec, parents
 
 
 def _limit_per_class(leaf_labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -268,7 +268,7 @@ def load_problem(cfg: TrainConfig, dist: Dist | None = None) -> Problem:
         spec = dict(spec, seed=spec.get("seed", cfg.seed))
     else:
         spec = problem_spec(cfg)
-    dataset, heads, targets, spec = build_problem(dataset, spec, dist)
+    dataset, heads, targets, spec, parents = build_problem(dataset, spec, dist)
     if cfg.method == "fsft":
         expected = [(h["name"], list(h["classes"])) for h in source.heads]
         if [(h["name"], h["classes"]) for h in heads] != expected:
@@ -277,26 +277,27 @@ def load_problem(cfg: TrainConfig, dist: Dist | None = None) -> Problem:
 
     if dataset.has_test_split:
         train_split, eval_split = "train", "test"
-        tr_targets, ev_targets = targets("train"), targets("test")
+        tr_targets, ev_targets = targets("train"), targets("test", for_eval=True)
         tr_paths, ev_paths = dataset.paths("train"), dataset.paths("test")
         tr_leaf, ev_leaf = dataset.labels("train"), dataset.labels("test")
         eval_name = "test split"
     else:
         split = next(iter(dataset.splits))
         all_targets, all_paths, all_leaf = targets(split), dataset.paths(split), dataset.labels(split)
+        all_eval_targets = targets(split, for_eval=True)
         if cfg.val_fraction > 0:
             tr, ev = stratified_split(all_leaf, cfg.val_fraction, seed=cfg.seed)
             eval_name = f"hold-out {cfg.val_fraction:.0%} (seed {cfg.seed})"
         else:
             tr, ev = np.arange(len(all_leaf)), np.arange(0)
             eval_name = "none"
-        tr_targets, ev_targets = all_targets[tr], all_targets[ev]
+        tr_targets, ev_targets = all_targets[tr], all_eval_targets[ev]
         tr_paths, ev_paths = [all_paths[i] for i in tr], [all_paths[i] for i in ev]
         tr_leaf, ev_leaf = all_leaf[tr], all_leaf[ev]
     keep_tr = _limit_per_class(tr_leaf, cfg.per_class, cfg.seed)
     keep_ev = _limit_per_class(ev_leaf, cfg.per_class, cfg.seed + 1)
     return Problem(dataset, heads, spec, [tr_paths[i] for i in keep_tr], tr_targets[keep_tr],
-                   [ev_paths[i] for i in keep_ev], ev_targets[keep_ev], eval_name)
+                   [ev_paths[i] for i in keep_ev], ev_targets[keep_ev], eval_name, parents)
 
 
 # =============================================================================================
@@ -504,6 +505,7 @@ class Plan:
     train_set: ImageSet
     eval_set: ImageSet
     model: Network
+    optimizer: torch.optim.Optimizer
     desc: ModelDescription
     skipped: list[str]
 
@@ -551,6 +553,10 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
     if cfg.method == "fsft":
         pre = ModelDescription.load(cfg.from_run).preprocessing
     model, arch_kwargs = build_model(cfg, problem.heads, arch)
+    model.to(dist.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)  # fsft re-initialises its last blocks here
     train_set, eval_set, skipped = make_image_sets(cfg, problem, pre, dist)
     if len(train_set) == 0:
         raise DataError(f"{cfg.data}: no readable training images")
@@ -571,7 +577,7 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
         source_runs=[_abs(p) for p in (cfg.from_run, problem.spec.get("group_by_clustering")) if p],
         versions=versions(),
         extra={"train_config": cfg.to_dict(), "augmentation": augment.describe(pre, cfg.hflip)})
-    return Plan(cfg, dist, problem, train_set, eval_set, model, desc, skipped)
+    return Plan(cfg, dist, problem, train_set, eval_set, model, optimizer, desc, skipped)
 
 
 def _check_resumable(cfg: TrainConfig) -> None:
@@ -611,11 +617,23 @@ def _loss_and_stats(logits: list[torch.Tensor], y: torch.Tensor, weights: list[f
     return loss, stats
 
 
+def sum_per_parent(logits: torch.Tensor, parents: torch.Tensor, n_parents: int) -> torch.Tensor:
+    """Logits over finer classes -> logits over their parent classes (probabilities summed)."""
+    top = logits.max(dim=1, keepdim=True).values
+    summed = torch.zeros(len(logits), n_parents, device=logits.device, dtype=torch.float32)
+    summed.index_add_(1, parents, (logits.float() - top).exp())
+    return summed.clamp_min(1e-30).log() + top
+
+
 @torch.no_grad()
 def evaluate(model: Network, eval_set: ImageSet, cfg: TrainConfig, dist: Dist,
-             weights: list[float]) -> tuple[float, list[float]]:
-    """Loss and accuracy per head on this process's shard of the eval set, summed over processes."""
+             weights: list[float], parents: list | None = None, n_parents: int = 0
+             ) -> tuple[float, list[float]]:
+    """Loss and accuracy per head on this process's shard of the eval set, summed over processes.
+    A head with `parents` (finer pseudo-classes) is scored on the parent (leaf) labels."""
     model.eval()
+    parents = [None if p is None else torch.as_tensor(p, device=dist.device)
+               for p in (parents or [None] * len(weights))]
     idx = list(range(dist.rank, len(eval_set), dist.world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(eval_set, idx),
                                          batch_size=cfg.batch_size * 2, num_workers=cfg.workers,
@@ -629,6 +647,8 @@ def evaluate(model: Network, eval_set: ImageSet, cfg: TrainConfig, dist: Dist,
         x, y = _to_device(x, y, cfg, dist)
         with _autocast(cfg, dist):
             logits = model(x)
+        logits = [out if p is None else sum_per_parent(out, p, n_parents)
+                  for out, p in zip(logits, parents)]
         sums += _loss_and_stats(logits, y, weights, criterion)[1]
     sums = all_reduce_sum(sums.tolist(), dist)
     accs = [sums[2 + 2 * h] / max(1.0, sums[3 + 2 * h]) for h in range(len(weights))]
@@ -663,9 +683,6 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
                    f"on {len(plan.train_set)} images, evaluating on {len(plan.eval_set)} "
                    f"({plan.problem.eval_name}); device {dist.device}, {dist.world_size} process(es)")
 
-    model.to(dist.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -675,7 +692,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
     per_process = math.ceil(len(plan.train_set) / dist.world_size)
     drop_last = per_process > cfg.batch_size  # a last batch of 1 would break batch norm
     steps_per_epoch = per_process // cfg.batch_size if drop_last else 1
-    optimizer = make_optimizer(cfg, model)
+    optimizer = plan.optimizer
     scheduler = make_schedule(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     start_epoch = 0
@@ -740,7 +757,9 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
                                 for i, h in enumerate(heads)},
                   "images_per_s": sums[1] / max(train_seconds, 1e-9), "skipped_images": int(sums[-1])}
         if len(plan.eval_set):
-            eval_loss, eval_acc = evaluate(model, plan.eval_set, cfg, dist, weights)
+            eval_loss, eval_acc = evaluate(model, plan.eval_set, cfg, dist, weights,
+                                           plan.problem.eval_parents,
+                                           len(plan.problem.dataset.leaf_classes))
             record.update(eval_loss=eval_loss, eval_acc=dict(zip(heads, eval_acc)))
         record["seconds"] = time.perf_counter() - t0
         if dist.is_main:
