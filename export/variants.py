@@ -1,0 +1,249 @@
+"""Reduced-precision variants of an exported fp32 graph, judged as embedding models.
+
+model.fp16.onnx  float16 weights and activations, float32 input and output; the combination's
+                 final normalisation (Abs/ReduceMax/Clip/Div/Concat) stays float32.
+model.int8.onnx  static QDQ quantisation (per-channel QInt8 weights, QUInt8 activations),
+                 calibrated on real images of the --calib data.
+
+Each variant records its cosine drift against the fp32 graph (fresh sessions, batch 1 and 7) and
+the change in linear-probe accuracy on a held-out half of a small labelled real set.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .parity import (cosine_rows, load_labelled_images, new_session, pick_samples, decode_images,
+                     resolve_dataset, run_onnx)
+
+# Ops of the graph's tail (after the last backbone op) kept in float32 / left unquantised.
+TAIL_OPS = {"Abs", "ReduceMax", "Clip", "Max", "Div", "Concat", "Identity", "Cast"}
+FP16_MIN_COSINE = 0.999   # below this the fp16 graph is broken, not just rounded
+INT8_WARN_MEAN_COSINE = 0.98
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tail_nodes(model, output: str = "embedding") -> list[str]:
+    """Names of the nodes between `output` and the backbones: walking back from the output
+    through TAIL_OPS only (for combinations: the L-inf normalisation and the concatenation)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names, stack, seen = [], [output], set()
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or node.name in seen or node.op_type not in TAIL_OPS:
+            continue
+        seen.add(node.name)
+        names.append(node.name)
+        stack.extend(node.input)
+    return names
+
+
+def _finish(model, path: str, desc_dict: dict, variant: str) -> None:
+    import onnx
+
+    from .onnx_export import set_description_metadata
+    set_description_metadata(model, dict(desc_dict, extra=dict(desc_dict.get("extra") or {},
+                                                                variant=variant)))
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def separate_consumed_outputs(model) -> None:
+    """Give each graph output that other nodes also read (the embedding feeding the logits
+    heads) its own Identity, so that the fp16 converter's output casts do not hand float32 to
+    those readers."""
+    import onnx
+    outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input}
+    for name in sorted(outputs & read):
+        inner = f"{name}__value"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name],
+                                                      name=f"{name}_output"))
+
+
+def make_fp16(fp32_path: str, out_path: str, desc_dict: dict) -> dict:
+    import warnings
+
+    import onnx
+    from onnxconverter_common import float16
+    model = onnx.load(fp32_path)
+    separate_consumed_outputs(model)
+    keep = tail_nodes(model)
+    with warnings.catch_warnings():  # tiny weights flushed to fp16's range: expected, not news
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(model, keep_io_types=True,
+                                                     node_block_list=keep)
+    _finish(converted, out_path, desc_dict, "fp16")
+    return {"kept_float32_nodes": keep}
+
+
+class _ImageReader:
+    """onnxruntime.quantization CalibrationDataReader over preprocessed real images."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16):
+        self.batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {"image": batch}
+
+
+def make_int8(fp32_path: str, out_path: str, desc_dict: dict, calib_images: np.ndarray) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_path)) as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        try:
+            quant_pre_process(fp32_path, prepared, skip_symbolic_shape=False)
+        except Exception:  # symbolic shape inference misses some ops; ONNX's own inference will do
+            quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        exclude = tail_nodes(onnx.load(prepared))
+        quantize_static(prepared, os.path.join(tmp, "int8.onnx"), _ImageReader(calib_images),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude)
+        model = onnx.load(os.path.join(tmp, "int8.onnx"))
+    _finish(model, out_path, desc_dict, "int8")
+    return {"calibration_images": int(len(calib_images)), "unquantised_nodes": exclude,
+            "quant_format": "QDQ", "per_channel": True, "activations": "QUInt8",
+            "weights": "QInt8"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging a variant
+
+def make_probe():
+    """The project's logistic-regression probe if present, else a nearest-class-mean probe."""
+    try:
+        from runtime.probes import LogisticRegressionProbe
+    except ImportError:
+        LogisticRegressionProbe = None
+    if LogisticRegressionProbe is not None:
+        # A fixed C: both precisions get the same probe, and no C sweep (seconds, not minutes).
+        try:
+            return LogisticRegressionProbe(C=1.0, max_iter=300), "runtime.probes.LogisticRegressionProbe(C=1)"
+        except TypeError:
+            return LogisticRegressionProbe(), "runtime.probes.LogisticRegressionProbe"
+    else:
+        return NearestClassMean(), "nearest-class-mean (L2-normalised features)"
+
+
+class NearestClassMean:
+    """Fallback probe: class means of L2-normalised features; predict the most similar mean."""
+
+    def fit(self, X, y):
+        X = self._normalise(X)
+        self.classes_ = np.unique(y)
+        self.means_ = self._normalise(np.stack([X[y == c].mean(axis=0) for c in self.classes_]))
+        return self
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self._normalise(X) @ self.means_.T, axis=1)]
+
+    @staticmethod
+    def _normalise(X):
+        X = np.asarray(X, dtype=np.float64)
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, train_idx, test_idx) -> tuple[float, str]:
+    probe, name = make_probe()
+    probe.fit(features[train_idx], labels[train_idx])
+    predicted = np.asarray(probe.predict(features[test_idx]))
+    return float((predicted == labels[test_idx]).mean()), name
+
+
+def drift(fp32_outputs: dict[str, np.ndarray], variant_path: str, images: np.ndarray,
+          batch_sizes=(1, 7)) -> dict:
+    """Cosine and abs-diff figures of the variant against fp32, per output, worst over fresh
+    sessions at each batch size."""
+    figures: dict[str, dict] = {}
+    for bs in batch_sizes:
+        got = run_onnx(variant_path, images, bs)
+        for name, ref in fp32_outputs.items():
+            cos = cosine_rows(ref, got[name])
+            f = figures.setdefault(name, {"min_cosine": 1.0, "mean_cosine": 1.0,
+                                          "max_abs_diff": 0.0, "finite": True})
+            f["min_cosine"] = min(f["min_cosine"], float(cos.min()))
+            f["mean_cosine"] = min(f["mean_cosine"], float(cos.mean()))
+            f["max_abs_diff"] = max(f["max_abs_diff"], float(np.abs(ref - got[name]).max()))
+            f["finite"] = f["finite"] and bool(np.isfinite(got[name]).all())
+    return {"batch_sizes": list(batch_sizes), "outputs": figures}
+
+
+def make_variants(model_path: str, out_dir: str, desc_dict: dict, descs, parity_images: np.ndarray,
+                  fp16: bool = False, int8_calib: str | None = None, check_data: str | None = None,
+                  variant_images: int = 300, calib_images: int = 200) -> dict:
+    """Write the asked variants beside `model_path` and return their export.json entries."""
+    from .onnx_export import ExportError, file_info
+    pre = descs[0].preprocessing
+    if int8_calib:
+        spec = int8_calib
+    else:
+        _, spec = resolve_dataset(descs, check_data)
+    _log(f"variants: labelled real images of {spec} for drift and probes")
+    probe_images, labels = load_labelled_images(spec, variant_images, pre)
+    train_idx, test_idx = _probe_split(labels)
+    session = new_session(model_path)
+    fp32_parity = run_onnx(model_path, parity_images, 7, session=session)
+    fp32_probe = run_onnx(model_path, probe_images, 16, session=session)["embedding"]
+    fp32_acc, probe_name = probe_accuracy(fp32_probe, labels, train_idx, test_idx)
+
+    results = {}
+    plans = []
+    if fp16:
+        plans.append(("fp16", "model.fp16.onnx", lambda p: make_fp16(model_path, p, desc_dict)))
+    if int8_calib:
+        from common.data import load_dataset
+        calib_dataset = load_dataset(int8_calib)
+        calib_paths = [p for p, _ in pick_samples(calib_dataset, calib_images, seed=2)]
+        calib, _ = decode_images(calib_paths, pre, "calibration images")
+        plans.append(("int8", "model.int8.onnx",
+                      lambda p: make_int8(model_path, p, desc_dict, calib)))
+    for variant, filename, build in plans:
+        path = os.path.join(out_dir, filename)
+        _log(f"variants: {variant}")
+        t0 = time.perf_counter()
+        info = build(path)
+        build_s = time.perf_counter() - t0
+        figures = drift(fp32_parity, path, parity_images)
+        variant_probe = run_onnx(path, probe_images, 16)["embedding"]
+        probe_cos = cosine_rows(fp32_probe, variant_probe)
+        acc, _ = probe_accuracy(variant_probe, labels, train_idx, test_idx)
+        entry = {
+            "file": filename, "bytes": file_info(path)["bytes"], "build_s": round(build_s, 3),
+            **info, "drift_vs_fp32": figures,
+            "embedding_cosine_on_probe_set": {"min": float(probe_cos.min()),
+                                              "mean": float(probe_cos.mean())},
+            "probe": {"name": probe_name, "data": spec, "train": int(len(train_idx)),
+                      "test": int(len(test_idx)), "classes": int(len(np.unique(labels))),
+                      "accuracy_fp32": fp32_acc, "accuracy": acc, "change": acc - fp32_acc},
+            "warnings": [],
+        }
+        emb = figures["outputs"]["embedding"]
+        if not all(f["finite"] for f in figures["outputs"].values()):
+            raise ExportError(f"{variant} variant produces non-finite outputs; nothing written")
+        if variant == "fp16" and emb["min_cosine"] < FP16_MIN_COSINE:
+            raise ExportError(f"fp16 variant drifts too far from fp32: min cosine "
+                              f"{emb['min_cosine']:.5f} < {FP16_MIN_COSINE}; nothing written")
+        if variant == "int8" and emb["mean_cosine"] < INT8_WARN_MEAN_COSINE:
+            entry["warnings"].append(f"int8 mean cosine to fp32 is {emb['mean_cosine']:.4f}; "
+                                     "check the probe accuracy change before deploying it")
+        results[variant] = entry
+    return results
+
+
+def _probe_split(labels: np.ndarray):
+    from common.data import stratified_split
+    return stratified_split(labels, 0.5, seed=0)
