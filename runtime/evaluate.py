@@ -269,10 +269,10 @@ def _valid_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=1)
 
 
-def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg", seed: int = 0
-                 ) -> dict:
+def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg", seed: int = 0,
+                 probe_params: dict | None = None) -> dict:
     """Fit the probe on the train side, score it once on the test side; items that failed to
-    embed are dropped from both X and y and counted."""
+    embed are dropped from both X and y and counted. `probe_params` go to `make_probe`."""
     from .probes import make_probe
 
     ok_train, ok_test = _valid_rows(embedded.train), _valid_rows(embedded.test)
@@ -282,7 +282,7 @@ def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg",
         first = next(iter(embedded.errors.values()), "no message")
         raise EvaluationError(f"target {target.name!r}: too few images could be embedded "
                               f"({len(y_train)} train, {len(y_test)} test); first error: {first}")
-    estimator = make_probe(probe, seed=seed)
+    estimator = make_probe(probe, **{"seed": seed, **(probe_params or {})})
     start = time.perf_counter()
     estimator.fit(x_train, y_train)
     fit_seconds = time.perf_counter() - start
@@ -326,13 +326,15 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
                     threads: int | None = None, names: list[str] | None = None,
                     test_fraction: float = DEFAULT_TEST_FRACTION,
                     max_per_class: int | None = None, use_cache: bool = True,
-                    progress: bool = True) -> dict:
+                    probe_params: dict | None = None, progress: bool = True) -> dict:
     """Evaluate every model on every target; write report.json/.md/.png to `out_dir` (if given)
     and return the report dict (layout in runtime.report).
 
     `reference` is a model dir (in `model_dirs` or not; it is evaluated too) that mNRG/aNRG are
     relative to. `cache_dir` defaults to $UNIREP_CACHE/embeddings; `use_cache=False` embeds
-    afresh without reading or writing it. Raises EvaluationError for unusable inputs.
+    afresh without reading or writing it. `probe_params` go to `runtime.probes.make_probe` (e.g.
+    a shorter `Cs` sweep for a pilot; the default is the full protocol). Raises EvaluationError
+    for unusable inputs.
     """
     from tqdm import tqdm
 
@@ -398,7 +400,7 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         counters["hits" if embedded.cached else "misses"] += 1
         if embedded.train.shape[1] != desc.feature_dim:
             entry["embedding_dim"] = int(embedded.train.shape[1])
-        entry["targets"][target_name] = probe_target(embedded, target, probe, seed)
+        entry["targets"][target_name] = probe_target(embedded, target, probe, seed, probe_params)
         entry["targets"][target_name]["cache_file"] = cache_path
     bar.close()
 
@@ -411,6 +413,7 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         "reference": reference_name,
         "targets": {name: dict(s.info) for name, s in splits.items()},
         "probe": probe,
+        "probe_params": {k: np.asarray(v).tolist() for k, v in (probe_params or {}).items()},
         "seed": seed,
         "metric": "top1",
         "settings": {"test_fraction": test_fraction, "max_per_class": max_per_class,

@@ -14,6 +14,8 @@ from runtime import universality as U
 from runtime.evaluate import EvaluationError, evaluate, evaluate_models, split_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A short regularisation sweep where a test checks plumbing rather than the probe protocol.
+QUICK_PROBE = {"Cs": np.logspace(-3, 3, 7), "refine": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +214,14 @@ def test_evaluate_end_to_end_with_reference_and_cache(two_models, digits_small, 
     cache, out = str(tmp_path / "cache"), str(tmp_path / "report")
     targets = [digits_small, nested_folder]
     report = evaluate_models([narrow, wide], targets, out, reference=narrow, cache_dir=cache,
-                             progress=False)
+                             max_per_class=10, progress=False)
     assert report["reference"] == "narrow" and list(report["models"]) == ["narrow", "wide"]
     assert report["cache"]["misses"] == 4 and report["cache"]["hits"] == 0
     names = list(report["targets"])
     assert names == ["digits-per-class-15", "nested"]
     assert report["targets"]["digits-per-class-15"]["split"] == "given"
     nested = report["targets"]["nested"]
-    assert nested["split"] == "stratified" and (nested["n_train"], nested["n_test"]) == (140, 60)
+    assert nested["split"] == "stratified" and (nested["n_train"], nested["n_test"]) == (100, 60)
     for name, dim in (("narrow", 48), ("wide", 96)):
         m = report["models"][name]
         assert m["embedding_dim"] == dim
@@ -246,7 +248,8 @@ def test_evaluate_end_to_end_with_reference_and_cache(two_models, digits_small, 
         report["models"]["wide"]["targets"]["nested"]["top1"])
     md = open(os.path.join(out, "report.md")).read()
     assert "| model | dim | digits-per-class-15 | nested | mean | logit mean | mNRG | aNRG |" in md
-    assert "narrow (ref)" in md and "**" in md and "stratified (30% test, seed 0)" in md
+    assert "narrow (ref)" in md and "**" in md
+    assert "stratified (30% test, seed 0), at most 10/class" in md
     with open(os.path.join(out, "report.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
@@ -255,17 +258,20 @@ def test_evaluate_end_to_end_with_reference_and_cache(two_models, digits_small, 
     before = _npz_state(cache)
     assert len(before) == 4
     again = evaluate_models([narrow, wide], targets, None, reference=narrow, cache_dir=cache,
-                            progress=False)
+                            max_per_class=10, probe_params=QUICK_PROBE, progress=False)
     assert again["cache"] == {"dir": cache, "hits": 4, "misses": 0}
     assert all(r["cached"] for m in again["models"].values() for r in m["targets"].values())
     assert _npz_state(cache) == before
+    assert again["probe_params"]["Cs"] == pytest.approx(list(QUICK_PROBE["Cs"]))
     for name in ("narrow", "wide"):
         for t in names:
-            assert again["models"][name]["targets"][t]["top1"] == report["models"][name]["targets"][t]["top1"]
+            first, second = report["models"][name]["targets"][t], again["models"][name]["targets"][t]
+            assert (first["n_train"], first["n_test"]) == (second["n_train"], second["n_test"])
+            assert second["top1"] > 0.3 and second["C"] in QUICK_PROBE["Cs"]
 
     # Other split settings are a different cache entry.
     third = evaluate_models([narrow], [nested_folder], None, cache_dir=cache, max_per_class=5,
-                            progress=False)
+                            probe_params=QUICK_PROBE, progress=False)
     assert third["cache"]["misses"] == 1 and len(_npz_state(cache)) == 5
 
 
