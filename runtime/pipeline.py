@@ -174,19 +174,20 @@ class _DeviceRunner:
     and shapes, hence the buckets)."""
 
     def __init__(self, session, input_name, output_name, chw, dim, buckets, device_id,
-                 cuda_graph, in_dtype, out_dtype):
+                 cuda_graph, in_dtype, out_dtype, device_type: str = "cuda"):
         self.session, self.input_name, self.output_name = session, input_name, output_name
         self.chw, self.dim, self.buckets = tuple(chw), dim, sorted(buckets)
         self.device_id, self.cuda_graph = device_id, cuda_graph
         self.in_dtype, self.out_dtype = in_dtype, out_dtype
+        self.device_type = device_type  # "cpu" lets the tests run this exact code without a GPU
         self.slots: dict[int, tuple] = {}
 
     def _slot(self, size: int):
         if size not in self.slots:
             x = ort.OrtValue.ortvalue_from_shape_and_type((size,) + self.chw, self.in_dtype,
-                                                           "cuda", self.device_id)
+                                                           self.device_type, self.device_id)
             y = ort.OrtValue.ortvalue_from_shape_and_type((size, self.dim), self.out_dtype,
-                                                           "cuda", self.device_id)
+                                                           self.device_type, self.device_id)
             binding = self.session.io_binding()
             binding.bind_ortvalue_input(self.input_name, x)
             binding.bind_ortvalue_output(self.output_name, y)
@@ -207,7 +208,7 @@ class _DeviceRunner:
             binding, x, y, run_options = self._slot(size)
             x.update_inplace(np.ascontiguousarray(part, dtype=self.in_dtype))
             self.session.run_with_iobinding(binding, run_options)
-            out.append(y.numpy()[:len(batch) - start])
+            out.append(binding.copy_outputs_to_cpu()[0][:len(batch) - start])
         return np.concatenate(out) if out else np.empty((0, self.dim), self.out_dtype)
 
 
@@ -227,7 +228,8 @@ class FeaturePipeline:
     bucket. cache_optimized: keep the optimised CPU graph in the model's cache folder.
 
     After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
-    preprocessing_, feature_dim_, threads_, decode_threads_, model_path_, session_.
+    preprocessing_, feature_dim_, input_shape_, threads_, decode_threads_, model_path_,
+    session_, buckets_ (GPU only), cuda_graph_, optimized_model_.
     """
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
@@ -288,10 +290,15 @@ class FeaturePipeline:
         self.input_shape_ = (3, s, s)
 
         self._runner = None
+        self.cuda_graph_ = False
         if self.provider_ in P.GPU_PROVIDERS:
+            # what the session really enabled (graphs are dropped when a node must run on CPU)
+            opts = self.session_.get_provider_options().get(self.provider_, {})
+            flag = opts.get("enable_cuda_graph", opts.get("trt_cuda_graph_enable", "0"))
+            self.cuda_graph_ = cuda_graph and str(flag).lower() in ("1", "true")
             self._runner = _DeviceRunner(self.session_, self.input_name_, output,
                                          self.input_shape_, self.feature_dim_, bucket_list,
-                                         device_id, cuda_graph, self.input_dtype_,
+                                         device_id, self.cuda_graph_, self.input_dtype_,
                                          self.output_dtype_)
         self.buckets_ = bucket_list if self._runner else None
         self._pool: ThreadPoolExecutor | None = None
@@ -316,10 +323,9 @@ class FeaturePipeline:
         self.close()
 
     def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:

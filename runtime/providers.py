@@ -215,8 +215,19 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
     except Exception as e:
         if chain == [CPU]:
             raise ValueError(f"{model_path}: onnxruntime cannot load this model ({e})") from e
-        reasons.append(f"{chain[0]} failed to start ({e})")
-        session, ep_error = _new_session(source, session_options(threads), [CPU], [{}])
+        session = None
+        if cuda_graph:  # graphs need every node on the GPU; keep the GPU without them
+            reasons.append(f"CUDA graphs unavailable for this model ({e})")
+            options = [provider_options(p, device_id=device_id, fp16=fp16, cache_dir=os.path.join(
+                cache_dir, "tensorrt"), input_name=input_name, input_chw=input_chw,
+                batch_sizes=batch_sizes) for p in chain]
+            try:
+                session, ep_error = _new_session(source, session_options(threads), chain, options)
+            except Exception as e2:
+                e = e2
+        if session is None:
+            reasons.append(f"{chain[0]} failed to start ({e})")
+            session, ep_error = _new_session(source, session_options(threads), [CPU], [{}])
     if ep_error:
         reasons.append(ep_error)
     if write_to and os.path.exists(write_to):

@@ -1,0 +1,393 @@
+"""The onnxruntime feature pipeline: inputs, alignment, parity with training, fast JPEG decoding,
+provider fallback, the embed command, and running with torch blocked."""
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.description import ONNX_METADATA_KEY
+from common.images import preprocess as reference_preprocess
+from tests.conftest import ROOT
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: a real exported small CNN, and JPEGs made from real photos
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """small_cnn (random seeded weights) exported to ONNX with its description in the metadata.
+    Made here with torch.onnx directly; the export stage's own exporter can replace this."""
+    import onnx
+    import torch
+    from train.models import load_run
+    from train.runs import untrained_run
+
+    base = tmp_path_factory.mktemp("rt")
+    run = str(base / "run")
+    untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
+    network, desc = load_run(run)
+
+    class Embedder(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.forward_features(x)
+
+    out = base / "model"
+    out.mkdir()
+    size = desc.preprocessing.input_size
+    path = str(out / "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Embedder(network).eval(), torch.zeros(1, 3, size, size), path,
+                          dynamo=False, input_names=["image"], output_names=["embedding"],
+                          dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
+                          opset_version=17)
+    proto = onnx.load(path)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, desc.to_json()
+    onnx.save(proto, path)
+    desc.save(str(out / "description.json"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from runtime import FeaturePipeline
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8) as p:
+        yield p
+
+
+def _photos():
+    import matplotlib
+    import sklearn.datasets
+    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    paths = [os.path.join(folder, "china.jpg"), os.path.join(folder, "flower.jpg"),
+             os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data",
+                          "grace_hopper.jpg")]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """Real photos cropped and resized to ~200x150 and ~500x375 JPEGs, plus the awkward kinds:
+    grey, progressive, CMYK, EXIF-rotated."""
+    out = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    photos = _photos()
+    for i in range(12):
+        img = photos[i % 3]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        size = [(200, 150), (150, 200), (500, 375)][i % 3]
+        img.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC).save(
+            out / f"photo{i:02d}.jpg", quality=90)
+    base = photos[0].resize((240, 160), Image.BICUBIC)
+    base.convert("L").save(out / "grey.jpg", quality=90)
+    base.save(out / "progressive.jpg", quality=85, progressive=True)
+    base.convert("CMYK").save(out / "cmyk.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    base.save(out / "rotated.jpg", quality=90, exif=exif.tobytes())
+    return str(out)
+
+
+def _reference_vectors(pipe, items):
+    pre = pipe.preprocessing_
+    return pipe.embed_arrays(np.stack([reference_preprocess(x, pre) for x in items]))
+
+
+def _cosine(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and alignment
+
+def test_every_input_kind_matches_reference(pipe, fmnist_small):
+    from runtime import EmbedResult, iter_inputs
+    folder = os.path.join(fmnist_small, "test", "tops")
+    files = sorted(str(p) for p in Path(folder).rglob("*.png"))
+    first = files[0]
+    with open(first, "rb") as f:
+        raw = f.read()
+    pil = Image.open(first)
+    rgb = np.asarray(Image.open(first).convert("RGB"))
+    grey = np.asarray(Image.open(first).convert("L"))
+    assert grey.ndim == 2 and rgb.shape[2] == 3
+
+    items = [first, Path(first), raw, pil, rgb, grey]
+    result = pipe.embed(items)
+    assert isinstance(result, EmbedResult)
+    assert result.vectors.dtype == np.float32 and result.vectors.shape == (6, pipe.feature_dim_)
+    assert result.errors == {} and result.ok.all()
+    assert result.ids == [first, first, "#2", "#3", "#4", "#5"]
+    expected = _reference_vectors(pipe, [first])[0]
+    np.testing.assert_allclose(result.vectors, np.tile(expected, (6, 1)), rtol=1e-4, atol=1e-5)
+
+    # a folder expands to its images, recursively and sorted; a generator streams
+    by_folder = pipe.embed(folder)
+    assert by_folder.ids == files and len(files) == 80
+    np.testing.assert_allclose(by_folder.vectors, _reference_vectors(pipe, files),
+                               rtol=1e-4, atol=1e-5)
+    streamed = pipe.embed(p for p in files[:11])
+    assert streamed.ids == files[:11]
+    np.testing.assert_allclose(streamed.vectors, by_folder.vectors[:11], rtol=1e-4, atol=1e-5)
+    # a single item, and an NxHxWxC array of images
+    single = pipe.embed(raw)
+    assert single.vectors.shape == (1, pipe.feature_dim_) and single.ids == ["#0"]
+    stack = pipe.embed(np.stack([rgb, rgb]))
+    np.testing.assert_allclose(stack.vectors, np.tile(expected, (2, 1)), rtol=1e-4, atol=1e-5)
+    assert [i for i, _ in iter_inputs([folder, first])][-1] == first
+    empty = pipe.embed([])
+    assert empty.vectors.shape == (0, pipe.feature_dim_) and empty.ids == []
+
+
+def test_bad_items_are_reported_and_rows_stay_aligned(pipe, fmnist_small, tmp_path):
+    good = sorted(str(p) for p in Path(fmnist_small, "train").rglob("*.png"))[:4]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    truncated = tmp_path / "truncated.jpg"
+    buf = io.BytesIO()
+    _photos()[1].resize((120, 90)).save(buf, "JPEG", quality=90)
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    missing = str(tmp_path / "missing.png")
+    items = [good[0], str(corrupt), good[1], missing, 42, b"junk bytes", good[2],
+             str(truncated), np.zeros((4, 4, 7), np.uint8), good[3]]
+    result = pipe.embed(items)  # batch_size 8: failures in both batches
+    bad = {1, 3, 4, 5, 7, 8}
+    assert set(result.errors) == bad
+    assert result.ok.tolist() == [i not in bad for i in range(len(items))]
+    assert np.isnan(result.vectors[sorted(bad)]).all()
+    assert not np.isnan(result.vectors[result.ok]).any()
+    np.testing.assert_allclose(result.vectors[result.ok], _reference_vectors(pipe, good),
+                               rtol=1e-4, atol=1e-5)
+    e = result.errors
+    assert e[1].startswith(str(corrupt)) and "cannot decode" in e[1]
+    assert e[3] == f"{missing}: file not found"
+    assert e[4].startswith("#4") and "unsupported input type" in e[4]
+    assert e[5].startswith("#5") and "not a known image format" in e[5]
+    assert e[7].startswith(str(truncated)) and "cannot decode" in e[7]
+    assert e[8].startswith("#8") and "HxWxC" in e[8]
+
+
+def test_streaming_keeps_a_bounded_window(model_dir, fmnist_small):
+    from runtime import FeaturePipeline
+    files = sorted(str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:100]
+    pulled = []
+
+    def source():
+        for f in files:
+            pulled.append(f)
+            yield f
+
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8, prefetch=2) as p:
+        batches = p.iter_batches(source())
+        ids, vectors, errors = next(batches)
+        assert len(ids) == 8 and vectors.shape == (8, p.feature_dim_) and errors == {}
+        assert len(pulled) <= 3 * 8  # the batch being inferred + 2 decoding, never the stream
+        rest = list(batches)
+    assert sum(len(b[0]) for b in rest) == 92 and len(pulled) == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing
+
+def test_preprocessing_matches_training_transform(model_dir, fmnist_small, jpeg_folder):
+    from runtime import FeaturePipeline
+    from runtime.decode import preprocess
+    pngs = sorted(str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:5]
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    with FeaturePipeline(model_dir, device="cpu", fast_decode=False) as exact:
+        pre = exact.preprocessing_
+        in_memory = [Image.open(jpegs[0]), np.asarray(Image.open(pngs[0])),
+                     open(jpegs[1], "rb").read()]
+        items = pngs + jpegs + in_memory
+        batch, errors = exact.preprocess(items)
+        assert errors == {}
+        reference = np.stack([reference_preprocess(x, pre) for x in items])
+        assert batch.dtype == np.float32 and batch.shape == (len(items), 3, 32, 32)
+        np.testing.assert_array_equal(batch, reference)  # identical, not close
+    # the fast path leaves everything but JPEG files exactly as training did
+    for x in pngs + in_memory[:2]:
+        np.testing.assert_array_equal(preprocess(x, pre, fast=True), reference_preprocess(x, pre))
+
+
+def test_fast_jpeg_path_within_tolerance(pipe, jpeg_folder):
+    from runtime.decode import _simplejpeg_crop, exif_orientation, preprocess
+    pre = pipe.preprocessing_
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    data = {os.path.basename(p): open(p, "rb").read() for p in jpegs}
+    # libjpeg-turbo takes the plain ones; CMYK and rotated photos go through PIL
+    assert _simplejpeg_crop(data["photo00.jpg"], pre) is not None
+    assert _simplejpeg_crop(data["grey.jpg"], pre) is not None
+    assert _simplejpeg_crop(data["progressive.jpg"], pre) is not None
+    assert _simplejpeg_crop(data["cmyk.jpg"], pre) is None
+    assert exif_orientation(data["rotated.jpg"]) == 6 and exif_orientation(data["grey.jpg"]) == 1
+    assert _simplejpeg_crop(data["rotated.jpg"], pre) is None
+
+    fast = np.stack([preprocess(p, pre, fast=True) for p in jpegs])
+    exact = np.stack([reference_preprocess(p, pre) for p in jpegs])
+    grey_levels = np.abs(fast - exact).mean(axis=(1, 2, 3)) * 255 * np.mean(pre.std)
+    assert grey_levels.max() < 2.5, dict(zip(map(os.path.basename, jpegs), grey_levels))
+    assert grey_levels.mean() < 1.5
+    cos = _cosine(pipe.embed_arrays(fast), pipe.embed_arrays(exact))
+    assert cos.min() >= 0.99, cos
+    # and through the whole pipeline (batched, threaded)
+    end_to_end = pipe.embed(jpeg_folder)
+    assert end_to_end.errors == {} and _cosine(end_to_end.vectors, pipe.embed_arrays(exact)).min() >= 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# providers, variants, caches
+
+def test_provider_fallback_is_reported(model_dir, fmnist_small):
+    from runtime import FeaturePipeline, ProviderFallbackWarning, cuda_device_count
+    if cuda_device_count()[0] > 0:
+        pytest.skip("a CUDA device is present: no fallback to observe")
+    with pytest.warns(ProviderFallbackWarning, match="asked for cuda .* running on CPU"):
+        p = FeaturePipeline(model_dir, device="cuda", batch_size=4)
+    assert p.provider_ == "CPUExecutionProvider" and p.fell_back_
+    assert "CUDA" in p.fallback_reason_
+    files = sorted(str(x) for x in Path(fmnist_small, "test").rglob("*.png"))[:5]
+    assert p.embed(files).ok.all()  # and it still works
+    p.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProviderFallbackWarning)  # auto: expected, no warning
+        auto = FeaturePipeline(model_dir, device="auto")
+    assert auto.provider_ == "CPUExecutionProvider" and auto.fell_back_
+    assert auto.threads_ + auto.decode_threads_ >= 2
+
+
+def test_model_errors_and_options(model_dir, fmnist_small, tmp_path):
+    from runtime import FeaturePipeline
+    with pytest.raises(FileNotFoundError, match="no model.int8.onnx for variant 'int8'"):
+        FeaturePipeline(model_dir, variant="int8")
+    with pytest.raises(ValueError, match="unknown device"):
+        FeaturePipeline(model_dir, device="tpu")
+    with pytest.raises(ValueError, match="no output 'logits'"):
+        FeaturePipeline(model_dir, output="logits")
+    files = sorted(str(x) for x in Path(fmnist_small, "test").rglob("*.png"))[:6]
+    first = FeaturePipeline(model_dir, device="cpu", cache_optimized=True,
+                            cache_dir=str(tmp_path / "cache"), threads=1, decode_threads=1)
+    assert first.optimized_model_ and os.path.exists(first.optimized_model_)
+    again = FeaturePipeline(model_dir, device="cpu", cache_optimized=True,
+                            cache_dir=str(tmp_path / "cache"))
+    assert again.optimized_model_ == first.optimized_model_
+    assert again.description_.architecture == "small_cnn"
+    np.testing.assert_allclose(again.embed(files).vectors, first.embed(files).vectors, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected an array of shape \(N, 3, 32, 32\)"):
+        first.embed_arrays(np.zeros((2, 3, 16, 16), np.float32))
+    assert first.embed_arrays(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, 256)
+    first.close()
+    again.close()
+
+
+def test_bucketed_iobinding_runner(pipe):
+    """The GPU path's IOBinding + batch-size buckets, run on CPU OrtValues (no GPU here)."""
+    from runtime.pipeline import _DeviceRunner, bucket_sizes
+    assert bucket_sizes(32) == [1, 2, 4, 8, 16, 32] and bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
+    runner = _DeviceRunner(pipe.session_, pipe.input_name_, "embedding", pipe.input_shape_,
+                           pipe.feature_dim_, [1, 2, 4, 8], 0, False, np.float32, np.float32,
+                           device_type="cpu")
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 5, 8, 11):
+        x = rng.standard_normal((n,) + pipe.input_shape_).astype(np.float32)
+        expected = pipe.session_.run(["embedding"], {"image": x})[0]
+        np.testing.assert_allclose(runner.run(x), expected, rtol=1e-4, atol=1e-5)
+    assert sorted(runner.slots) == [1, 4, 8]  # 3 and 5 padded to buckets, 11 = 8 + 3 -> 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the embed command, and the runtime with torch blocked
+
+def test_embed_cli_end_to_end(model_dir, fmnist_small, jpeg_folder, tmp_path):
+    from click.testing import CliRunner
+    sys.path.insert(0, ROOT)
+    import cli
+    listed = sorted(str(p) for p in Path(jpeg_folder).glob("photo*.jpg"))[:3]
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("# three photos and a missing file\n" + "\n".join(
+        os.path.relpath(p, tmp_path) for p in listed) + "\nnot_there.jpg\n\n")
+    out = tmp_path / "feats" / "features.npy"
+    result = CliRunner().invoke(cli.main, [
+        "embed", model_dir, jpeg_folder, f"@{list_file}", "fashion-mnist:per_class=20",
+        "--out", str(out), "--device", "cpu", "--batch-size", "16", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    features = np.load(out)
+    ids = json.loads((tmp_path / "feats" / "features.ids.json").read_text())
+    errors = json.loads((tmp_path / "feats" / "features.errors.json").read_text())
+    n_jpegs = len(list(Path(jpeg_folder).glob("*.jpg")))
+    assert features.dtype == np.float32 and features.shape == (n_jpegs + 4 + 400, 256)
+    assert len(ids) == len(features)
+    missing_row = n_jpegs + 3
+    assert ids[missing_row].endswith("not_there.jpg") and list(errors) == [str(missing_row)]
+    assert "file not found" in errors[str(missing_row)]
+    assert np.isnan(features[missing_row]).all()
+    assert np.isfinite(np.delete(features, missing_row, axis=0)).all()
+    assert ids[n_jpegs + 4].startswith("train/") and ids[-1].startswith("test/")
+    assert all(not os.path.isabs(i) for i in ids[n_jpegs + 4:])
+    assert "1 failed" in result.output and "file not found" in result.output
+    # rows match the library on the same files
+    with_lib = CliRunner().invoke(cli.main, ["embed", model_dir, listed[0], "--out",
+                                             str(tmp_path / "one.npy"), "--device", "cpu"])
+    assert with_lib.exit_code == 0, with_lib.output
+    np.testing.assert_allclose(np.load(tmp_path / "one.npy")[0], features[ids.index(listed[0])],
+                               rtol=1e-4, atol=1e-5)
+    # every item failing is an error; a bad --out is a usage error
+    failed = CliRunner().invoke(cli.main, ["embed", model_dir, str(tmp_path / "nope.png"),
+                                           "--out", str(tmp_path / "x.npy")])
+    assert failed.exit_code == 1 and "all 1 images failed" in failed.output
+    usage = CliRunner().invoke(cli.main, ["embed", model_dir, jpeg_folder, "--out", "x.csv"])
+    assert usage.exit_code == 2 and "must end in .npy" in usage.output
+
+
+NO_TORCH = textwrap.dedent("""
+    import importlib, json, os, pkgutil, sys
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision"):
+                raise ImportError(f"torch is blocked in this test ({name})")
+    sys.meta_path.insert(0, BlockTorch())
+    sys.path.insert(0, sys.argv[1])
+    import runtime
+    modules = sorted(m.name for m in pkgutil.iter_modules(runtime.__path__))
+    for m in modules:
+        importlib.import_module("runtime." + m)
+    from runtime import FeaturePipeline
+    p = FeaturePipeline(sys.argv[2], device="auto", batch_size=4)
+    r = p.embed([sys.argv[3], open(sys.argv[4], "rb").read(), "missing.png"])
+    from click.testing import CliRunner
+    import cli
+    out = os.path.join(sys.argv[5], "f.npy")
+    cli_result = CliRunner().invoke(cli.main, ["embed", sys.argv[2], sys.argv[3], "--out", out])
+    print(json.dumps({"modules": modules, "shape": list(r.vectors.shape), "errors": len(r.errors),
+                      "ok": r.ok.tolist(), "cli": cli_result.exit_code, "cli_output": cli_result.output,
+                      "torch_loaded": any(k.split(".")[0] == "torch" for k in sys.modules)}))
+""")
+
+
+def test_runtime_works_with_torch_blocked(model_dir, jpeg_folder, tmp_path):
+    jpeg = sorted(Path(jpeg_folder).glob("photo*.jpg"))[0]
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, ROOT, model_dir, jpeg_folder,
+                           str(jpeg), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"pipeline", "decode", "providers", "commands"} <= set(report["modules"])
+    n = len(list(Path(jpeg_folder).glob("*.jpg")))
+    assert report["shape"] == [n + 2, 256] and report["errors"] == 1
+    assert report["ok"] == [True] * (n + 1) + [False]
+    assert report["cli"] == 0, report["cli_output"]
+    assert report["torch_loaded"] is False
