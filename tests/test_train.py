@@ -98,6 +98,17 @@ def test_generic_and_multilevel(fmnist_small, tmp_path):
     assert len(model.heads) == 2
 
 
+def test_bf16_autocast_and_channels_last_path(fmnist_small, tmp_path):
+    """The GPU options run through the same code on CPU (bf16 autocast, NHWC)."""
+    run = train(cfg(fmnist_small, tmp_path / "amp", amp="bf16", channels_last=True, per_class=8,
+                    label_smoothing=0.1, optimizer="adamw", schedule="step"))
+    m = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+    assert np.isfinite(m["train_loss"]) and np.isfinite(m["eval_loss"])
+    assert all(torch.isfinite(t.float()).all() for t in state(run).values())
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        prepare(cfg(fmnist_small, tmp_path / "x", amp="fp16", device="cpu"))
+
+
 def test_epochs_zero_is_seeded_random_control(fmnist_small, tmp_path):
     a = train(cfg(fmnist_small, tmp_path / "a", epochs=0, seed=3))
     b = train(cfg(fmnist_small, tmp_path / "b", epochs=0, seed=3))

@@ -751,7 +751,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
         bar.close()
         train_seconds = time.perf_counter() - t0
         sums = all_reduce_sum(sums.tolist() + [skipped], dist)
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        record = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),
                   "train_loss": sums[0] / max(1.0, sums[1]),
                   "train_acc": {h: sums[2 + 2 * i] / max(1.0, sums[3 + 2 * i])
                                 for i, h in enumerate(heads)},
