@@ -161,31 +161,41 @@ def _dedupe(names: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Models and the embedding cache
 
-def check_model_dir(model_dir: str) -> ModelDescription:
+def model_file(model_dir: str, variant: str = "fp32") -> str:
+    from .pipeline import VARIANTS
+    if variant not in VARIANTS:
+        raise EvaluationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return os.path.join(model_dir, VARIANTS[variant])
+
+
+def check_model_dir(model_dir: str, variant: str = "fp32") -> ModelDescription:
     if not os.path.isdir(model_dir):
         raise EvaluationError(f"model dir {model_dir!r} not found; give a folder written by "
                               "`python cli.py export`")
-    if not os.path.exists(os.path.join(model_dir, "model.onnx")):
-        raise EvaluationError(f"{model_dir}: no model.onnx inside; is it an exported model "
-                              "(`python cli.py export RUN_DIR --out MODEL_DIR`)?")
+    onnx_file = model_file(model_dir, variant)
+    if not os.path.exists(onnx_file):
+        raise EvaluationError(f"{model_dir}: no {os.path.basename(onnx_file)} inside; is it an "
+                              "exported model (`python cli.py export RUN_DIR --out MODEL_DIR`, "
+                              "with --fp16/--int8 for those variants)?")
     try:
         return ModelDescription.load(model_dir)
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(f"{model_dir}: unusable description.json ({e})") from e
 
 
-def model_fingerprint(model_dir: str) -> str:
+def model_fingerprint(model_dir: str, variant: str = "fp32") -> str:
     """Content hash of the ONNX graph and the description (which fixes the preprocessing)."""
     h = hashlib.sha256()
-    for fname in ("model.onnx", "description.json"):
-        with open(os.path.join(model_dir, fname), "rb") as f:
+    for path in (model_file(model_dir, variant), os.path.join(model_dir, "description.json")):
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
 
 
-def cache_key(model_fp: str, target: TargetSplit) -> str:
+def cache_key(model_fp: str, target: TargetSplit, fast_decode: bool = False) -> str:
     settings = {k: target.info[k] for k in ("split", "test_fraction", "seed", "max_per_class")}
+    settings["fast_decode"] = bool(fast_decode)
     payload = json.dumps({"format": CACHE_FORMAT, "model": model_fp,
                           "target": target.info["fingerprint"], "settings": settings,
                           "selection": target.selection_hash(target.info["root"])},
@@ -326,7 +336,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
                     threads: int | None = None, names: list[str] | None = None,
                     test_fraction: float = DEFAULT_TEST_FRACTION,
                     max_per_class: int | None = None, use_cache: bool = True,
-                    probe_params: dict | None = None, progress: bool = True) -> dict:
+                    probe_params: dict | None = None, variant: str = "fp32",
+                    fast_decode: bool = False, progress: bool = True) -> dict:
     """Evaluate every model on every target; write report.json/.md/.png to `out_dir` (if given)
     and return the report dict (layout in runtime.report).
 
@@ -334,7 +345,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     relative to. `cache_dir` defaults to $UNIREP_CACHE/embeddings; `use_cache=False` embeds
     afresh without reading or writing it. `probe_params` go to `runtime.probes.make_probe` (e.g.
     a shorter `Cs` sweep for a pilot; the default is the full protocol). Raises EvaluationError
-    for unusable inputs.
+    for unusable inputs. `variant` picks model.onnx / model.fp16.onnx / model.int8.onnx;
+    `fast_decode=False` (default) decodes exactly as training evaluated, which the protocol asks.
     """
     from tqdm import tqdm
 
@@ -365,7 +377,7 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         reference_name = model_names[-1]
 
     # Check everything before the long work, so a typo fails in a second.
-    descriptions = {name: check_model_dir(d) for name, d in zip(model_names, model_dirs)}
+    descriptions = {name: check_model_dir(d, variant) for name, d in zip(model_names, model_dirs)}
     target_names = _dedupe([_target_name(t) for t in targets])
     splits = {name: load_target(spec, test_fraction, seed, max_per_class, name)
               for name, spec in zip(target_names, targets)}
@@ -383,17 +395,18 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         entry = models.setdefault(model_name, {
             "model_dir": os.path.abspath(model_dir), "embedding_dim": int(desc.feature_dim),
             "architecture": desc.architecture, "method": desc.method,
-            "fingerprint": model_fingerprint(model_dir), "targets": {}})
+            "fingerprint": model_fingerprint(model_dir, variant), "targets": {}})
         cache_path = None
         if use_cache:
             cache_path = os.path.join(cache_dir, f"{entry['fingerprint']}-{_slug(target_name)}-"
-                                                 f"{cache_key(entry['fingerprint'], target)}.npz")
+                                                 f"{cache_key(entry['fingerprint'], target, fast_decode)}.npz")
 
         def factory(model_dir=model_dir, model_name=model_name):
             if model_name not in pipelines:
                 from .pipeline import FeaturePipeline
-                pipelines[model_name] = FeaturePipeline(model_dir, device=device, threads=threads,
-                                                        batch_size=batch_size)
+                pipelines[model_name] = FeaturePipeline(
+                    model_dir, device=device, threads=threads, batch_size=batch_size,
+                    variant=variant, fast_decode=fast_decode)
             return pipelines[model_name]
 
         embedded = embed_target(factory, target, cache_path)
@@ -403,6 +416,9 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         entry["targets"][target_name] = probe_target(embedded, target, probe, seed, probe_params)
         entry["targets"][target_name]["cache_file"] = cache_path
     bar.close()
+    providers = {name: _provider(p) for name, p in pipelines.items()}
+    for p in pipelines.values():
+        getattr(p, "close", lambda: None)()
 
     for name, agg in aggregate_models(models, reference_name).items():
         models[name].update(agg)
@@ -417,8 +433,9 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         "seed": seed,
         "metric": "top1",
         "settings": {"test_fraction": test_fraction, "max_per_class": max_per_class,
-                     "device": device, "batch_size": batch_size, "threads": threads},
-        "providers": {n: _provider(p) for n, p in pipelines.items()},
+                     "device": device, "batch_size": batch_size, "threads": threads,
+                     "variant": variant, "fast_decode": fast_decode},
+        "providers": providers,
         "cache": {"dir": cache_dir if use_cache else None, **counters},
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -430,7 +447,7 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
 
 
 def _provider(pipeline) -> str | None:
-    for attr in ("provider", "providers"):
+    for attr in ("provider_", "provider"):
         value = getattr(pipeline, attr, None)
         if value:
             return value if isinstance(value, str) else str(value[0])
@@ -466,8 +483,12 @@ def _provider(pipeline) -> str | None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime threads [default: all cores].")
+@click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True, help="Which exported file to evaluate (fp16/int8 from export).")
+@click.option("--fast-decode", is_flag=True,
+              help="Allow DCT-downscaled JPEG decoding (faster, not exactly the training transform).")
 def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fraction, max_per_class,
-             seed, cache_dir, no_cache, device, batch_size, threads):
+             seed, cache_dir, no_cache, device, batch_size, threads, variant, fast_decode):
     """Measure universality: a linear probe per (model, target) on frozen embeddings.
 
     Each target uses its train/ and test/ splits, else a seeded stratified split (reported).
@@ -485,7 +506,8 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
                                  probe=probe, seed=seed, cache_dir=cache_dir, device=device,
                                  batch_size=batch_size, threads=threads, names=list(names) or None,
                                  test_fraction=test_fraction, max_per_class=max_per_class,
-                                 use_cache=not no_cache)
+                                 use_cache=not no_cache, variant=variant,
+                                 fast_decode=fast_decode)
     except (EvaluationError, DataError) as e:
         raise click.UsageError(str(e)) from e
     from .report import render_table

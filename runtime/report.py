@@ -133,19 +133,24 @@ def plot_report(report: dict, path: str) -> None:
     axes[0].set_ylabel("top-1 accuracy (%)")
     axes[0].set_ylim(0, 100)
     axes[0].set_title(f"per target ({report['probe']} probe)")
-    axes[0].legend(fontsize=8, loc="lower left")
-    axes[1].bar(np.arange(len(names)), [100 * models[n]["mean"] for n in names], color=colours)
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                   ncol=min(4, len(names)), frameon=False)
+    bars = axes[1].bar(np.arange(len(names)), [100 * models[n]["mean"] for n in names],
+                       color=colours)
+    axes[1].bar_label(bars, fmt="%.1f", fontsize=7)
     axes[1].set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
     axes[1].set_ylim(0, 100)
     axes[1].set_title("mean accuracy (%)")
     if has_ref:
-        axes[2].bar(np.arange(len(names)), [models[n]["mnrg"] for n in names], color=colours)
+        bars = axes[2].bar(np.arange(len(names)), [models[n]["mnrg"] for n in names],
+                           color=colours)
+        axes[2].bar_label(bars, fmt="%+.1f", fontsize=7)
         axes[2].axhline(0, color="black", linewidth=0.8)
         axes[2].set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
         axes[2].set_title(f"mNRG vs {report['reference']}")
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     _write_atomic(path, buffer.getvalue())
 

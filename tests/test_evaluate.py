@@ -340,3 +340,22 @@ def test_evaluate_never_imports_torch(two_models, digits_small, tmp_path):
     assert "NO TORCH" in done.stdout
     saved = json.load(open(tmp_path / "r" / "report.json"))
     assert saved["probe"] == "svm" and saved["cache"]["dir"] is None
+
+
+def test_undecodable_items_are_dropped_and_counted(two_models, nested_folder, tmp_path):
+    narrow, _ = two_models
+    target = tmp_path / "small"
+    ds = load_dataset(nested_folder)
+    for k, cls in enumerate(ds.leaf_classes[:3]):
+        os.makedirs(target / cls)
+        for i, p in enumerate(np.array(ds.paths("all"))[ds.labels("all") == k][:8]):
+            (target / cls / f"{i}.png").write_bytes(open(p, "rb").read())
+    bad = target / ds.leaf_classes[0] / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    report = evaluate_models([narrow], [str(target)], None, use_cache=False,
+                             probe_params=QUICK_PROBE, progress=False)
+    r = report["models"]["narrow"]["targets"]["small"]
+    assert r["dropped"]["train"] + r["dropped"]["test"] == 1
+    assert r["n_train"] + r["n_test"] == 24 and report["targets"]["small"]["n_train"] + \
+        report["targets"]["small"]["n_test"] == 25
+    assert any("broken.png" in path for path in r["errors"])
