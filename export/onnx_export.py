@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -203,10 +204,12 @@ def torch_to_onnx(module, example, path: str, output_names: list[str], opset: in
             info["dynamo_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             if os.path.exists(path):
                 os.unlink(path)
-    torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=output_names,
-                      dynamic_axes={n: {0: "batch"} for n in ["image"] + output_names},
-                      do_constant_folding=True)
+    with warnings.catch_warnings():  # the legacy exporter is deprecated; we know, and record it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=output_names,
+                          dynamic_axes={n: {0: "batch"} for n in ["image"] + output_names},
+                          do_constant_folding=True)
     info["exporter"] = "torchscript"
     return info
 

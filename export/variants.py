@@ -71,6 +71,25 @@ def separate_consumed_outputs(model) -> None:
                                                       name=f"{name}_output"))
 
 
+def restore_float_outputs(converted, original) -> None:
+    """keep_io_types is not honoured for outputs whose producer is on the block list (the
+    converter appends a Cast to float16): turn such final Casts into Casts to float32."""
+    import onnx
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    producers = {o: n for n in converted.graph.node for o in n.output}
+    for output in converted.graph.output:
+        if wanted.get(output.name) != float32 or output.type.tensor_type.elem_type != float16:
+            continue
+        cast = producers.get(output.name)
+        if cast is None or cast.op_type != "Cast":
+            raise ValueError(f"fp16 conversion left output {output.name} in float16")
+        for attr in cast.attribute:
+            if attr.name == "to":
+                attr.i = float32
+        output.type.tensor_type.elem_type = float32
+
+
 def make_fp16(fp32_path: str, out_path: str, desc_dict: dict) -> dict:
     import warnings
 
@@ -83,6 +102,7 @@ def make_fp16(fp32_path: str, out_path: str, desc_dict: dict) -> dict:
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(model, keep_io_types=True,
                                                      node_block_list=keep)
+    restore_float_outputs(converted, onnx.load(fp32_path, load_external_data=False))
     _finish(converted, out_path, desc_dict, "fp16")
     return {"kept_float32_nodes": keep}
 

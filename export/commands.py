@@ -1,0 +1,212 @@
+"""`export` and `inspect` commands. Heavy libraries (torch, onnx, onnxruntime) load inside them."""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+
+@click.command("export")
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR ...]")
+@click.option("--out", "-o", "out_dir", required=True, metavar="MODEL_DIR",
+              help="Folder to write (model.onnx, description.json, export.json, ...).")
+@click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
+              help="onnx (always written: the bridge) and/or caffe2 (init_net.pb, predict_net.pb, "
+                   "value_info.json, proven with a NumPy executor). Repeat for several.")
+@click.option("--logits", is_flag=True,
+              help="Also output logits_<head> for every trained head (logits_<run>_<head> for "
+                   "combinations).")
+@click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (float32 in/out).")
+@click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ); needs --calib.")
+@click.option("--calib", metavar="DATA", default=None,
+              help="Real images to calibrate --int8 and to measure the probe-accuracy change "
+                   "(a folder or a built-in, e.g. fashion-mnist:per_class=30).")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset (17 or newer; 18+ uses the dynamo exporter).")
+@click.option("--check-data", metavar="DATA", default=None,
+              help="Images for the parity check when the runs' training data is not available here.")
+@click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
+              help="How many real images the parity checks use.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
+def export(run_dirs, out_dir, formats, logits, fp16, int8, calib, opset, check_data,
+           parity_images, overwrite):
+    """Export trained runs to ONNX (and Caffe2), proving parity with PyTorch on real images.
+
+    \b
+    One RUN_DIR: output `embedding` = the backbone's penultimate features.
+    Several: one graph running every backbone; each embedding is L-infinity normalised, then
+    all are concatenated (MuCaLe-Net / SpeFiNet / MulDiP-Net). Runs must share preprocessing.
+
+    \b
+    Examples:
+      python cli.py export runs/spe --out models/spe
+      python cli.py export runs/spe runs/gen --out models/combo --format caffe2
+      python cli.py export runs/spe --out models/spe --fp16 --int8 --calib fashion-mnist
+
+    The model is written to a temporary folder beside MODEL_DIR and renamed into place only
+    when every check passed: an interrupted or failed export leaves nothing half-written.
+    """
+    known = {"onnx", "caffe2"}
+    formats = tuple(f.lower() for f in formats)
+    unknown = [f for f in formats if f not in known]
+    if unknown:
+        raise click.UsageError(f"unknown --format {', '.join(unknown)}; choose from onnx, caffe2")
+    if int8 and not calib:
+        raise click.UsageError("--int8 needs --calib DATA: real images to calibrate the "
+                               "activation ranges (e.g. --calib fashion-mnist:per_class=30)")
+    if calib and not int8:
+        raise click.UsageError("--calib is only used with --int8")
+    from .onnx_export import ExportError, export_runs
+    try:
+        report = export_runs(list(run_dirs), out_dir, formats=formats, logits=logits, fp16=fp16,
+                             int8_calib=calib if int8 else None, opset=opset,
+                             parity_images=parity_images, check_data=check_data,
+                             overwrite=overwrite)
+    except ExportError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(summary_lines(out_dir, report))
+
+
+def summary_lines(out_dir: str, report: dict) -> str:
+    lines = [f"{out_dir}: {report['architecture']} ({report['combination']}), "
+             f"{report['feature_dim']}-d embedding, exporter {report['exporter']}, "
+             f"opset {report['opset']}"]
+    for name, fig in report["parity"]["onnxruntime"]["outputs"].items():
+        lines.append(f"  parity onnxruntime/PyTorch {name}: max abs diff {fig['max_abs_diff']:.2e}, "
+                     f"min cosine {fig['min_cosine']:.7f}")
+    if "caffe2" in report["parity"]:
+        for name, fig in report["parity"]["caffe2"]["outputs"].items():
+            lines.append(f"  parity Caffe2/onnxruntime {name}: max abs diff "
+                         f"{fig['max_abs_diff']:.2e}, min cosine {fig['min_cosine']:.7f}")
+    for variant, v in report.get("variants", {}).items():
+        emb = v["drift_vs_fp32"]["outputs"]["embedding"]
+        lines.append(f"  {variant}: {v['bytes'] / 1e6:.2f} MB, cosine to fp32 min "
+                     f"{emb['min_cosine']:.5f} mean {emb['mean_cosine']:.5f}, probe accuracy "
+                     f"{v['probe']['accuracy_fp32']:.3f} -> {v['probe']['accuracy']:.3f}")
+        lines += [f"  warning: {w}" for w in v.get("warnings", [])]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def describe_model_dir(model_dir: str) -> str:
+    """The text `inspect` prints (onnx only; no torch, no onnxruntime)."""
+    from common.description import ModelDescription
+    from .onnx_export import graph_io, read_description_metadata
+
+    model_path = os.path.join(model_dir, "model.onnx")
+    if not os.path.isdir(model_dir):
+        raise click.UsageError(f"{model_dir}: folder not found")
+    if not os.path.exists(model_path):
+        raise click.UsageError(f"{model_dir}: no model.onnx; is this a folder written by `export`?")
+    desc_path = os.path.join(model_dir, "description.json")
+    try:
+        if os.path.exists(desc_path):
+            desc = ModelDescription.load(desc_path)
+        else:
+            desc = ModelDescription.from_dict(read_description_metadata(model_path))
+    except Exception as e:
+        raise click.UsageError(f"{model_dir}: unreadable model description ({e})") from e
+    report = {}
+    if os.path.exists(os.path.join(model_dir, "export.json")):
+        with open(os.path.join(model_dir, "export.json")) as f:
+            report = json.load(f)
+
+    out = [f"model: {os.path.abspath(model_dir)}"]
+    if desc.components:
+        out.append(f"combination: {desc.combination} of {len(desc.components)} networks, "
+                   f"{desc.feature_dim}-d")
+        for i, comp in enumerate(desc.components):
+            out.append(f"  [{i}] {comp['architecture']} ({comp['feature_dim']}-d), method "
+                       f"{comp.get('method')}, from {comp.get('source_run', '?')}")
+    else:
+        out.append(f"architecture: {desc.architecture} ({desc.feature_dim}-d), method {desc.method}")
+        if desc.source_runs:
+            out.append(f"source run: {desc.source_runs[0]}")
+    if desc.levels:
+        out.append("levels: " + " > ".join(f"{lv.name} ({len(lv.classes)} classes)"
+                                           for lv in desc.levels))
+    if desc.heads:
+        out.append("heads: " + ", ".join(f"{h['name']} ({len(h['classes'])})"
+                                         + (f" -> {h['output']}" if h.get("output") else "")
+                                         for h in desc.heads))
+    if desc.data.get("spec"):
+        out.append(f"training data: {desc.data['spec']}")
+    p = desc.preprocessing
+    out.append(f"preprocessing: RGB (alpha over {tuple(p.background)}), resize shorter side to "
+               f"{p.resize_size} ({p.interpolation}), centre crop {p.input_size}, "
+               f"/255, mean {p.mean}, std {p.std}")
+    variant_files = {"model.onnx": "fp32", "model.fp16.onnx": "fp16", "model.int8.onnx": "int8"}
+    for filename, label in variant_files.items():
+        path = os.path.join(model_dir, filename)
+        if not os.path.exists(path):
+            continue
+        io = graph_io(path)
+        out.append(f"{filename} ({label}):")
+        for kind in ("inputs", "outputs"):
+            for name, spec in io[kind].items():
+                shape = "x".join(str(d) for d in spec["shape"])
+                out.append(f"  {kind[:-1]:6s} {name}: {spec['dtype']} [{shape}]")
+    formats = ["onnx"] + (["caffe2"] if os.path.exists(os.path.join(model_dir, "predict_net.pb"))
+                          else [])
+    variants = [v for f, v in variant_files.items()
+                if os.path.exists(os.path.join(model_dir, f)) and v != "fp32"]
+    out.append(f"formats: {', '.join(formats)}; variants: fp32"
+               + "".join(f", {v}" for v in variants))
+    if report:
+        out.append(f"exported {report.get('created')} with {report.get('exporter')} exporter, "
+                   f"opset {report.get('opset')}; versions "
+                   + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()
+                               if k not in ("opset", "exporter")))
+        parity = report.get("parity", {})
+        for engine, ref in (("onnxruntime", "PyTorch"), ("caffe2", "onnxruntime")):
+            if engine not in parity:
+                continue
+            res = parity[engine]
+            for name, fig in res["outputs"].items():
+                out.append(f"parity {engine} vs {ref}, {name} (batch {res['batch_sizes']}): "
+                           f"max abs diff {fig['max_abs_diff']:.2e} (allowed "
+                           f"{fig['tolerance_abs']:.1e}), min cosine {fig['min_cosine']:.7f}")
+        if parity.get("image_source"):
+            src = parity["image_source"]
+            out.append(f"  on {src['count']} real images of {src['data']}")
+        for variant, v in report.get("variants", {}).items():
+            emb = v["drift_vs_fp32"]["outputs"]["embedding"]
+            pr = v["probe"]
+            out.append(f"{variant}: cosine to fp32 min {emb['min_cosine']:.5f} mean "
+                       f"{emb['mean_cosine']:.5f}; probe accuracy {pr['accuracy_fp32']:.3f} -> "
+                       f"{pr['accuracy']:.3f} ({pr['change']:+.3f}, {pr['test']} held-out images)")
+    out.append("files:")
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path) and not name.startswith("."):
+            out.append(f"  {name:20s} {_size(os.path.getsize(path))}")
+    return "\n".join(out)
+
+
+@click.command("inspect")
+@click.argument("model_dir", metavar="MODEL_DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print export.json and the description as JSON.")
+def inspect(model_dir, as_json):
+    """Show an exported model: description, inputs/outputs, formats, parity figures, file sizes.
+
+    \b
+    Example:
+      python cli.py inspect models/spe
+    """
+    text = describe_model_dir(model_dir)  # also validates the folder
+    if not as_json:
+        click.echo(text)
+        return
+    documents = {}
+    for key, name in (("description", "description.json"), ("export", "export.json")):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                documents[key] = json.load(f)
+    click.echo(json.dumps(documents, indent=2))
