@@ -38,6 +38,12 @@ from .runs import save_atomic, save_run, versions
 
 METHODS = ("specific", "generic", "multilevel", "finer", "fsft")
 FINER_MODES = ("kmeans", "auto")
+# The label-recipe arguments worth showing in the description for each method (the full recipe
+# is kept under method_args["problem"], which fsft uses to rebuild the labels of its --from run).
+_LEVEL_SOURCES = ("mapping", "group_by_clustering", "k")
+METHOD_ARGS = {"specific": _LEVEL_SOURCES, "generic": ("level",) + _LEVEL_SOURCES,
+               "multilevel": _LEVEL_SOURCES, "fsft": (),
+               "finer": ("from", "finer_mode", "finer_k", "finer_min_size")}
 CONFIG_FILE = "train_config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -294,6 +300,8 @@ def load_problem(cfg: TrainConfig, dist: Dist | None = None) -> Problem:
         tr_targets, ev_targets = all_targets[tr], all_eval_targets[ev]
         tr_paths, ev_paths = [all_paths[i] for i in tr], [all_paths[i] for i in ev]
         tr_leaf, ev_leaf = all_leaf[tr], all_leaf[ev]
+        if cfg.val_fraction > 0 and not len(ev):
+            eval_name = "none (no class has two images to hold one out)"
     keep_tr = _limit_per_class(tr_leaf, cfg.per_class, cfg.seed)
     keep_ev = _limit_per_class(ev_leaf, cfg.per_class, cfg.seed + 1)
     return Problem(dataset, heads, spec, [tr_paths[i] for i in keep_tr], tr_targets[keep_tr],
@@ -561,11 +569,15 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
     if len(train_set) == 0:
         raise DataError(f"{cfg.data}: no readable training images")
 
-    method_args = dict(problem.spec, seed=cfg.seed, loss_weights=cfg.loss_weights,
-                       problem=problem.spec, pretrained=cfg.pretrained)
+    method_args = {k: v for k, v in problem.spec.items()
+                   if k in METHOD_ARGS[cfg.method] and v is not None}
+    if not method_args.get("group_by_clustering"):
+        method_args.pop("k", None)
+    method_args.update(seed=cfg.seed, pretrained=cfg.pretrained, problem=problem.spec)
     if cfg.method == "fsft":
-        method_args.update({"from": _abs(cfg.from_run), "alpha": cfg.alpha, "reinit": cfg.reinit,
-                            "method": "fsft"})
+        method_args.update({"from": _abs(cfg.from_run), "alpha": cfg.alpha, "reinit": cfg.reinit})
+    if cfg.method == "multilevel":
+        method_args["loss_weights"] = cfg.loss_weights or [1.0] * len(problem.heads)
     ds = problem.dataset
     desc = ModelDescription(
         architecture=arch, feature_dim=model.feature_dim, preprocessing=pre, levels=ds.levels,
