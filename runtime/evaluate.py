@@ -215,6 +215,7 @@ class Embedded:
     images_per_s: float
     seconds: float
     cached: bool
+    provider: str | None = None   # execution provider that computed them
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
@@ -239,11 +240,12 @@ def _load_cached(path: str, target: TargetSplit) -> Embedded | None:
             train, test = z["train"], z["test"]
             errors = json.loads(str(z["errors"]))
             speed, seconds = float(z["images_per_s"]), float(z["seconds"])
+            provider = str(z["provider"]) or None
     except (OSError, KeyError, ValueError):
         return None     # unreadable or from an older layout: embed again
     if len(train) != len(target.train_paths) or len(test) != len(target.test_paths):
         return None
-    return Embedded(train, test, errors, speed, seconds, cached=True)
+    return Embedded(train, test, errors, speed, seconds, cached=True, provider=provider)
 
 
 def embed_target(pipeline_factory, target: TargetSplit, cache_path: str | None) -> Embedded:
@@ -263,12 +265,13 @@ def embed_target(pipeline_factory, target: TargetSplit, cache_path: str | None) 
     errors = {paths[int(i)]: str(msg) for i, msg in (result.errors or {}).items()}
     n_train = len(target.train_paths)
     embedded = Embedded(vectors[:n_train], vectors[n_train:], errors,
-                        len(paths) / max(seconds, 1e-9), seconds, cached=False)
+                        len(paths) / max(seconds, 1e-9), seconds, cached=False,
+                        provider=_provider(pipeline))
     if cache_path:
         _save_npz_atomic(cache_path, train=embedded.train, test=embedded.test,
                          errors=np.array(json.dumps(errors)),
                          images_per_s=np.array(embedded.images_per_s),
-                         seconds=np.array(seconds))
+                         seconds=np.array(seconds), provider=np.array(embedded.provider or ""))
     return embedded
 
 
@@ -308,6 +311,7 @@ def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg",
         "split": target.info["split"],
         "chance": float(1.0 / max(target.info["n_classes_train"], 1)),
         "images_per_s": round(embedded.images_per_s, 2),
+        "provider": embedded.provider,
         "embed_seconds": round(embedded.seconds, 3),
         "probe_seconds": round(fit_seconds, 3),
         "cached": embedded.cached,
@@ -416,7 +420,6 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         entry["targets"][target_name] = probe_target(embedded, target, probe, seed, probe_params)
         entry["targets"][target_name]["cache_file"] = cache_path
     bar.close()
-    providers = {name: _provider(p) for name, p in pipelines.items()}
     for p in pipelines.values():
         getattr(p, "close", lambda: None)()
 
@@ -435,7 +438,6 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         "settings": {"test_fraction": test_fraction, "max_per_class": max_per_class,
                      "device": device, "batch_size": batch_size, "threads": threads,
                      "variant": variant, "fast_decode": fast_decode},
-        "providers": providers,
         "cache": {"dir": cache_dir if use_cache else None, **counters},
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -5,12 +5,12 @@ report.json layout (accuracies are fractions in [0, 1]; mNRG/aNRG are x100):
     {"models": {NAME: {"model_dir", "embedding_dim", "architecture", "method", "fingerprint",
                        "targets": {TARGET: {"top1", "mean_per_class", "C", "n_train", "n_test",
                                             "split", "dropped", "errors", "chance",
-                                            "images_per_s", "cached", ...}},
+                                            "images_per_s", "provider", "cached", ...}},
                        "mean", "logit_mean", "mnrg", "anrg", "images_per_s"}},
      "reference": NAME or null,
      "targets": {TARGET: {"spec", "split" ("given" | "stratified"), "test_fraction", "seed",
                           "max_per_class", "n_train", "n_test", "n_classes", "fingerprint", ...}},
-     "probe", "seed", "metric", "settings", "providers", "cache", "versions", "created"}
+     "probe", "probe_params", "seed", "metric", "settings", "cache", "versions", "created"}
 """
 from __future__ import annotations
 
@@ -82,13 +82,14 @@ def render_markdown(report: dict) -> str:
         out.append("| " + " | ".join([name] + [f"{100 * m['targets'][t]['mean_per_class']:.1f}"
                                                for t in targets]) + " |")
     out += ["", "## Probe and embedding details", "",
-            "| model | target | C | n_train | n_test | dropped | images/s | cached |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| model | target | C | n_train | n_test | dropped | images/s | provider | cached |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         for t, r in m["targets"].items():
             dropped = r["dropped"]["train"] + r["dropped"]["test"]
             out.append(f"| {name} | {t} | {r['C']:.3g} | {r['n_train']} | {r['n_test']} | "
-                       f"{dropped} | {r['images_per_s']:.0f} | {'yes' if r['cached'] else 'no'} |")
+                       f"{dropped} | {r['images_per_s']:.0f} | {r.get('provider') or '?'} | "
+                       f"{'yes' if r['cached'] else 'no'} |")
     out += ["", "## Targets", "",
             "| target | spec | split | train | test | classes |", "|---|---|---|---|---|---|"]
     for t, info in targets.items():

@@ -231,6 +231,7 @@ def test_evaluate_end_to_end_with_reference_and_cache(two_models, digits_small, 
             assert r["top1"] > 3 * r["chance"] == pytest.approx(0.3)     # 10 classes, well above chance
             assert 0 < r["mean_per_class"] <= 1 and r["C"] > 0 and r["images_per_s"] > 0
             assert r["dropped"] == {"train": 0, "test": 0}
+            assert r["provider"].endswith("ExecutionProvider") and not r["cached"]
         accs = [m["targets"][t]["top1"] for t in names]
         assert m["mean"] == pytest.approx(np.mean(accs))
         assert m["logit_mean"] == pytest.approx(U.logit_mean(accs))
@@ -260,7 +261,8 @@ def test_evaluate_end_to_end_with_reference_and_cache(two_models, digits_small, 
     again = evaluate_models([narrow, wide], targets, None, reference=narrow, cache_dir=cache,
                             max_per_class=10, probe_params=QUICK_PROBE, progress=False)
     assert again["cache"] == {"dir": cache, "hits": 4, "misses": 0}
-    assert all(r["cached"] for m in again["models"].values() for r in m["targets"].values())
+    assert all(r["cached"] and r["provider"].endswith("ExecutionProvider")
+               for m in again["models"].values() for r in m["targets"].values())
     assert _npz_state(cache) == before
     assert again["probe_params"]["Cs"] == pytest.approx(list(QUICK_PROBE["Cs"]))
     for name in ("narrow", "wide"):
