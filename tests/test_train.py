@@ -239,6 +239,10 @@ def test_corrupt_image_skipped_and_counted_or_fatal(nested_folder, tmp_path, cap
     assert "zz-corrupt.png" in desc.data["skipped_examples"][0]
     with pytest.raises(ImageDecodeError, match="zz-corrupt.png.*--strict-images"):
         prepare(cfg(nested_folder, tmp_path / "strict", strict_images=True))
+    # too big for the memory cache: decoded per batch, the bad one dropped and counted each epoch
+    lazy = train(cfg(nested_folder, tmp_path / "lazy", val_fraction=0.0, cache_gb=0.0))
+    m = json.loads(open(os.path.join(lazy, "metrics.jsonl")).readline())
+    assert m["skipped_images"] == 1 and ModelDescription.load(lazy).data["skipped"] == 1
 
 
 def test_help_lists_methods_and_every_architecture():

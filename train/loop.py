@@ -312,7 +312,7 @@ def load_problem(cfg: TrainConfig, dist: Dist | None = None) -> Problem:
 # Images: decoded once into memory when they fit, else on the fly
 
 def _decode(path: str, pre: Preprocessing) -> np.ndarray:
-    return np.asarray(resize_and_crop(open_image(path, pre.background), pre), dtype=np.uint8)
+    return np.array(resize_and_crop(open_image(path, pre.background), pre), dtype=np.uint8)
 
 
 def decode_all(paths: list[str], pre: Preprocessing, strict: bool, desc: str, dist: Dist | None
@@ -789,6 +789,8 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
         metrics = read_metrics(run_dir)
         plan.desc.extra["final_metrics"] = metrics[-1] if metrics else {}
         plan.desc.extra["epochs_trained"] = cfg.epochs
+        if plan.train_set.pixels is None and metrics:  # decoded on the fly: counted per epoch
+            plan.desc.data["skipped"] = metrics[-1]["skipped_images"]
         save_run(model.cpu(), plan.desc, run_dir)
         if metrics:
             plot_curves(metrics, os.path.join(run_dir, "curves.png"))
