@@ -312,7 +312,7 @@ def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg",
         "chance": float(1.0 / max(target.info["n_classes_train"], 1)),
         "images_per_s": round(embedded.images_per_s, 2),
         "provider": embedded.provider,
-        "embed_seconds": round(embedded.seconds, 3),
+        "embed_seconds": float(embedded.seconds),
         "probe_seconds": round(fit_seconds, 3),
         "cached": embedded.cached,
     }
@@ -389,44 +389,52 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     cache_dir = cache_dir or os.path.join(unirep_cache_dir(), "embeddings")
     counters = {"hits": 0, "misses": 0}
     models: dict[str, dict] = {}
-    pairs = [(m, t) for m in model_names for t in target_names]
-    bar = tqdm(pairs, desc="evaluate", unit="pair", disable=not progress, leave=False)
-    pipelines: dict[str, object] = {}
-    for model_name, target_name in bar:
-        bar.set_postfix_str(f"{model_name} on {target_name}")
-        model_dir = model_dirs[model_names.index(model_name)]
-        desc, target = descriptions[model_name], splits[target_name]
-        entry = models.setdefault(model_name, {
+    bar = tqdm(total=len(model_names) * len(target_names), desc="evaluate", unit="pair",
+               disable=not progress, leave=False)
+    for model_name, model_dir in zip(model_names, model_dirs):
+        desc = descriptions[model_name]
+        fingerprint = model_fingerprint(model_dir, variant)
+        entry = models[model_name] = {
             "model_dir": os.path.abspath(model_dir), "embedding_dim": int(desc.feature_dim),
             "architecture": desc.architecture, "method": desc.method,
-            "fingerprint": model_fingerprint(model_dir, variant), "targets": {}})
-        cache_path = None
-        if use_cache:
-            cache_path = os.path.join(cache_dir, f"{entry['fingerprint']}-{_slug(target_name)}-"
-                                                 f"{cache_key(entry['fingerprint'], target, fast_decode)}.npz")
+            "fingerprint": fingerprint, "targets": {}}
+        pipeline = []   # made on the first cache miss, closed before the next model
 
-        def factory(model_dir=model_dir, model_name=model_name):
-            if model_name not in pipelines:
+        def factory(model_dir=model_dir, pipeline=pipeline):
+            if not pipeline:
                 from .pipeline import FeaturePipeline
-                pipelines[model_name] = FeaturePipeline(
-                    model_dir, device=device, threads=threads, batch_size=batch_size,
-                    variant=variant, fast_decode=fast_decode)
-            return pipelines[model_name]
+                pipeline.append(FeaturePipeline(model_dir, device=device, threads=threads,
+                                                batch_size=batch_size, variant=variant,
+                                                fast_decode=fast_decode))
+            return pipeline[0]
 
-        embedded = embed_target(factory, target, cache_path)
-        counters["hits" if embedded.cached else "misses"] += 1
-        if embedded.train.shape[1] != desc.feature_dim:
-            entry["embedding_dim"] = int(embedded.train.shape[1])
-        entry["targets"][target_name] = probe_target(embedded, target, probe, seed, probe_params)
-        entry["targets"][target_name]["cache_file"] = cache_path
+        try:
+            for target_name in target_names:
+                bar.set_postfix_str(f"{model_name} on {target_name}")
+                target = splits[target_name]
+                cache_path = None
+                if use_cache:
+                    key = cache_key(fingerprint, target, fast_decode)
+                    cache_path = os.path.join(cache_dir,
+                                              f"{fingerprint}-{_slug(target_name)}-{key}.npz")
+                embedded = embed_target(factory, target, cache_path)
+                counters["hits" if embedded.cached else "misses"] += 1
+                entry["embedding_dim"] = int(embedded.train.shape[1])
+                result = probe_target(embedded, target, probe, seed, probe_params)
+                entry["targets"][target_name] = {**result, "cache_file": cache_path}
+                bar.update()
+        finally:
+            for p in pipeline:
+                getattr(p, "close", lambda: None)()
     bar.close()
-    for p in pipelines.values():
-        getattr(p, "close", lambda: None)()
 
     for name, agg in aggregate_models(models, reference_name).items():
+        results = models[name]["targets"].values()
         models[name].update(agg)
-        models[name]["images_per_s"] = float(np.mean(
-            [r["images_per_s"] for r in models[name]["targets"].values()]))
+        # images over seconds across targets (as measured when embedded, cached or not)
+        models[name]["images_per_s"] = float(
+            sum(r["n_train"] + r["n_test"] + sum(r["dropped"].values()) for r in results)
+            / max(sum(r["embed_seconds"] for r in results), 1e-9))
     report = {
         "models": models,
         "reference": reference_name,
