@@ -213,6 +213,7 @@ def check_parity(model_path: str, reference: dict[str, np.ndarray], images: np.n
             raise _error(f"exported graph lacks outputs {sorted(missing)}")
         per_batch[bs] = {name: compare(reference[name], got[name]) for name in reference}
     result = _merge(per_batch)
+    result["sessions"] = "a fresh CPUExecutionProvider session per batch size"
     if not result["ok"]:
         raise _error(_failure_message("onnxruntime vs PyTorch", result))
     return result

@@ -175,12 +175,26 @@ def test_fp16_and_int8_variants(single, test_images):
     assert report["variants"]["int8"]["calibration_images"] == 64
 
 
-def test_fp16_keeps_combination_normalisation_in_float32(runs, tmp_path, fmnist_small):
-    from export.variants import make_fp16, tail_nodes
+def test_variants_keep_combination_normalisation_in_float32(runs, tmp_path, fmnist_small):
+    from export.variants import make_fp16, make_int8, tail_nodes
     report = export_runs([runs["a"], runs["b"]], str(tmp_path / "combo"), parity_images=8)
     path = str(tmp_path / "combo" / "model.onnx")
     assert report["combination"] == "concat-linf"
     make_fp16(path, str(tmp_path / "f16.onnx"), {})
+    descs = [load_run(runs[k])[1] for k in "ab"]
+    images, _ = parity.load_check_images(descs, None, 32)
+    make_int8(path, str(tmp_path / "i8.onnx"), {}, images)
+    int8 = onnx.load(str(tmp_path / "i8.onnx"))
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    for node in int8.graph.node:  # the L-inf normalisation reads float values, not dequantised ones
+        if node.op_type in ("Div", "Concat"):
+            assert all(producers[i].op_type != "DequantizeLinear" for i in node.input
+                       if i in producers), node.name
+    ref = _fresh(path).run(["embedding"], {"image": images})[0]
+    for variant in ("f16.onnx", "i8.onnx"):
+        got = _fresh(str(tmp_path / variant)).run(["embedding"], {"image": images})[0]
+        assert _cos(ref, got).min() >= 0.98
+        assert np.allclose(np.abs(got[:, :256]).max(1), 1, atol=1e-3)
     kept = tail_nodes(onnx.load(path))
     assert {"Abs", "ReduceMax", "Div", "Concat"} <= {n.op_type for n in onnx.load(path).graph.node
                                                      if n.name in kept}
@@ -193,7 +207,10 @@ def test_fp16_keeps_combination_normalisation_in_float32(runs, tmp_path, fmnist_
 
 def test_combination_is_concat_of_linf_normalised_features(runs, tmp_path, test_images):
     out = str(tmp_path / "combo")
-    report = export_runs([runs["a"], runs["b"]], out, parity_images=8)
+    formats = ("onnx", "caffe2") if HAVE_CAFFE2 else ("onnx",)
+    report = export_runs([runs["a"], runs["b"]], out, formats=formats, parity_images=8)
+    if HAVE_CAFFE2:
+        assert report["parity"]["caffe2"]["ok"] and report["formats"] == ["onnx", "caffe2"]
     desc = ModelDescription.load(out)
     assert desc.combination == "concat-linf" and desc.feature_dim == 512
     assert len(desc.components) == 2 and desc.architecture == "small_cnn+small_cnn"
@@ -233,6 +250,20 @@ def test_mobilenet_small_input_exports_with_parity(tmp_path, fmnist_small, test_
     for got in (one, seven):
         assert got.shape == (7, 1024)
         assert _cos(ref, got).min() >= 0.9999
+
+
+def test_dynamo_failure_falls_back_to_legacy_exporter(runs, tmp_path, monkeypatch):
+    real_export = torch.onnx.export
+
+    def dynamo_breaks(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, **kwargs)
+    monkeypatch.setattr(torch.onnx, "export", dynamo_breaks)
+    report = export_runs([runs["a"]], str(tmp_path / "fallback"), parity_images=8)
+    assert report["exporter"] == "torchscript"
+    assert "simulated dynamo failure" in report["dynamo_error"]
+    assert report["parity"]["onnxruntime"]["ok"]
 
 
 def test_legacy_exporter_at_opset_17(runs, tmp_path):
@@ -324,6 +355,11 @@ def test_cli_errors_are_clear(runs, tmp_path):
     assert result.exit_code == 2 and "would replace the run folder" in result.output
     assert os.path.exists(os.path.join(runs["a"], "model.pt"))
 
+    no_data = tmp_path / "no_data"
+    untrained_run("small_cnn", str(no_data))  # its description names no training data
+    result = _cli(["export", str(no_data), "--out", str(tmp_path / "m6")])
+    assert result.exit_code == 2 and "--check-data" in result.output
+
     result = _cli(["inspect", str(tmp_path / "taken")])
     assert result.exit_code == 2 and "no model.onnx" in result.output
 
@@ -342,7 +378,7 @@ def test_failed_parity_writes_nothing_and_keeps_old_model(runs, tmp_path, monkey
     assert os.listdir(tmp_path) == ["model"]  # no temp folder left beside it
 
     with pytest.raises(ExportError):
-        export_runs([runs["a"]], str(tmp_path / "fresh"), parity_images=8)
+        export_runs([runs["a"]], str(tmp_path / "fresh"), parity_images=8, opset=17)
     assert not (tmp_path / "fresh").exists()
 
 
