@@ -1,0 +1,644 @@
+"""Probes on frozen embeddings, in the style of scikit-learn estimators (our own code).
+
+    probe = make_probe("logreg").fit(X_train, y_train)     # C chosen on a validation split
+    probe.predict(X); probe.predict_proba(X); probe.score(X, y)
+    save_probe(probe, "probes/mnist"); probe = load_probe("probes/mnist")
+
+Kinds:
+- `logreg`  L2-regularised multinomial logistic regression, L-BFGS (the linear-probe protocol of
+            Kornblith et al. 2019 and CLIP): C swept on a seeded stratified validation split,
+            warm-started along the path, then refit on train+val.
+- `svm`     one-vs-rest linear SVM (squared hinge, L2), all classes in one L-BFGS problem; C
+            chosen the same way. Probabilities: softmax of temperature-scaled decision values.
+- `ncm`     nearest class mean with cosine similarity on L2-normalised features.
+- `knn`     k nearest neighbours (cosine); probabilities are vote fractions.
+
+Every probe exposes `linear_form_()` -> (W, b, preprocessing) with
+`probabilities = softmax(prep(x) @ W + b)` so `runtime.fuse` can write it as ONNX ops (kNN has no
+linear form and raises NotImplementedError). Saved as `probe.npz` (arrays; loaded with
+allow_pickle=False) + `probe.json` (kind, params, classes, metadata), never pickle.
+
+Only numpy is needed to load and apply a probe; scipy is imported when fitting.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+PROBE_FORMAT = "unirep.probe"
+PROBE_FORMAT_VERSION = 1
+# One value per decade, refined around the best by halving log-intervals (CLIP's search):
+# 12 + 2 * refine fits instead of 45, to a finer final resolution (1/8 decade with refine=3).
+DEFAULT_CS = np.logspace(-6, 5, 12)
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Small numerics
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
+    return x / np.maximum(norm, _EPS)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of integer labels under softmax(logits), stably."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1))
+    return float((lse - z[np.arange(len(y)), y]).mean())
+
+
+def _fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
+    """Scale t > 0 minimising the NLL of softmax(t * scores) (1-D, on held-out data)."""
+    from scipy.optimize import minimize_scalar
+    res = minimize_scalar(lambda log_t: _nll(math.exp(log_t) * scores, y),
+                          bounds=(math.log(1e-3), math.log(1e4)), method="bounded",
+                          options={"xatol": 1e-3})
+    return float(math.exp(res.x))
+
+
+def _as_features(X) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (samples, dims); got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number):
+        raise ValueError(f"features must be numeric; got dtype {X.dtype}")
+    if not np.isfinite(X).all():
+        raise ValueError("features contain NaN or inf (failed items?); drop those rows first")
+    return X
+
+
+def _split_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from common.data import stratified_split
+    return stratified_split(y, fraction, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Base class
+
+class Probe:
+    """Shared estimator plumbing: label encoding, predict/score, params, persistence hooks."""
+
+    kind = ""
+    # learned attributes saved as arrays (npz) and as JSON scalars; set by subclasses
+    _array_attrs: tuple[str, ...] = ()
+    _scalar_attrs: tuple[str, ...] = ()
+
+    def get_params(self) -> dict:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    # -- labels ------------------------------------------------------------------------------
+    def _encode(self, y) -> np.ndarray:
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError(f"labels must be 1-D; got shape {y.shape}")
+        if y.dtype.kind not in "iuU":
+            y = y.astype(str) if y.dtype.kind in "OS" else y.astype(np.int64)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least 2 classes to fit a probe; got {list(self.classes_)}")
+        return codes.astype(np.int64)
+
+    def _check_fit_inputs(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        X = _as_features(X)
+        y = np.asarray(y)
+        if len(X) != len(y):
+            raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
+        self.n_features_in_ = X.shape[1]
+        self.metadata_ = getattr(self, "metadata_", {}) or {}
+        return X, y
+
+    def _check_predict_inputs(self, X) -> np.ndarray:
+        if not hasattr(self, "classes_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(X, y) first")
+        X = _as_features(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"features have {X.shape[1]} dims; the probe was fitted on "
+                             f"{self.n_features_in_}")
+        return X
+
+    # -- prediction --------------------------------------------------------------------------
+    def predict_proba(self, X) -> np.ndarray:
+        W, b, prep = self.linear_form_(dtype=np.float64)
+        return _softmax(_apply_preprocessing(self._check_predict_inputs(X), prep) @ W + b)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def score(self, X, y) -> float:
+        """Top-1 accuracy."""
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+    def linear_form_(self, dtype=np.float32):
+        raise NotImplementedError
+
+    # -- validation helper -------------------------------------------------------------------
+    def _validation_split(self, X, codes, X_val, y_val):
+        """(train X, train codes, val X, val codes) from an explicit val set or a seeded split."""
+        if X_val is not None:
+            X_val = _as_features(X_val)
+            index = {c: i for i, c in enumerate(self.classes_.tolist())}
+            unknown = sorted({str(c) for c in np.asarray(y_val).tolist()} - {str(c) for c in index})
+            if unknown:
+                raise ValueError(f"validation labels {unknown[:5]} are absent from the training labels")
+            val_codes = np.array([index[c] for c in np.asarray(y_val).tolist()], dtype=np.int64)
+            return X, codes, X_val, val_codes
+        train, val = _split_indices(codes, self.val_fraction, self.seed)
+        if len(val) == 0:
+            return X, codes, None, None
+        return X[train], codes[train], X[val], codes[val]
+
+
+def _short(v):
+    if isinstance(v, np.ndarray):
+        return f"array({len(v)} values, {v.min():.3g}..{v.max():.3g})" if v.size else "array([])"
+    return repr(v)
+
+
+def _apply_preprocessing(X: np.ndarray, prep: dict) -> np.ndarray:
+    X = X.astype(np.float64)
+    if prep.get("l2_normalize"):
+        X = _l2_normalize(X)
+    if prep.get("mean") is not None:
+        X = (X - prep["mean"]) / prep["scale"]
+    return X
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear models fitted with L-BFGS (logistic regression, squared-hinge SVM)
+
+def _logistic_loss_grad(params, X, y, onehot, l2):
+    n, d = X.shape
+    k = onehot.shape[1]
+    W = params[: d * k].reshape(d, k)
+    b = params[d * k:]
+    z = X @ W + b
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    loss = (np.log(s[:, 0]) - z[np.arange(n), y]).mean() + 0.5 * l2 * np.vdot(W, W)
+    dz = (e / s - onehot) / n
+    grad = np.concatenate([(X.T @ dz + l2 * W).ravel(), dz.sum(axis=0)])
+    return loss, grad
+
+
+def _squared_hinge_loss_grad(params, X, y, signs, l2):
+    n, d = X.shape
+    k = signs.shape[1]
+    W = params[: d * k].reshape(d, k)
+    b = params[d * k:]
+    slack = np.maximum(0.0, 1.0 - signs * (X @ W + b))
+    loss = (slack * slack).sum() / n + 0.5 * l2 * np.vdot(W, W)
+    dz = -2.0 * signs * slack / n
+    grad = np.concatenate([(X.T @ dz + l2 * W).ravel(), dz.sum(axis=0)])
+    return loss, grad
+
+
+class _LinearLBFGSProbe(Probe):
+    """Shared fit: standardise, sweep C on validation with warm starts, refit on everything.
+
+    The objective is mean loss + ||W||^2 / (2 C n) (scikit-learn's C, divided by n so tolerances
+    do not depend on the data size); the intercept is not penalised.
+    """
+
+    _loss_grad = None
+    _array_attrs = ("coef_", "intercept_", "mean_", "scale_", "Cs_tried_", "val_accuracies_")
+    _scalar_attrs = ("C_", "temperature_", "n_features_in_", "n_iter_")
+
+    def __init__(self, C=None, Cs=None, refine=3, patience=3, val_fraction=0.2, seed=0,
+                 max_iter=1000, tol=1e-5, sweep_tol=1e-4, standardize=True):
+        self.C = C
+        self.Cs = Cs
+        self.refine = refine
+        self.patience = patience
+        self.sweep_tol = sweep_tol
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+
+    # the per-kind targets of the loss: one-hot rows or +-1 signs
+    def _targets(self, codes: np.ndarray, k: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _solve(self, X, codes, C, start=None, tol=None):
+        from scipy.optimize import minimize
+        n, d = X.shape
+        k = len(self.classes_)
+        start = np.zeros((d + 1) * k) if start is None else start
+        res = minimize(type(self)._loss_grad, start, args=(X, codes, self._targets(codes, k),
+                                                           1.0 / (C * n)),
+                       jac=True, method="L-BFGS-B",
+                       options={"maxiter": self.max_iter, "gtol": tol or self.tol,
+                                "ftol": (tol or self.tol) * 1e-3, "maxcor": 20})
+        return res.x, int(res.nit)
+
+    @staticmethod
+    def _decision(params, X, k):
+        d = X.shape[1]
+        return X @ params[: d * k].reshape(d, k) + params[d * k:]
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Fit on (X, y). With C=None, choose C on (X_val, y_val) if given, else on a seeded
+        stratified hold-out of `val_fraction`; then refit on train+val with the chosen C."""
+        X, y = self._check_fit_inputs(X, y)
+        codes = self._encode(y)
+        k = len(self.classes_)
+        X = X.astype(np.float64)
+        Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
+        if Xv is not None and X_val is not None:
+            X, codes = np.concatenate([X, Xv.astype(np.float64)]), np.concatenate([codes, cv])
+
+        self.Cs_tried_, self.val_accuracies_ = np.zeros(0), np.zeros(0)
+        params_at = {}
+        # a fixed C needs no validation, except to fit the SVM's probability temperature
+        if Xv is not None and (self.C is None or self.kind != "logreg"):
+            # standardisation statistics come from the training part only while validating
+            mean, scale = self._standardizer(Xt)
+            Xt_s, Xv_s = (Xt - mean) / scale, (Xv.astype(np.float64) - mean) / scale
+            Cs = [float(self.C)] if self.C is not None else sorted(
+                float(c) for c in (DEFAULT_CS if self.Cs is None else self.Cs))
+            results = self._sweep(Xt_s, ct, Xv_s, cv, Cs, params_at, patience=self.patience)
+            if self.C is None:
+                for _ in range(int(self.refine)):
+                    best = self._best_C(results)
+                    tried = sorted(results)
+                    i = tried.index(best)
+                    # halve the log-interval on each side of the best C (CLIP's refinement)
+                    mids = [math.sqrt(best * tried[j]) for j in (i - 1, i + 1)
+                            if 0 <= j < len(tried)]
+                    self._sweep(Xt_s, ct, Xv_s, cv, mids, params_at, results)
+            self.C_ = float(self.C) if self.C is not None else self._best_C(results)
+            self.Cs_tried_ = np.array(sorted(results))
+            self.val_accuracies_ = np.array([results[c][0] for c in self.Cs_tried_])
+            self.temperature_ = (1.0 if self.kind == "logreg" else
+                                 _fit_temperature(self._decision(params_at[self.C_], Xv_s, k), cv))
+        else:
+            self.C_ = float(self.C) if self.C is not None else 1.0
+            self.temperature_ = 1.0
+
+        self.mean_, self.scale_ = self._standardizer(X)
+        start = params_at.get(self.C_)
+        params, self.n_iter_ = self._solve((X - self.mean_) / self.scale_, codes, self.C_, start)
+        d = X.shape[1]
+        self.coef_ = params[: d * k].reshape(d, k).T.copy()
+        self.intercept_ = params[d * k:].copy()
+        return self
+
+    def _standardizer(self, X):
+        if not self.standardize:
+            return np.zeros(X.shape[1]), np.ones(X.shape[1])
+        mean, std = X.mean(axis=0), X.std(axis=0)
+        return mean, np.where(std > 1e-12, std, 1.0)
+
+    def _sweep(self, Xt, ct, Xv, cv, Cs, params_at, results=None, patience=None):
+        """Fit each C in increasing order, warm-starting from the nearest smaller C fitted
+        (to the looser `sweep_tol`: the choice needs accuracies, not exact optima). With
+        `patience`, stop once that many consecutive Cs fail to beat the best accuracy: past
+        its peak the validation accuracy of a linear probe only falls or plateaus."""
+        results = {} if results is None else results
+        k = len(self.classes_)
+        best, worse = -1.0, 0
+        for C in sorted(Cs):
+            if C in results:
+                continue
+            smaller = [c for c in params_at if c < C]
+            start = params_at[max(smaller)] if smaller else None
+            params, _ = self._solve(Xt, ct, C, start, tol=max(self.tol, self.sweep_tol))
+            params_at[C] = params
+            scores = self._decision(params, Xv, k)
+            acc = float(np.mean(scores.argmax(axis=1) == cv))
+            results[C] = (acc, _nll(scores, cv))
+            best, worse = (acc, 0) if acc > best else (best, worse + 1)
+            if patience and worse >= patience:
+                break
+        return results
+
+    @staticmethod
+    def _best_C(results: dict) -> float:
+        # highest validation accuracy; ties broken by lower validation loss, then smaller C
+        return min(results, key=lambda c: (-results[c][0], results[c][1], c))
+
+    @property
+    def val_scores_(self) -> dict:
+        """Validation accuracy per C tried (empty when no validation split was possible)."""
+        return {float(c): float(a) for c, a in zip(self.Cs_tried_, self.val_accuracies_)}
+
+    def decision_function(self, X) -> np.ndarray:
+        X = self._check_predict_inputs(X).astype(np.float64)
+        return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+
+    def linear_form_(self, dtype=np.float32):
+        t = self.temperature_
+        prep = {"l2_normalize": False, "mean": self.mean_.astype(dtype),
+                "scale": self.scale_.astype(dtype)}
+        return (t * self.coef_.T).astype(dtype), (t * self.intercept_).astype(dtype), prep
+
+
+class LogisticRegressionProbe(_LinearLBFGSProbe):
+    """Multinomial logistic regression, L2, L-BFGS (float64, stable log-softmax).
+
+    Params: C (inverse regularisation, scikit-learn's meaning; None = choose on validation),
+    Cs (the sweep; default one value per decade 1e-6..1e5), refine (rounds of halving the
+    log-interval around the best C), patience (stop the sweep after that many Cs without a
+    better validation accuracy; None sweeps all), val_fraction, seed, max_iter, tol (gradient
+    tolerance of the final fit), sweep_tol (looser, for the sweep), standardize. Learned: classes_, coef_ (K, D), intercept_ (K,), C_, val_scores_,
+    mean_/scale_ (identity when standardize=False).
+    """
+
+    kind = "logreg"
+    _loss_grad = staticmethod(_logistic_loss_grad)
+
+    def _targets(self, codes, k):
+        return np.eye(k)[codes]
+
+
+class LinearSVMProbe(_LinearLBFGSProbe):
+    """One-vs-rest linear SVM: squared hinge + L2, all K binary problems in one L-BFGS run.
+
+    Same params and C selection as LogisticRegressionProbe. `predict_proba` is
+    softmax(temperature_ * decision_function), with temperature_ fitted on the validation split
+    by NLL (SVM scores are not probabilities; the ranking is what matters).
+    """
+
+    kind = "svm"
+    _loss_grad = staticmethod(_squared_hinge_loss_grad)
+
+    def _targets(self, codes, k):
+        return np.where(np.eye(k, dtype=bool)[codes], 1.0, -1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity probes
+
+class NearestClassMeanProbe(Probe):
+    """Nearest class mean, cosine: class means of L2-normalised features, renormalised.
+
+    `predict_proba` is softmax(temperature_ * cosine). temperature=None fits it on a seeded
+    stratified validation split by NLL (means from the rest), falling back to 10 when no split is
+    possible; then the means are recomputed on all data.
+    """
+
+    kind = "ncm"
+    _array_attrs = ("means_",)
+    _scalar_attrs = ("temperature_", "n_features_in_")
+
+    def __init__(self, temperature=None, val_fraction=0.2, seed=0):
+        self.temperature = temperature
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def _means(self, X, codes):
+        X = _l2_normalize(X)
+        sums = np.zeros((len(self.classes_), X.shape[1]))
+        np.add.at(sums, codes, X)
+        return _l2_normalize(sums)
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        X, y = self._check_fit_inputs(X, y)
+        codes = self._encode(y)
+        X = X.astype(np.float64)
+        if self.temperature is not None:
+            self.temperature_ = float(self.temperature)
+        else:
+            Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
+            if X_val is not None:
+                X, codes = np.concatenate([X, Xv.astype(np.float64)]), np.concatenate([codes, cv])
+            self.temperature_ = 10.0 if Xv is None else _fit_temperature(
+                _l2_normalize(Xv.astype(np.float64)) @ self._means(Xt, ct).T, cv)
+        self.means_ = self._means(X, codes)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Cosine similarity to each class mean."""
+        return _l2_normalize(self._check_predict_inputs(X).astype(np.float64)) @ self.means_.T
+
+    def linear_form_(self, dtype=np.float32):
+        W = (self.temperature_ * self.means_.T).astype(dtype)
+        return W, np.zeros(len(self.classes_), dtype), {"l2_normalize": True, "mean": None,
+                                                        "scale": None}
+
+
+class KNNProbe(Probe):
+    """k nearest neighbours by cosine similarity; probabilities are (weighted) vote fractions.
+
+    k=None chooses k on a seeded stratified validation split from `ks`. weights: 'uniform' (one
+    vote each) or 'similarity' (votes weighted by cosine similarity, clipped at 0). Ties go to
+    the class listed first in classes_.
+    """
+
+    kind = "knn"
+    _array_attrs = ("features_", "labels_")
+    _scalar_attrs = ("k_", "n_features_in_")
+
+    def __init__(self, k=None, ks=(1, 3, 5, 7, 11, 15, 21, 31, 51), weights="uniform",
+                 val_fraction=0.2, seed=0, chunk_size=1024):
+        self.k = k
+        self.ks = ks
+        self.weights = weights
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.chunk_size = chunk_size
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        if self.weights not in ("uniform", "similarity"):
+            raise ValueError(f"weights must be 'uniform' or 'similarity', not {self.weights!r}")
+        X, y = self._check_fit_inputs(X, y)
+        codes = self._encode(y)
+        X = X.astype(np.float32)
+        if self.k is not None:
+            self.k_ = int(self.k)
+        else:
+            Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
+            if X_val is not None:
+                X, codes = np.concatenate([X, Xv.astype(np.float32)]), np.concatenate([codes, cv])
+            if Xv is None:
+                self.k_ = 1
+            else:
+                candidates = [k for k in self.ks if k <= len(Xt)] or [1]
+                accs = [np.mean(self._votes(_l2_normalize(Xv), _l2_normalize(Xt), ct, k)
+                                .argmax(axis=1) == cv) for k in candidates]
+                self.k_ = int(candidates[int(np.argmax(accs))])  # first best = smallest k
+        self.features_ = _l2_normalize(X).astype(np.float32)
+        self.labels_ = codes
+        return self
+
+    def _votes(self, queries, features, labels, k):
+        k = min(k, len(features))
+        out = np.zeros((len(queries), len(self.classes_)))
+        for start in range(0, len(queries), self.chunk_size):
+            sims = queries[start: start + self.chunk_size] @ features.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            weight = (np.ones_like(top, dtype=np.float64) if self.weights == "uniform" else
+                      np.maximum(np.take_along_axis(sims, top, axis=1), 0.0) + _EPS)
+            rows = np.repeat(np.arange(len(top)), k) + start
+            np.add.at(out, (rows, labels[top].ravel()), weight.ravel())
+        return out / out.sum(axis=1, keepdims=True)
+
+    def predict_proba(self, X) -> np.ndarray:
+        X = _l2_normalize(self._check_predict_inputs(X).astype(np.float32))
+        return self._votes(X, self.features_, self.labels_, self.k_)
+
+    def decision_function(self, X) -> np.ndarray:
+        return self.predict_proba(X)
+
+    def linear_form_(self, dtype=np.float32):
+        raise NotImplementedError(
+            "a kNN probe has no linear form, so it cannot be fused into the ONNX model; "
+            "apply it with `probe predict`, or fit a logreg, svm or ncm probe to fuse")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and persistence
+
+PROBES = {
+    "logreg": LogisticRegressionProbe,
+    "svm": LinearSVMProbe,
+    "ncm": NearestClassMeanProbe,
+    "knn": KNNProbe,
+}
+
+
+def make_probe(kind: str, **params) -> Probe:
+    """A new probe by kind ('logreg', 'svm', 'ncm', 'knn'); params go to its constructor."""
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe kind {kind!r}; choose from {', '.join(PROBES)}")
+    return PROBES[kind](**params)
+
+
+def description_fingerprint(description) -> str:
+    """Stable short hash of a model description (dict or ModelDescription): identifies the
+    trained model a probe was fitted on, whatever file variant (fp32, int8) serves it."""
+    d = description if isinstance(description, dict) else description.to_dict()
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> None:
+    """Write path_dir/probe.npz + path_dir/probe.json atomically (a temp folder renamed into
+    place). An existing folder is replaced only if it holds a probe (probe.json)."""
+    if not hasattr(probe, "classes_"):
+        raise ValueError("cannot save an unfitted probe; call fit(X, y) first")
+    path_dir = os.path.abspath(path_dir)
+    if os.path.exists(path_dir) and (not os.path.isdir(path_dir) or (
+            os.listdir(path_dir) and not os.path.exists(os.path.join(path_dir, "probe.json")))):
+        raise FileExistsError(f"{path_dir} exists and is not a probe folder; choose another path")
+    meta = dict(getattr(probe, "metadata_", {}) or {})
+    meta.update(metadata or {})
+    classes = probe.classes_
+    doc = {
+        "format": PROBE_FORMAT, "format_version": PROBE_FORMAT_VERSION,
+        "kind": probe.kind,
+        "params": {k: _jsonable(v) for k, v in probe.get_params().items()},
+        "classes": [str(c) if classes.dtype.kind == "U" else int(c) for c in classes],
+        "classes_dtype": "str" if classes.dtype.kind == "U" else "int",
+        "feature_dim": int(probe.n_features_in_),
+        "state": {a: _jsonable(getattr(probe, a)) for a in probe._scalar_attrs},
+        "metadata": {k: _jsonable(v) for k, v in meta.items()},
+    }
+    parent = os.path.dirname(path_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-probe-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "probe.npz"), "wb") as f:
+            np.savez(f, **{a: np.asarray(getattr(probe, a)) for a in probe._array_attrs})
+            f.flush()
+            os.fsync(f.fileno())
+        with open(os.path.join(tmp, "probe.json"), "w") as f:
+            json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path_dir):
+            old = tempfile.mkdtemp(prefix=".old-probe-", dir=parent)
+            os.rmdir(old)
+            os.rename(path_dir, old)
+        os.rename(tmp, path_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_probe_json(path_dir: str) -> dict:
+    path = os.path.join(path_dir, "probe.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path_dir}: no probe.json here (fit one with `probe fit`)")
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("format") != PROBE_FORMAT:
+        raise ValueError(f"{path}: not a unirep probe (format {doc.get('format')!r})")
+    if doc.get("format_version", 0) > PROBE_FORMAT_VERSION:
+        raise ValueError(f"{path}: probe format {doc['format_version']} is newer than this "
+                         f"toolkit understands ({PROBE_FORMAT_VERSION}); upgrade the toolkit")
+    return doc
+
+
+def load_probe(path_dir: str) -> Probe:
+    """Load a probe saved by save_probe (numpy only; never unpickles)."""
+    doc = read_probe_json(path_dir)
+    if doc["kind"] not in PROBES:
+        raise ValueError(f"{path_dir}: unknown probe kind {doc['kind']!r}")
+    cls = PROBES[doc["kind"]]
+    params = dict(doc["params"])
+    if params.get("Cs") is not None:
+        params["Cs"] = np.asarray(params["Cs"], dtype=np.float64)
+    if params.get("ks") is not None:
+        params["ks"] = tuple(params["ks"])
+    probe = cls(**params)
+    probe.classes_ = np.array(doc["classes"], dtype=str if doc["classes_dtype"] == "str"
+                              else np.int64)
+    for name, value in doc["state"].items():
+        setattr(probe, name, value)
+    with np.load(os.path.join(path_dir, "probe.npz"), allow_pickle=False) as arrays:
+        for name in cls._array_attrs:
+            setattr(probe, name, arrays[name])
+    probe.metadata_ = doc.get("metadata", {})
+    return probe
+
+
+def model_mismatch(probe: Probe, description) -> str | None:
+    """Why a probe cannot be applied to a model's features (None when it can)."""
+    d = description if isinstance(description, dict) else description.to_dict()
+    meta = getattr(probe, "metadata_", {}) or {}
+    if int(d["feature_dim"]) != int(probe.n_features_in_):
+        return (f"the probe expects {probe.n_features_in_}-d features (fitted on "
+                f"{meta.get('architecture', 'an unknown model')}) but the model "
+                f"({d['architecture']}) gives {d['feature_dim']}-d features")
+    expected = meta.get("model_fingerprint")
+    if expected and expected != description_fingerprint(d):
+        return (f"the probe was fitted on model {meta.get('architecture', '?')} with description "
+                f"fingerprint {expected}, but this model ({d['architecture']}) has fingerprint "
+                f"{description_fingerprint(d)}; refit the probe on this model's features")
+    return None
