@@ -7,10 +7,11 @@
 runs, corrupt images) before any training starts; `fit` runs the epochs. The same code runs on
 CPU, on one GPU (AMP, channels_last, torch.compile) and on many (torchrun + DDP).
 
-Reproducibility: the data order is a function of (seed, epoch) (DistributedSampler), and the
-augmentation/dropout RNGs are reseeded from (seed, epoch) at the start of every epoch, so a run
-interrupted after epoch k and resumed from its checkpoint ends with the same weights as one that
-was never interrupted (on CPU; cuDNN autotuning makes GPU runs only approximately repeatable).
+Reproducibility: the data order is a function of (seed, epoch) (DistributedSampler), each
+image's augmentation a function of (seed, epoch, index) whatever the number of workers, and the
+other RNGs are reseeded from (seed, epoch) at the start of every epoch, so a run interrupted
+after epoch k and resumed from its checkpoint ends with the same weights as one that was never
+interrupted (on CPU; cuDNN autotuning makes GPU runs only approximately repeatable).
 """
 from __future__ import annotations
 
@@ -337,12 +338,17 @@ def decode_all(paths: list[str], pre: Preprocessing, strict: bool, desc: str, di
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """(image tensor, targets) pairs; pixels from memory, or decoded per access (None = bad)."""
+    """(image tensor, targets) pairs; pixels from memory, or decoded per access (None = bad).
+
+    With `augment_seed` set (per epoch), the random augmentation of item i is a function of
+    (augment_seed, i) alone: the same whatever the number of workers or processes.
+    """
 
     def __init__(self, paths: list[str], targets: np.ndarray, pre: Preprocessing, transform,
                  pixels: np.ndarray | None = None, strict: bool = False):
         self.paths, self.targets, self.pre, self.transform = paths, targets, pre, transform
         self.pixels, self.strict = pixels, strict
+        self.augment_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -357,6 +363,8 @@ class ImageSet(torch.utils.data.Dataset):
                 if self.strict:
                     raise
                 return None
+        if self.augment_seed is not None:  # torchvision transforms draw from this generator
+            torch.default_generator.manual_seed((self.augment_seed * 1_000_003 + i) % 2**63)
         x = self.transform(torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1))
         return x, torch.from_numpy(self.targets[i])
 
@@ -732,6 +740,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
         sampler.set_epoch(epoch)
+        plan.train_set.augment_seed = cfg.seed * 100_003 + epoch
         loader = torch.utils.data.DataLoader(
             plan.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
             pin_memory=dist.device.type == "cuda", drop_last=drop_last, collate_fn=collate_skipping,
