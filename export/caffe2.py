@@ -316,7 +316,7 @@ class _Converter:
                 self.consts[node.output[0]] = self.constant_value(node)
             elif node.op_type == "Shape" and inputs[0] not in self.consts:
                 self.consts[node.output[0]] = self.shape_of(node)
-            elif inputs and all(i in self.consts for i in inputs) and node.op_type not in ("Dropout",):
+            elif inputs and all(i in self.consts for i in inputs):
                 self.fold(node)
             else:
                 handler = getattr(self, f"op_{node.op_type}", None)
@@ -641,6 +641,28 @@ class _Converter:
         axis = int(attrs.get("axis", -1)) % self.rank(node, node.input[0])
         self.emit("Normalize", [node.input[0]], node.output[:1], node, axis=axis)
 
+    def op_Pad(self, node, attrs):
+        mode = attrs.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in ("constant", "reflect", "edge"):
+            self.fail(node, f"mode {mode!r} is not supported")
+        rank = self.rank(node, node.input[0])
+        pads = [int(p) for p in (attrs["pads"] if "pads" in attrs else
+                                 self.const(node, node.input[1], "pads").ravel())]
+        axes = list(range(rank))
+        if len(node.input) > 3 and node.input[3]:
+            axes = [int(a) % rank for a in self.const(node, node.input[3], "axes").ravel()]
+        begin, end = dict(zip(axes, pads[:len(axes)])), dict(zip(axes, pads[len(axes):]))
+        value = 0.0
+        if "value" in attrs:
+            value = float(attrs["value"])
+        elif len(node.input) > 2 and node.input[2]:
+            value = float(self.const(node, node.input[2], "constant_value").ravel()[0])
+        if rank != 4 or any(begin.get(a, 0) or end.get(a, 0) for a in (0, 1)) or min(pads, default=0) < 0:
+            self.fail(node, "only non-negative padding of H and W of a 4-D tensor maps to PadImage")
+        self.emit("PadImage", [node.input[0]], node.output[:1], node, mode=mode, value=value,
+                  pads=[begin.get(2, 0), begin.get(3, 0), end.get(2, 0), end.get(3, 0)])
+
     def op_Identity(self, node, attrs):
         self.emit("Copy", [node.input[0]], node.output[:1], node)
 
@@ -752,3 +774,14 @@ def convert_onnx_file(onnx_path: str, out_dir: str) -> dict:
             "init_net_bytes": init_bytes, "predict_net_bytes": predict_bytes,
             "weights": len(init_net.op), "parameters": params,
             "inputs": inputs, "outputs": outputs, "files": paths}
+
+
+if __name__ == "__main__":  # python -m export.caffe2 MODEL.onnx OUT_DIR
+    import sys
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m export.caffe2 MODEL.onnx OUT_DIR   (writes init_net.pb, "
+                 "predict_net.pb, value_info.json)")
+    try:
+        print(json.dumps(convert_onnx_file(sys.argv[1], sys.argv[2]), indent=2))
+    except UnsupportedOnnxOp as e:
+        sys.exit(f"error: {e}")
