@@ -180,6 +180,11 @@ def test_bad_items_are_reported_and_rows_stay_aligned(pipe, fmnist_small, tmp_pa
     assert e[5].startswith("#5") and "not a known image format" in e[5]
     assert e[7].startswith(str(truncated)) and "cannot decode" in e[7]
     assert e[8].startswith("#8") and "HxWxC" in e[8]
+    # streamed, each batch keys its errors by position within the batch
+    batches = list(pipe.iter_batches(items))
+    assert [len(b[0]) for b in batches] == [8, 2]
+    assert set(batches[0][2]) == {1, 3, 4, 5, 7} and set(batches[1][2]) == {0}
+    assert batches[1][2][0] == e[8]
 
 
 def test_streaming_keeps_a_bounded_window(model_dir, fmnist_small):
