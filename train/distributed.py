@@ -70,6 +70,6 @@ def barrier(dist: Dist) -> None:
 
 
 def cleanup(dist: Dist) -> None:
+    """Leave the process group (no barrier: after an error the other ranks may never arrive)."""
     if dist.enabled and tdist.is_initialized():
-        tdist.barrier()
         tdist.destroy_process_group()
