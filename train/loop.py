@@ -323,8 +323,9 @@ def decode_all(paths: list[str], pre: Preprocessing, strict: bool, desc: str, di
     s = pre.input_size
     pixels = np.empty((len(paths), s, s, 3), dtype=np.uint8)
     kept, skipped = [], []
+    quiet = (dist is not None and not dist.is_main) or len(paths) < 2000
     for i, path in enumerate(tqdm(paths, desc=desc, unit="img", file=sys.stderr, leave=False,
-                                  disable=(dist is not None and not dist.is_main) or len(paths) < 2000)):
+                                  disable=quiet)):
         try:
             pixels[len(kept)] = _decode(path, pre)
         except ImageDecodeError as e:
@@ -442,7 +443,9 @@ def build_model(cfg: TrainConfig, heads: list[dict], arch: str) -> tuple[Network
 
 def make_optimizer(cfg: TrainConfig, model: Network) -> torch.optim.Optimizer:
     lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
-    wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.05)
+    wd = cfg.weight_decay
+    if wd is None:
+        wd = 5e-4 if cfg.optimizer == "sgd" else 0.05
     if cfg.method == "fsft":
         from .fsft import fsft_param_groups
         groups = fsft_param_groups(model, cfg.reinit, cfg.alpha, lr, cfg.seed)
@@ -562,8 +565,9 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
     problem = load_problem(cfg, dist)
     if loss_weights := cfg.loss_weights:
         if len(loss_weights) != len(problem.heads):
+            names = ", ".join(h["name"] for h in problem.heads)
             raise ValueError(f"--loss-weights has {len(loss_weights)} values for "
-                             f"{len(problem.heads)} heads ({', '.join(h['name'] for h in problem.heads)})")
+                             f"{len(problem.heads)} heads ({names})")
 
     pre = default_preprocessing(arch, cfg.input_size)
     if cfg.method == "fsft":
