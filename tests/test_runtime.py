@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.description import ONNX_METADATA_KEY
 from common.images import preprocess as reference_preprocess
 from tests.conftest import ROOT
 
@@ -22,43 +21,18 @@ from tests.conftest import ROOT
 # fixtures: a real exported small CNN, and JPEGs made from real photos
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """small_cnn (random seeded weights) exported to ONNX with its description in the metadata.
-    Made here with torch.onnx directly; the export stage's own exporter can replace this."""
-    import onnx
-    import torch
-    from train.models import load_run
+def model_dir(tmp_path_factory, fmnist_small):
+    """small_cnn (seeded random weights) exported by the export stage, with fp16 and int8."""
+    from export.onnx_export import export_runs
     from train.runs import untrained_run
 
     base = tmp_path_factory.mktemp("rt")
     run = str(base / "run")
     untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
-    network, desc = load_run(run)
-
-    class Embedder(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net.forward_features(x)
-
-    out = base / "model"
-    out.mkdir()
-    size = desc.preprocessing.input_size
-    path = str(out / "model.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Embedder(network).eval(), torch.zeros(1, 3, size, size), path,
-                          dynamo=False, input_names=["image"], output_names=["embedding"],
-                          dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
-                          opset_version=17)
-    proto = onnx.load(path)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, desc.to_json()
-    onnx.save(proto, path)
-    desc.save(str(out / "description.json"))
-    return str(out)
+    out = str(base / "model")
+    export_runs([run], out, parity_images=4, check_data=fmnist_small, fp16=True,
+                int8_calib=fmnist_small, variant_images=40, calib_images=20)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +249,30 @@ def test_provider_fallback_is_reported(model_dir, fmnist_small):
     assert auto.threads_ + auto.decode_threads_ >= 2
 
 
-def test_model_errors_and_options(model_dir, fmnist_small, tmp_path):
+def test_variants_agree_with_fp32(pipe, model_dir, fmnist_small):
     from runtime import FeaturePipeline
-    with pytest.raises(FileNotFoundError, match="no model.int8.onnx for variant 'int8'"):
-        FeaturePipeline(model_dir, variant="int8")
+    files = sorted(str(x) for x in Path(fmnist_small, "test").rglob("*.png"))[::4]
+    fp32 = pipe.embed(files).vectors
+    for variant, floor in (("fp16", 0.999), ("int8", 0.99)):
+        with FeaturePipeline(model_dir, device="cpu", variant=variant) as p:
+            assert p.model_path_.endswith(f"model.{variant}.onnx")
+            assert p.description_.architecture == "small_cnn"
+            vectors = p.embed(files).vectors
+        assert vectors.dtype == np.float32 and vectors.shape == fp32.shape
+        assert _cosine(vectors, fp32).min() >= floor, variant
+
+
+def test_model_errors_and_options(model_dir, fmnist_small, tmp_path):
+    import shutil
+    from runtime import FeaturePipeline
+    only_fp32 = tmp_path / "only_fp32"
+    only_fp32.mkdir()
+    shutil.copy(os.path.join(model_dir, "model.onnx"), only_fp32)
+    with pytest.raises(FileNotFoundError, match=r"no model.int8.onnx for variant 'int8' "
+                                                r"\(variants here: fp32\)"):
+        FeaturePipeline(str(only_fp32), variant="int8")
+    # the description travels inside the ONNX file: no description.json needed
+    assert FeaturePipeline(str(only_fp32), device="cpu").description_.architecture == "small_cnn"
     with pytest.raises(ValueError, match="unknown device"):
         FeaturePipeline(model_dir, device="tpu")
     with pytest.raises(ValueError, match="no output 'logits'"):
