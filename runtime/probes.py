@@ -70,6 +70,20 @@ def _fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
     return float(math.exp(res.x))
 
 
+def _blas_threads(n: int | None):
+    """Limit BLAS threads while fitting. The fits' matrix products are small (thousands x
+    hundreds x classes) and run hundreds of times: thread hand-offs cost more than they save,
+    about 8x on a busy 2-core machine. Needs threadpoolctl (optional; else a no-op)."""
+    from contextlib import nullcontext
+    if n is None:
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
 def _as_features(X) -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2:
@@ -141,7 +155,8 @@ class Probe:
         return _softmax(_apply_preprocessing(self._check_predict_inputs(X), prep) @ W + b)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
     def score(self, X, y) -> float:
         """Top-1 accuracy."""
@@ -224,12 +239,13 @@ class _LinearLBFGSProbe(Probe):
     _scalar_attrs = ("C_", "temperature_", "n_features_in_", "n_iter_")
 
     def __init__(self, C=None, Cs=None, refine=3, patience=3, val_fraction=0.2, seed=0,
-                 max_iter=1000, tol=1e-5, sweep_tol=1e-4, standardize=True):
+                 max_iter=1000, tol=1e-5, sweep_tol=1e-4, standardize=True, blas_threads=1):
         self.C = C
         self.Cs = Cs
         self.refine = refine
         self.patience = patience
         self.sweep_tol = sweep_tol
+        self.blas_threads = blas_threads
         self.val_fraction = val_fraction
         self.seed = seed
         self.max_iter = max_iter
@@ -260,6 +276,10 @@ class _LinearLBFGSProbe(Probe):
     def fit(self, X, y, X_val=None, y_val=None):
         """Fit on (X, y). With C=None, choose C on (X_val, y_val) if given, else on a seeded
         stratified hold-out of `val_fraction`; then refit on train+val with the chosen C."""
+        with _blas_threads(self.blas_threads):
+            return self._fit(X, y, X_val, y_val)
+
+    def _fit(self, X, y, X_val, y_val):
         X, y = self._check_fit_inputs(X, y)
         codes = self._encode(y)
         k = len(self.classes_)
@@ -361,7 +381,8 @@ class LogisticRegressionProbe(_LinearLBFGSProbe):
     Cs (the sweep; default one value per decade 1e-6..1e5), refine (rounds of halving the
     log-interval around the best C), patience (stop the sweep after that many Cs without a
     better validation accuracy; None sweeps all), val_fraction, seed, max_iter, tol (gradient
-    tolerance of the final fit), sweep_tol (looser, for the sweep), standardize. Learned: classes_, coef_ (K, D), intercept_ (K,), C_, val_scores_,
+    tolerance of the final fit), sweep_tol (looser, for the sweep), standardize, blas_threads
+    (BLAS threads while fitting; None leaves the library's setting). Learned: classes_, coef_ (K, D), intercept_ (K,), C_, val_scores_,
     mean_/scale_ (identity when standardize=False).
     """
 
@@ -527,9 +548,19 @@ def make_probe(kind: str, **params) -> Probe:
 
 def description_fingerprint(description) -> str:
     """Stable short hash of a model description (dict or ModelDescription): identifies the
-    trained model a probe was fitted on, whatever file variant (fp32, int8) serves it."""
-    d = description if isinstance(description, dict) else description.to_dict()
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    trained model a probe was fitted on, whatever file variant (fp32, fp16, int8) serves it,
+    so `versions` and `extra` (where export notes the variant) are left out."""
+    d = _description_dict(description)
+    d = {k: v for k, v in d.items() if k not in ("versions", "extra")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _description_dict(description) -> dict:
+    """Normalised dict of a ModelDescription or of its JSON dict (defaults filled in)."""
+    from common.description import ModelDescription
+    if isinstance(description, dict):
+        description = ModelDescription.from_dict(description)
+    return description.to_dict()
 
 
 def _jsonable(v):
@@ -630,7 +661,7 @@ def load_probe(path_dir: str) -> Probe:
 
 def model_mismatch(probe: Probe, description) -> str | None:
     """Why a probe cannot be applied to a model's features (None when it can)."""
-    d = description if isinstance(description, dict) else description.to_dict()
+    d = _description_dict(description)
     meta = getattr(probe, "metadata_", {}) or {}
     if int(d["feature_dim"]) != int(probe.n_features_in_):
         return (f"the probe expects {probe.n_features_in_}-d features (fitted on "

@@ -1,0 +1,371 @@
+"""`python cli.py probe fit|predict|fuse`: probes on frozen embeddings from the runtime pipeline.
+
+Heavy imports (numpy, onnxruntime, scipy) happen inside the commands so `cli.py --help` stays
+instant; nothing here imports torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import click
+
+KINDS = ("logreg", "svm", "ncm", "knn")
+MAX_ERRORS_SHOWN = 20
+
+
+def _pipeline_options(f):
+    """--device, --batch-size, --threads, --variant, --exact-decode (shared by fit/predict)."""
+    options = [
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+                     default="auto", show_default=True,
+                     help="Execution provider; auto tries TensorRT, then CUDA, then the CPU."),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+                     help="Images per model call."),
+        click.option("--threads", type=click.IntRange(1), default=None,
+                     help="onnxruntime threads (default: from the cores available)."),
+        click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+                     show_default=True, help="Which exported model file computes the features."),
+        click.option("--exact-decode", is_flag=True,
+                     help="Decode JPEGs exactly like training (PIL) instead of the faster "
+                          "libjpeg-turbo path."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def open_pipeline(model_dir, device, batch_size, threads, variant, exact_decode):
+    from runtime.pipeline import FeaturePipeline
+    try:
+        pipe = FeaturePipeline(model_dir, device=device, threads=threads, batch_size=batch_size,
+                               variant=variant, fast_decode=not exact_decode)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e))
+    note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
+    click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
+               f"{pipe.feature_dim_}-d; provider {pipe.provider_}{note}", err=True)
+    return pipe
+
+
+def embed_items(pipe, items: list[tuple[str, str]], desc: str):
+    """(id, path) items -> ((N, D) float32 with NaN rows for failures, {row: message}),
+    with a progress bar on stderr."""
+    import numpy as np
+    from tqdm import tqdm
+
+    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
+    errors: dict[int, str] = {}
+    row = 0
+    with tqdm(total=len(items), unit="img", file=sys.stderr, desc=desc, dynamic_ncols=True,
+              disable=None) as bar:
+        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
+            vectors[row:row + len(batch)] = batch
+            for j, message in batch_errors.items():
+                errors[row + j] = message.replace(items[row + j][1], items[row + j][0], 1)
+            row += len(batch)
+            bar.update(len(batch))
+    return vectors, errors
+
+
+def _report_errors(errors: dict[int, str], what: str) -> None:
+    for k in sorted(errors)[:MAX_ERRORS_SHOWN]:
+        click.echo(f"skipped: {errors[k]}", err=True)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        click.echo(f"... and {len(errors) - MAX_ERRORS_SHOWN} more", err=True)
+    if errors:
+        click.echo(f"{len(errors)} {what} image(s) could not be embedded and were skipped",
+                   err=True)
+
+
+def resolve_level(levels, level: str | None) -> int:
+    """--level as a number (0 = coarsest, -1 = leaf) or a level name -> index into levels."""
+    names = [lv.name for lv in levels]
+    if level is None:
+        return len(levels) - 1
+    if level.lstrip("-").isdigit():
+        i = int(level)
+        if not -len(names) <= i < len(names):
+            raise click.UsageError(f"--level {i} is out of range; the data's levels are "
+                                   f"0..{len(names) - 1}: {', '.join(names)}")
+        return i % len(names)
+    if level not in names:
+        raise click.UsageError(f"--level {level!r}: unknown level; the data's levels are "
+                               f"{', '.join(names)}")
+    return names.index(level)
+
+
+def check_probe_fits_model(probe, pipe, probe_dir: str) -> None:
+    from runtime.probes import model_mismatch
+    problem = model_mismatch(probe, pipe.description_)
+    if problem:
+        raise click.UsageError(f"probe {probe_dir} does not match model {pipe.model_path_}: "
+                               f"{problem}")
+
+
+def _load_probe_or_fail(probe_dir: str):
+    from runtime.probes import load_probe
+    try:
+        return load_probe(probe_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise click.UsageError(f"cannot load probe {probe_dir}: {e}")
+
+
+def _plain(value):
+    """numpy scalar label -> JSON-friendly Python value."""
+    return value.item() if hasattr(value, "item") else value
+
+
+@click.group("probe")
+def probe():
+    """Fit, apply and fuse probes on frozen embeddings (onnxruntime; no torch needed).
+
+    \b
+    Typical flow:
+      python cli.py probe fit models/spe --data mnist --out probes/mnist
+      python cli.py probe predict models/spe probes/mnist photos/ --out preds.jsonl --top-k 3
+      python cli.py probe fuse models/spe probes/mnist --out models/spe-mnist.onnx
+    """
+
+
+@probe.command("fit")
+@click.argument("model_dir", type=click.Path(exists=True))
+@click.option("--data", required=True,
+              help="A folder (nested folders are label levels; train/ and test/ are splits) or "
+                   "a built-in: fashion-mnist, mnist, digits, emoji[:...], any with per_class=N.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
+              help="Probe folder to write (probe.npz + probe.json).")
+@click.option("--kind", type=click.Choice(KINDS), default="logreg", show_default=True,
+              help="logreg: multinomial logistic regression; svm: one-vs-rest linear SVM; "
+                   "ncm: nearest class mean (cosine); knn: k nearest neighbours (cosine).")
+@click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Inverse regularisation for logreg/svm (default: chosen on a validation "
+                   "split from a log-spaced sweep, then refit on train+val).")
+@click.option("--k", "k", type=click.IntRange(1), default=None,
+              help="Neighbours for knn (default: chosen on a validation split).")
+@click.option("--level", default=None,
+              help="Label level: number (0 = coarsest) or name; default the leaf level.")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True,
+              help="Hold-out of the training images used to choose C / k / temperature.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the hold-out split.")
+@_pipeline_options
+def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, batch_size,
+        threads, variant, exact_decode):
+    """Fit a probe on MODEL_DIR's embeddings of DATA's training images.
+
+    Uses the 'train' split when DATA has train/ and test/ (and then prints the test accuracy),
+    otherwise all images. Images that fail to load are reported and skipped. The probe folder
+    records the model's fingerprint, so applying it to another model is refused.
+
+    \b
+    Example:
+      python cli.py probe fit models/spe --data digits --kind logreg --out probes/digits
+    """
+    import numpy as np
+
+    from common.data import DataError, load_dataset
+    from runtime.probes import description_fingerprint, make_probe, save_probe
+
+    if C is not None and kind in ("ncm", "knn"):
+        raise click.UsageError(f"--C applies to logreg and svm probes, not {kind}")
+    if k is not None and kind != "knn":
+        raise click.UsageError("--k applies to knn probes only")
+    if os.path.exists(out) and os.listdir(out) and not os.path.exists(
+            os.path.join(out, "probe.json")):
+        raise click.UsageError(f"--out {out} exists and is not a probe folder; choose another")
+    try:
+        dataset = load_dataset(data)
+    except DataError as e:
+        raise click.UsageError(str(e))
+    level_index = resolve_level(dataset.levels, level)
+    level_info = dataset.levels[level_index]
+    split = "train" if dataset.has_test_split else "all"
+    click.echo(dataset.summary(), err=True)
+
+    pipe = open_pipeline(model_dir, device, batch_size, threads, variant, exact_decode)
+    with pipe:
+        paths = dataset.paths(split)
+        items = [(os.path.relpath(p, dataset.root).replace(os.sep, "/"), p) for p in paths]
+        vectors, errors = embed_items(pipe, items, f"embed {split}")
+        _report_errors(errors, split)
+        ok = np.isfinite(vectors).all(axis=1)
+        names = np.array(level_info.classes)
+        X, y = vectors[ok], names[dataset.labels(split, level_index)[ok]]
+        if len(np.unique(y)) < 2:
+            raise click.UsageError(f"{data}: need images of at least 2 classes at level "
+                                   f"{level_info.name!r} to fit a probe; got {len(np.unique(y))}")
+
+        params = {"seed": seed, "val_fraction": val_fraction}
+        if kind in ("logreg", "svm"):
+            params["C"] = C
+        if kind == "knn":
+            params["k"] = k
+        estimator = make_probe(kind, **params)
+        start = time.perf_counter()
+        estimator.fit(X, y)
+        fit_seconds = time.perf_counter() - start
+        train_acc = estimator.score(X, y)
+        line = f"fitted {kind} probe on {len(y)} images, {len(estimator.classes_)} classes " \
+               f"(level {level_info.name}) in {fit_seconds:.2f} s; train accuracy {train_acc:.4f}"
+        click.echo(line)
+        summary = {}
+        if kind in ("logreg", "svm"):
+            if estimator.val_scores_:
+                summary = {"C": estimator.C_, "val_accuracy": estimator.val_scores_[estimator.C_]}
+                click.echo(f"validation: C = {estimator.C_:.4g} chosen from "
+                           f"{len(estimator.val_scores_)} values "
+                           f"({min(estimator.val_scores_):.3g}..{max(estimator.val_scores_):.3g}), "
+                           f"accuracy {summary['val_accuracy']:.4f}; refit on train+val")
+            else:
+                summary = {"C": estimator.C_}
+                click.echo(f"C = {estimator.C_:.4g} (given, or too few images to validate)")
+        elif kind == "knn":
+            summary = {"k": estimator.k_}
+            click.echo(f"k = {estimator.k_}")
+        else:
+            summary = {"temperature": estimator.temperature_}
+            click.echo(f"softmax temperature = {estimator.temperature_:.4g}")
+
+        test_accuracy = None
+        if dataset.has_test_split:
+            test_paths = dataset.paths("test")
+            test_items = [(os.path.relpath(p, dataset.root).replace(os.sep, "/"), p)
+                          for p in test_paths]
+            test_vectors, test_errors = embed_items(pipe, test_items, "embed test")
+            _report_errors(test_errors, "test")
+            test_ok = np.isfinite(test_vectors).all(axis=1)
+            y_test = names[dataset.labels("test", level_index)[test_ok]]
+            if test_ok.any():
+                test_accuracy = estimator.score(test_vectors[test_ok], y_test)
+                click.echo(f"test accuracy {test_accuracy:.4f} on {int(test_ok.sum())} images "
+                           f"(chance {1 / len(estimator.classes_):.4f})")
+
+        description = pipe.description_
+        metadata = {
+            "model_fingerprint": description_fingerprint(description),
+            "architecture": description.architecture,
+            "feature_dim": int(pipe.feature_dim_),
+            "model_dir": os.path.abspath(model_dir),
+            "variant": variant,
+            "data": data,
+            "data_fingerprint": dataset.fingerprint(),
+            "level": level_info.name,
+            "split": split,
+            "n_train": int(len(y)),
+            "skipped": int(len(errors)),
+            "train_accuracy": train_acc,
+            "test_accuracy": test_accuracy,
+            "fit_seconds": round(fit_seconds, 3),
+            **summary,
+        }
+    try:
+        save_probe(estimator, out, metadata)
+    except FileExistsError as e:
+        raise click.UsageError(str(e))
+    click.echo(f"wrote {out}", err=True)
+
+
+@probe.command("predict")
+@click.argument("model_dir", type=click.Path(exists=True))
+@click.argument("probe_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False),
+              help="Predictions file (.jsonl): one JSON object per input image, in order.")
+@click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
+              help="How many (label, probability) pairs to list per image.")
+@_pipeline_options
+def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, threads, variant,
+            exact_decode):
+    """Predict labels for images with a fitted probe on MODEL_DIR's embeddings.
+
+    \b
+    INPUT is any mix of: image files, folders (recursive, sorted), a text file listing image
+    paths (list.txt or @list), or a built-in dataset (all its images).
+
+    \b
+    Writes one line per image, aligned with the inputs:
+      {"id": ..., "label": ..., "score": p, "top_k": [[label, p], ...]}
+    or, for an image that cannot be read, {"id": ..., "error": "why"}.
+
+    \b
+    Example:
+      python cli.py probe predict models/spe probes/mnist photos/ --out preds.jsonl --top-k 3
+    """
+    import numpy as np
+
+    from runtime.commands import collect_items
+
+    estimator = _load_probe_or_fail(probe_dir)
+    items = collect_items(inputs)
+    if not items:
+        raise click.UsageError("no images to predict: the inputs named none")
+    pipe = open_pipeline(model_dir, device, batch_size, threads, variant, exact_decode)
+    check_probe_fits_model(estimator, pipe, probe_dir)
+    top_k = min(top_k, len(estimator.classes_))
+
+    with pipe:
+        vectors, errors = embed_items(pipe, items, "predict")
+    ok = np.isfinite(vectors).all(axis=1)
+    probabilities = np.zeros((len(items), len(estimator.classes_)))
+    if ok.any():
+        probabilities[ok] = estimator.predict_proba(vectors[ok])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row, (item_id, _) in enumerate(items):
+                if not ok[row]:
+                    record = {"id": item_id, "error": errors.get(row, "embedding is not finite")}
+                else:
+                    best = [(_plain(estimator.classes_[c]), float(probabilities[row, c]))
+                            for c in order[row]]
+                    record = {"id": item_id, "label": best[0][0], "score": best[0][1],
+                              "top_k": [list(pair) for pair in best]}
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _report_errors(errors, "input")
+    click.echo(f"predicted {int(ok.sum())}/{len(items)} images; wrote {out}", err=True)
+    if not ok.any():
+        raise click.ClickException(f"all {len(items)} images failed; see the errors above")
+
+
+@probe.command("fuse")
+@click.argument("model_dir", type=click.Path(exists=True))
+@click.argument("probe_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False),
+              help="The fused ONNX model to write.")
+@click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True, help="Which exported model file to fuse the probe into.")
+def fuse(model_dir, probe_dir, out, variant):
+    """Write one ONNX model = MODEL_DIR's embedding model with the probe inside.
+
+    Outputs: embedding [B, D], probabilities [B, K] and label [B] (int64 index into the class
+    names, stored as JSON in the metadata key 'unirep.probe.classes'). Works for logreg, svm
+    and ncm probes (a kNN probe has no linear form).
+
+    \b
+    Example:
+      python cli.py probe fuse models/spe probes/mnist --out models/spe-mnist.onnx
+    """
+    from runtime.fuse import FuseError, fuse_probe
+
+    if not out.endswith(".onnx"):
+        raise click.UsageError(f"--out {out}: the fused model file must end in .onnx")
+    estimator = _load_probe_or_fail(probe_dir)
+    try:
+        info = fuse_probe(model_dir, estimator, out, variant=variant)
+    except (FuseError, FileNotFoundError) as e:
+        raise click.UsageError(f"cannot fuse probe {probe_dir}: {e}")
+    click.echo(f"wrote {info['path']}: outputs {', '.join(info['outputs'])}; "
+               f"{len(info['classes'])} classes; opset {info['opset']}")
