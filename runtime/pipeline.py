@@ -361,52 +361,58 @@ class FeaturePipeline:
     # -- preprocessing -------------------------------------------------------------------------
     def preprocess(self, items: Sequence[Any]) -> tuple[np.ndarray, dict[int, str]]:
         """Items -> (Nx3xSxS float32 for the good ones, {position: error}); for tests/benchmarks."""
-        crops, errors = self._decode_into(list(items))
+        items = list(items)
+        batch = self._new_batch(len(items))
+        errors = self._decode_into(items, batch, 0, [f"#{i}" for i in range(len(items))])
         ok = [i for i in range(len(items)) if i not in errors]
-        return normalize_batch(crops[ok], self.preprocessing_), errors
+        return batch[ok], errors
 
-    def _decode_into(self, items: list, buffer: np.ndarray | None = None, start: int = 0,
-                     ids: list[str] | None = None):
+    def _new_batch(self, n: int) -> np.ndarray:
+        return np.empty((n,) + self.input_shape_, np.float32)
+
+    def _decode_into(self, items: list, batch: np.ndarray, start: int, ids: list[str]
+                     ) -> dict[int, str]:
+        """Decode items[k] into batch[start + k] (normalised, in the worker that decoded it, so
+        the model thread only runs the model); return {row: error} for the failures."""
         s = self.preprocessing_.input_size
-        if buffer is None:
-            buffer = np.zeros((len(items), s, s, 3), np.uint8)
+        crops = np.zeros((len(items), s, s, 3), np.uint8)
         errors = {}
         for j, item in enumerate(items):
             try:
-                buffer[start + j] = load_crop(item, self.preprocessing_, self.fast_decode)
+                crops[j] = load_crop(item, self.preprocessing_, self.fast_decode)
             except ImageDecodeError as e:
-                errors[start + j] = _message(ids[start + j] if ids else f"#{start + j}", e)
+                errors[start + j] = _message(ids[start + j], e)
             except Exception as e:  # a bug or an odd input must not stop the batch
-                errors[start + j] = _message(ids[start + j] if ids else f"#{start + j}",
-                                             f"{type(e).__name__}: {e}")
-        return buffer, errors
+                errors[start + j] = _message(ids[start + j], f"{type(e).__name__}: {e}")
+        batch[start:start + len(items)] = normalize_batch(crops, self.preprocessing_)
+        return errors
 
     # -- streaming -----------------------------------------------------------------------------
     def _submit(self, chunk: list[tuple[str, Any]], inline: bool):
         ids = [i for i, _ in chunk]
         items = [x for _, x in chunk]
-        s = self.preprocessing_.input_size
-        buffer = np.zeros((len(items), s, s, 3), np.uint8)
+        batch = self._new_batch(len(items))
         if inline:
             done: Future = Future()
-            done.set_result(self._decode_into(items, buffer, 0, ids)[1])
-            return ids, buffer, [done]
+            done.set_result(self._decode_into(items, batch, 0, ids))
+            return ids, batch, [done]
         parts = min(self.decode_threads_, len(items))
         bounds = [round(k * len(items) / parts) for k in range(parts + 1)]
         pool = self._executor()
-        futures = [pool.submit(lambda a, b: self._decode_into(items[a:b], buffer, a, ids)[1],
-                               a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        return ids, buffer, futures
+        futures = [pool.submit(self._decode_into, items[a:b], batch, a, ids)
+                   for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return ids, batch, futures
 
-    def _complete(self, ids, buffer, futures):
+    def _complete(self, ids, batch, futures):
         errors: dict[int, str] = {}
         for f in futures:
-            part = f.result()
-            errors.update({k: v for k, v in part.items()})
+            errors.update(f.result())
         vectors = np.full((len(ids), self.feature_dim_), np.nan, np.float32)
-        ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
-        if ok.any():
-            vectors[ok] = self._infer(normalize_batch(buffer[ok], self.preprocessing_))
+        if not errors:
+            vectors[:] = self._infer(batch)
+        elif len(errors) < len(ids):
+            ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
+            vectors[ok] = self._infer(batch[ok])
         return ids, vectors, errors
 
     def iter_batches(self, inputs: Any) -> Iterator[tuple[list[str], np.ndarray, dict[int, str]]]:
