@@ -1,13 +1,32 @@
 """Serving exported models with onnxruntime: the feature pipeline, probes, evaluation.
 
 Never imports torch (not even indirectly): an application embedding this package needs only
-onnxruntime(-gpu), numpy and pillow.
-"""
-from .decode import load_crop, normalize_batch, preprocess
-from .pipeline import (VARIANTS, EmbedResult, FeaturePipeline, iter_inputs, load_description,
-                       resolve_model)
-from .providers import ProviderFallbackWarning, available_cores, cuda_device_count
+onnxruntime(-gpu), numpy and pillow. Names are imported on first use, so the CLI's command
+modules (`runtime.commands`, ...) load without pulling in onnxruntime.
 
-__all__ = ["FeaturePipeline", "EmbedResult", "ProviderFallbackWarning", "VARIANTS",
-           "iter_inputs", "load_description", "resolve_model", "load_crop", "normalize_batch",
-           "preprocess", "available_cores", "cuda_device_count"]
+    from runtime import FeaturePipeline
+    features = FeaturePipeline("models/spe").embed(["a.jpg", "photos/"]).vectors
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "FeaturePipeline": "pipeline", "EmbedResult": "pipeline", "VARIANTS": "pipeline",
+    "iter_inputs": "pipeline", "iter_folder": "pipeline", "load_description": "pipeline",
+    "resolve_model": "pipeline",
+    "load_crop": "decode", "normalize_batch": "decode", "preprocess": "decode",
+    "ProviderFallbackWarning": "providers", "available_cores": "providers",
+    "cuda_device_count": "providers", "create_session": "providers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
