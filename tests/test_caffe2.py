@@ -277,6 +277,57 @@ def test_small_graph_forms_fold_and_run(tmp_path):
     assert value_info == {"image": [onnx.TensorProto.FLOAT, [1, 8, 6, 6]]}
 
 
+def test_operator_forms_match_onnxruntime():
+    """Grouped/dilated/strided conv with asymmetric pads, BatchNormalization, both pooling pad rules,
+    Gemm without transB and with alpha/beta, Softmax, Dropout, Identity, (Un)squeeze, Transpose."""
+    import onnxruntime as ort
+    helper, nh = onnx.helper, onnx.numpy_helper
+    rng = np.random.default_rng(1)
+
+    def init(name, *shape, positive=False):
+        value = rng.standard_normal(shape).astype(np.float32)
+        return nh.from_array(np.abs(value) + 0.5 if positive else value, name)
+
+    inits = [init("cw", 6, 2, 3, 3), init("cb", 6), init("scale", 6), init("shift", 6), init("mean", 6),
+             init("var", 6, positive=True), init("gw", 6, 4), init("gc", 4),
+             nh.from_array(np.array([1], np.int64), "axis1"), nh.from_array(np.array([-1], np.int64), "axis2")]
+    nodes = [
+        helper.make_node("Conv", ["image", "cw", "cb"], ["c"], name="conv", group=2, strides=[2, 1],
+                         dilations=[2, 1], pads=[1, 0, 2, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["bn"], epsilon=1e-3),
+        helper.make_node("Sigmoid", ["bn"], ["s"]),
+        helper.make_node("AveragePool", ["s"], ["ap"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         count_include_pad=1),
+        helper.make_node("AveragePool", ["s"], ["ap0"], kernel_shape=[2, 3], strides=[2, 2], pads=[1, 1, 0, 1]),
+        helper.make_node("MaxPool", ["ap0"], ["mp"], kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("Add", ["ap", "ap"], ["sum"]),
+        helper.make_node("GlobalAveragePool", ["sum"], ["gap"]),
+        helper.make_node("GlobalMaxPool", ["mp"], ["gmp"]),
+        helper.make_node("Mul", ["gap", "gmp"], ["prod"]),
+        helper.make_node("Flatten", ["prod"], ["flat"], axis=1),
+        helper.make_node("Dropout", ["flat"], ["dropped"]),
+        helper.make_node("Gemm", ["dropped", "gw", "gc"], ["g"], alpha=0.5, beta=2.0),
+        helper.make_node("Identity", ["g"], ["ident"]),
+        helper.make_node("Unsqueeze", ["ident", "axis1"], ["u"]),
+        helper.make_node("Transpose", ["u"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("Squeeze", ["t", "axis2"], ["sq"]),
+        helper.make_node("Softmax", ["sq"], ["embedding"], axis=-1),
+    ]
+    model = _graph(nodes, [_info("image", ["batch", 4, 9, 8])], [_info("embedding", ["batch", 4])], inits)
+    onnx.checker.check_model(model)
+    x = rng.standard_normal((2, 4, 9, 8)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})[0]
+    init_net, predict_net, _ = onnx_to_caffe2(model)
+    got = run_nets(init_net, predict_net, {"image": x})["embedding"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    types = [op.type for op in predict_net.op]
+    assert types.count("PadImage") == 1  # only the count_include_pad pooling pads explicitly
+    conv = args_dict(predict_net.op[0])
+    assert conv == {"kernels": [3, 3], "strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [2, 1], "group": 2}
+    assert {"SpatialBN", "FC", "Dropout", "Copy", "ExpandDims", "Transpose", "Squeeze", "Softmax"} <= set(types)
+
+
 def _decode_fields(buf: bytes) -> list[tuple[int, int, object]]:
     """A minimal protobuf wire decoder, independent of the protobuf library: (field, wire type, value)."""
     def varint(pos):
