@@ -34,9 +34,9 @@ import numpy as np
 
 PROBE_FORMAT = "unirep.probe"
 PROBE_FORMAT_VERSION = 1
-# One value per decade, refined around the best by halving log-intervals (CLIP's search):
-# 12 + 2 * refine fits instead of 45, to a finer final resolution (1/8 decade with refine=3).
-DEFAULT_CS = np.logspace(-6, 5, 12)
+# The linear-probe protocol's sweep (Kornblith et al.): 45 log-spaced values, 1e-6..1e5 (four per
+# decade). Warm starts along the path make the whole sweep cost about two cold fits.
+DEFAULT_CS = np.logspace(-6, 5, 45)
 _EPS = 1e-12
 
 
@@ -128,7 +128,7 @@ class Probe:
             y = y.astype(str) if y.dtype.kind in "OS" else y.astype(np.int64)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit a probe; got {list(self.classes_)}")
+            raise ValueError(f"need at least 2 classes to fit a probe; got {self.classes_.tolist()}")
         return codes.astype(np.int64)
 
     def _check_fit_inputs(self, X, y) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +238,7 @@ class _LinearLBFGSProbe(Probe):
     _array_attrs = ("coef_", "intercept_", "mean_", "scale_", "Cs_tried_", "val_accuracies_")
     _scalar_attrs = ("C_", "temperature_", "n_features_in_", "n_iter_")
 
-    def __init__(self, C=None, Cs=None, refine=3, patience=3, val_fraction=0.2, seed=0,
+    def __init__(self, C=None, Cs=None, refine=1, patience=None, val_fraction=0.2, seed=0,
                  max_iter=1000, tol=1e-5, sweep_tol=1e-4, standardize=True, blas_threads=1):
         self.C = C
         self.Cs = Cs
@@ -378,8 +378,8 @@ class LogisticRegressionProbe(_LinearLBFGSProbe):
     """Multinomial logistic regression, L2, L-BFGS (float64, stable log-softmax).
 
     Params: C (inverse regularisation, scikit-learn's meaning; None = choose on validation),
-    Cs (the sweep; default one value per decade 1e-6..1e5), refine (rounds of halving the
-    log-interval around the best C), patience (stop the sweep after that many Cs without a
+    Cs (the sweep; default 45 log-spaced values 1e-6..1e5), refine (rounds of halving the
+    log-interval around the best C, as CLIP does), patience (stop the sweep after that many Cs without a
     better validation accuracy; None sweeps all), val_fraction, seed, max_iter, tol (gradient
     tolerance of the final fit), sweep_tol (looser, for the sweep), standardize, blas_threads
     (BLAS threads while fitting; None leaves the library's setting). Learned: classes_, coef_ (K, D), intercept_ (K,), C_, val_scores_,
@@ -642,7 +642,8 @@ def load_probe(path_dir: str) -> Probe:
     if doc["kind"] not in PROBES:
         raise ValueError(f"{path_dir}: unknown probe kind {doc['kind']!r}")
     cls = PROBES[doc["kind"]]
-    params = dict(doc["params"])
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    params = {k: v for k, v in doc["params"].items() if k in accepted}
     if params.get("Cs") is not None:
         params["Cs"] = np.asarray(params["Cs"], dtype=np.float64)
     if params.get("ks") is not None:
