@@ -1,0 +1,537 @@
+"""The runtime benchmark: onnxruntime pipeline against PyTorch, side by side in one process.
+
+Every speed figure is images/s, the median over `repeats`, and the configurations are timed
+round robin (one repeat of each, then the next repeat) so that a change in the machine's load
+hits all of them alike. Same model, batch size and thread count everywhere:
+
+  model-only   ORT session on preprocessed arrays  vs  PyTorch eager (the source runs rebuilt)
+  end-to-end   our FeaturePipeline on image files   vs  the usual PyTorch recipe: torchvision
+               ImageFolder + DataLoader(num_workers=2) + Resize/CenterCrop/ToTensor/Normalize
+               + eager model under torch.inference_mode (workers start anew each pass, as in a
+               plain `for x, _ in loader` loop without persistent_workers)
+  latency      one image file at a time through the pipeline plus a fitted probe: p50, p99
+  INT8         model.int8.onnx against model.onnx: speed, and probe accuracy on a real target
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOORS_NOTE = "floors set for resnet18 at 224 px, batch 32, on the 2-core CPU"
+TORCH_RECIPE_WORKERS = 2
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# machine and versions
+
+def machine_info() -> dict:
+    from runtime.providers import available_cores
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": available_cores(),
+            "load_average": load, "platform": platform.platform()}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    found = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "numpy", "pillow",
+                 "simplejpeg"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+def image_files(root: str, limit: int | None = None) -> tuple[list[str], bool]:
+    """(paths, is_imagefolder): the files torchvision's ImageFolder would read, in its order,
+    when `root` has class folders; else every image under `root` (sorted)."""
+    from torchvision.datasets import ImageFolder
+    try:
+        paths, as_folder = [p for p, _ in ImageFolder(root).samples], True
+    except (FileNotFoundError, RuntimeError):  # no class folders: a flat folder of images
+        from runtime.pipeline import iter_folder
+        paths, as_folder = list(iter_folder(root)), False
+    if not paths:
+        raise FileNotFoundError(f"{root}: no image files")
+    return paths[:limit] if limit else paths, as_folder
+
+
+class _FileList:
+    """A map-style dataset over image files for flat folders (ImageFolder needs class folders)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from torchvision.datasets.folder import default_loader
+        return self.transform(default_loader(self.paths[i])), 0
+
+
+def torchvision_transform(pre):
+    """The usual eval transform, written with torchvision: what a PyTorch user would run."""
+    from torchvision import transforms as T
+    interpolation = {"bilinear": T.InterpolationMode.BILINEAR,
+                     "bicubic": T.InterpolationMode.BICUBIC,
+                     "nearest": T.InterpolationMode.NEAREST}[pre.interpolation]
+    return T.Compose([T.Resize(pre.resize_size, interpolation=interpolation),
+                      T.CenterCrop(pre.input_size), T.ToTensor(),
+                      T.Normalize(pre.mean, pre.std)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the PyTorch side
+
+def resolve_source_runs(desc, model_dir: str) -> list[str]:
+    """The runs the model was exported from, found as recorded or relative to MODEL_DIR."""
+    if not desc.source_runs:
+        raise FileNotFoundError(f"{model_dir}: the description names no source runs, so there is "
+                                "no PyTorch model to compare against; export from a run folder")
+    found = []
+    for run in desc.source_runs:
+        candidates = [run, os.path.join(model_dir, run), os.path.join(os.path.dirname(
+            os.path.abspath(model_dir)), run)]
+        hit = next((c for c in candidates if os.path.exists(os.path.join(c, "model.pt"))), None)
+        if hit is None:
+            raise FileNotFoundError(f"source run {run!r} of {model_dir} not found (no model.pt); "
+                                    "the PyTorch side of the benchmark rebuilds it from there")
+        found.append(hit)
+    return found
+
+
+def torch_model(run_dirs: list[str]):
+    """The same network (or combination) in PyTorch eager, returning the embedding only."""
+    import torch
+    from export.onnx_export import build_export_module, load_runs
+    graph = build_export_module([net for net, _ in load_runs(run_dirs)], logits=False)
+
+    class EmbeddingOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.graph = graph
+
+        def forward(self, x):
+            return self.graph(x)[0]
+
+    return EmbeddingOnly().eval()
+
+
+def torch_model_only(model, arrays: np.ndarray, batch_size: int) -> int:
+    import torch
+    with torch.inference_mode():
+        for i in range(0, len(arrays), batch_size):
+            model(torch.from_numpy(arrays[i:i + batch_size]))
+    return len(arrays)
+
+
+def torch_recipe(model, root: str, paths: list[str], as_folder: bool, pre, batch_size: int,
+                 workers: int = TORCH_RECIPE_WORKERS) -> int:
+    """ImageFolder + DataLoader + eager model, from files on disk to embeddings."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+    transform = torchvision_transform(pre)
+    if as_folder:
+        dataset = ImageFolder(root, transform=transform)
+        if len(paths) < len(dataset):
+            dataset = Subset(dataset, range(len(paths)))
+    else:
+        dataset = _FileList(paths, transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    seen = 0
+    with torch.inference_mode():
+        for x, _ in loader:
+            model(x)
+            seen += len(x)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# our side
+
+def pipeline(model_dir: str, variant: str, batch_size: int, threads: int,
+             decode_threads: int | None):
+    from runtime.pipeline import FeaturePipeline
+    return FeaturePipeline(model_dir, device="cpu", threads=threads, decode_threads=decode_threads,
+                           batch_size=batch_size, variant=variant)
+
+
+def ours_end_to_end(pipe, paths: list[str]) -> int:
+    result = pipe.embed(paths)
+    if result.errors:
+        raise RuntimeError(f"{len(result.errors)} image(s) failed: "
+                           f"{next(iter(result.errors.values()))}")
+    return len(result)
+
+
+def ours_model_only(pipe, arrays: np.ndarray) -> int:
+    pipe.embed_arrays(arrays)
+    return len(arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+@dataclass
+class Config:
+    key: str
+    label: str
+    run: object          # () -> images processed
+    seconds: list
+
+
+def time_round_robin(configs: list[Config], repeats: int) -> dict:
+    """Run each config once per repeat, in turn; {key: figures} with the median images/s."""
+    for r in range(repeats):
+        for c in configs:
+            t0 = time.perf_counter()
+            n = c.run()
+            c.seconds.append((time.perf_counter() - t0, n))
+            log(f"bench: repeat {r + 1}/{repeats} {c.label}: {n / c.seconds[-1][0]:.1f} images/s")
+    out = {}
+    for c in configs:
+        rates = [n / s for s, n in c.seconds]
+        out[c.key] = {"label": c.label, "images_per_s": round(float(np.median(rates)), 2),
+                      "runs_images_per_s": [round(x, 2) for x in rates],
+                      "images": c.seconds[0][1]}
+    return out
+
+
+def latency(pipe, probe, paths: list[str], count: int, warmup: int = 3) -> dict:
+    """Single image file -> embedding -> probe prediction, one at a time: milliseconds."""
+    paths = [paths[i % len(paths)] for i in range(count + warmup)]
+    times = []
+    for i, path in enumerate(paths):
+        t0 = time.perf_counter()
+        result = pipe.embed(path)
+        probe.predict(result.vectors)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    times = np.array(times)
+    return {"images": int(len(times)), "p50_ms": round(float(np.percentile(times, 50)), 2),
+            "p99_ms": round(float(np.percentile(times, 99)), 2),
+            "mean_ms": round(float(times.mean()), 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# probes on a real target
+
+def target_splits(spec: str):
+    """(train paths, train labels, test paths, test labels) of a labelled dataset; a seeded
+    stratified half split when it has no test split."""
+    from common.data import load_dataset, stratified_split
+    data = load_dataset(spec)
+    if data.has_test_split and "train" in data.splits:
+        return (data.paths("train"), data.labels("train"), data.paths("test"),
+                data.labels("test"))
+    split = next(iter(data.splits))
+    paths, labels = data.paths(split), data.labels(split)
+    train, test = stratified_split(labels, 0.5, seed=0)
+    return ([paths[i] for i in train], labels[train], [paths[i] for i in test], labels[test])
+
+
+def embed_ok(pipe, paths, labels):
+    result = pipe.embed(paths)
+    ok = result.ok
+    return result.vectors[ok], np.asarray(labels)[ok]
+
+
+def probe_accuracy(pipe, splits) -> tuple[float, object]:
+    """The project's probe protocol: logistic regression on train embeddings, C chosen on a
+    validation part of them, accuracy on the held-out test split."""
+    from runtime.probes import LogisticRegressionProbe
+    train_paths, train_labels, test_paths, test_labels = splits
+    Xtr, ytr = embed_ok(pipe, train_paths, train_labels)
+    Xte, yte = embed_ok(pipe, test_paths, test_labels)
+    probe = LogisticRegressionProbe(blas_threads=pipe.threads_).fit(Xtr, ytr)
+    return float(probe.score(Xte, yte)), probe
+
+
+def make_int8(model_dir: str, calib_paths: list[str], pre) -> str:
+    """Write MODEL_DIR/model.int8.onnx (static QDQ, like `export --int8`), atomically."""
+    from common.description import ModelDescription
+    from export.parity import decode_images
+    from export.variants import make_int8 as quantise
+    desc = ModelDescription.load(os.path.join(model_dir, "description.json"))
+    calib, _ = decode_images(calib_paths, pre, "calibration images")
+    out = os.path.join(model_dir, "model.int8.onnx")
+    fd, tmp = tempfile.mkstemp(prefix=".int8-", suffix=".onnx", dir=model_dir)
+    os.close(fd)
+    try:
+        quantise(os.path.join(model_dir, "model.onnx"), tmp, desc.to_dict(), calib)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole benchmark
+
+def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 32,
+                  threads: int | None = None, decode_threads: int | None = None,
+                  repeats: int = 3, target: str | None = "fashion-mnist:per_class=60",
+                  int8: bool | None = None, limit: int | None = None,
+                  latency_images: int = 100, calib_images: int = 200) -> dict:
+    """Measure everything (see module docstring); returns the report dict.
+
+    int8: None = include INT8 if model.int8.onnx exists; True = make it if missing (calibrated
+    on `calib_images` files of the image folder); False = leave INT8 out. target: labelled real
+    data for the probes (None: latency uses a probe fitted on the image folder's classes)."""
+    import torch
+
+    from runtime.pipeline import load_description, resolve_model
+    from runtime.providers import available_cores
+
+    from .corpus import corpus_info, ensure_corpus
+
+    threads = threads or available_cores()
+    torch.set_num_threads(threads)
+    fp32_path = resolve_model(model_dir, "fp32")
+    desc = load_description(fp32_path)
+    pre = desc.preprocessing
+    report = {"model_dir": os.path.abspath(model_dir), "architecture": desc.architecture,
+              "combination": desc.combination, "feature_dim": desc.feature_dim,
+              "input_size": pre.input_size, "batch_size": batch_size, "repeats": repeats,
+              "machine": machine_info(), "versions": versions()}
+
+    if images is None:
+        log("bench: building (or reusing) the JPEG corpus")
+        images = ensure_corpus()
+    paths, as_folder = image_files(images, limit)
+    report["images"] = {"folder": os.path.abspath(images), "count": len(paths),
+                        "imagefolder": as_folder, "corpus": corpus_info(images),
+                        "mean_kb": round(sum(os.path.getsize(p) for p in paths)
+                                         / len(paths) / 1024, 1)}
+
+    int8_path = os.path.join(model_dir, "model.int8.onnx")
+    if int8 and not os.path.exists(int8_path):
+        log(f"bench: no model.int8.onnx; quantising with {min(calib_images, len(paths))} "
+            "calibration images of the image folder")
+        make_int8(model_dir, paths[:calib_images], pre)
+        report["int8_made_by_bench"] = True
+    use_int8 = int8 is not False and os.path.exists(int8_path)
+    report["int8"] = ("measured" if use_int8 else "left out (--no-int8)" if int8 is False
+                      else "no model.int8.onnx (pass --int8 to make one)")
+
+    log("bench: loading the ONNX pipeline(s) and the PyTorch model")
+    fp32 = pipeline(model_dir, "fp32", batch_size, threads, decode_threads)
+    q8 = pipeline(model_dir, "int8", batch_size, threads, decode_threads) if use_int8 else None
+    model = torch_model(resolve_source_runs(desc, model_dir))
+    report["threads"] = {"intra_op": fp32.threads_, "decode": fp32.decode_threads_,
+                         "torch": torch.get_num_threads(),
+                         "torch_recipe_workers": TORCH_RECIPE_WORKERS,
+                         "fast_decode": fp32.fast_decode}
+
+    log(f"bench: preprocessing {len(paths)} images for the model-only figures")
+    arrays, errors = fp32.preprocess(paths)
+    if errors:
+        raise RuntimeError(f"{len(errors)} image(s) failed to decode: "
+                           f"{next(iter(errors.values()))}")
+    log("bench: warm-up")
+    warm = arrays[:batch_size]
+    for pipe in filter(None, (fp32, q8)):
+        pipe.embed_arrays(warm)
+    torch_model_only(model, warm, batch_size)
+
+    configs = [
+        Config("ort_model_only_fp32", "ORT model-only fp32",
+               lambda: ours_model_only(fp32, arrays), []),
+        Config("torch_model_only", "PyTorch eager model-only",
+               lambda: torch_model_only(model, arrays, batch_size), []),
+        Config("ours_end_to_end_fp32", "ours end-to-end fp32",
+               lambda: ours_end_to_end(fp32, paths), []),
+        Config("torch_recipe_end_to_end", "PyTorch recipe end-to-end",
+               lambda: torch_recipe(model, images, paths, as_folder, pre, batch_size), []),
+    ]
+    if q8 is not None:
+        configs += [Config("ort_model_only_int8", "ORT model-only int8",
+                           lambda: ours_model_only(q8, arrays), []),
+                    Config("ours_end_to_end_int8", "ours end-to-end int8",
+                           lambda: ours_end_to_end(q8, paths), [])]
+    speed = time_round_robin(configs, repeats)
+    del arrays
+    report["speed"] = speed
+    rate = {k: v["images_per_s"] for k, v in speed.items()}
+    ratios = {
+        "model_only_ort_vs_torch": rate["ort_model_only_fp32"] / rate["torch_model_only"],
+        "end_to_end_ours_vs_torch_recipe":
+            rate["ours_end_to_end_fp32"] / rate["torch_recipe_end_to_end"],
+        "end_to_end_fraction_of_model_only":
+            rate["ours_end_to_end_fp32"] / rate["ort_model_only_fp32"],
+    }
+    if q8 is not None:
+        ratios.update({
+            "int8_vs_fp32_model_only": rate["ort_model_only_int8"] / rate["ort_model_only_fp32"],
+            "int8_vs_fp32_end_to_end": rate["ours_end_to_end_int8"] / rate["ours_end_to_end_fp32"],
+            "int8_end_to_end_vs_torch_recipe":
+                rate["ours_end_to_end_int8"] / rate["torch_recipe_end_to_end"],
+            "int8_end_to_end_fraction_of_model_only":
+                rate["ours_end_to_end_int8"] / rate["ort_model_only_int8"],
+        })
+    report["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+
+    # probes: accuracy on the target (fp32, int8) and the probe used for latency
+    accuracy = {}
+    if target:
+        log(f"bench: probe accuracy on {target} (fp32)")
+        splits = target_splits(target)
+        accuracy["fp32"], probe = probe_accuracy(fp32, splits)
+        if q8 is not None:
+            log(f"bench: probe accuracy on {target} (int8)")
+            accuracy["int8"], _ = probe_accuracy(q8, splits)
+    else:  # no target: a probe on the image folder's own classes, for the latency only
+        from runtime.probes import LogisticRegressionProbe
+        labels = [os.path.basename(os.path.dirname(p)) for p in paths]
+        if len(set(labels)) < 2:  # flat folder: any two groups will do to time a prediction
+            labels = [f"group{i % 2}" for i in range(len(paths))]
+        X, y = embed_ok(fp32, paths, labels)
+        probe = LogisticRegressionProbe(blas_threads=threads).fit(X, y)
+    report["probe"] = {"target": target, "probe": "logreg",
+                       "train_test": [len(splits[1]), len(splits[3])] if target else None,
+                       "accuracy": {k: round(v, 4) for k, v in accuracy.items()}}
+    if "int8" in accuracy:
+        report["probe"]["int8_change_points"] = round(100 * (accuracy["int8"] - accuracy["fp32"]),
+                                                      2)
+
+    log(f"bench: single-image latency ({latency_images} images)")
+    report["latency"] = latency(fp32, probe, paths, latency_images)
+    for pipe in filter(None, (fp32, q8)):
+        pipe.close()
+    report["floors"] = floors(report)
+    return report
+
+
+def floors(report: dict) -> list[dict]:
+    """The issue's floors as figures (PASS/MISS), never assertions."""
+    r = report["ratios"]
+    rows = [("end-to-end fp32 >= 1.9x PyTorch recipe", r["end_to_end_ours_vs_torch_recipe"], 1.9),
+            ("end-to-end fp32 >= 95% of ORT model-only", r["end_to_end_fraction_of_model_only"],
+             0.95)]
+    if "int8_end_to_end_vs_torch_recipe" in r:
+        rows.append(("end-to-end int8 >= 3x PyTorch recipe", r["int8_end_to_end_vs_torch_recipe"],
+                     3.0))
+    change = report["probe"].get("int8_change_points")
+    if change is not None:
+        rows.append(("int8 probe accuracy lost <= 0.5 point", -change, None))
+    out = []
+    for name, value, floor in rows:
+        passed = value >= floor if floor is not None else value <= 0.5
+        out.append({"floor": name, "value": value, "pass": bool(passed)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# printing and writing
+
+def format_report(report: dict) -> str:
+    m, t, s, r = report["machine"], report["threads"], report["speed"], report["ratios"]
+    v = report["versions"]
+    lines = [
+        f"machine   {m['cpu']}; {m['usable_cores']} usable of {m['logical_cores']} logical cores;"
+        f" load average {m['load_average']}",
+        "versions  " + ", ".join(f"{k} {x}" for k, x in v.items()),
+        f"model     {report['architecture']} ({report['feature_dim']}-d) at "
+        f"{report['input_size']} px, batch {report['batch_size']}, median of "
+        f"{report['repeats']}",
+        f"images    {report['images']['count']} files, {report['images']['mean_kb']} KB mean, "
+        f"{report['images']['folder']}",
+        f"threads   onnxruntime intra-op {t['intra_op']}, decode {t['decode']}; torch "
+        f"{t['torch']}; PyTorch recipe DataLoader workers {t['torch_recipe_workers']}",
+        "",
+        "1. model-only (preprocessed arrays)",
+        f"   onnxruntime fp32      {s['ort_model_only_fp32']['images_per_s']:8.1f} images/s",
+        f"   PyTorch eager         {s['torch_model_only']['images_per_s']:8.1f} images/s",
+        f"   ratio                 {r['model_only_ort_vs_torch']:8.2f}x",
+        "2. end-to-end (JPEG files -> embeddings)",
+        f"   ours fp32             {s['ours_end_to_end_fp32']['images_per_s']:8.1f} images/s",
+        f"   PyTorch recipe        {s['torch_recipe_end_to_end']['images_per_s']:8.1f} images/s",
+        f"   ratio                 {r['end_to_end_ours_vs_torch_recipe']:8.2f}x",
+        f"   of our model-only     {100 * r['end_to_end_fraction_of_model_only']:7.1f} %",
+        "3. single-image latency (file -> embedding -> probe)",
+        f"   p50 {report['latency']['p50_ms']:.1f} ms, p99 {report['latency']['p99_ms']:.1f} ms "
+        f"over {report['latency']['images']} images",
+    ]
+    p = report["probe"]
+    if "ort_model_only_int8" in s:
+        lines += [
+            "4. INT8 vs FP32",
+            f"   model-only int8       {s['ort_model_only_int8']['images_per_s']:8.1f} images/s"
+            f" ({r['int8_vs_fp32_model_only']:.2f}x fp32)",
+            f"   end-to-end int8       {s['ours_end_to_end_int8']['images_per_s']:8.1f} images/s"
+            f" ({r['int8_vs_fp32_end_to_end']:.2f}x fp32, "
+            f"{r['int8_end_to_end_vs_torch_recipe']:.2f}x PyTorch recipe)",
+        ]
+        if "int8" in p["accuracy"]:
+            lines.append(f"   probe accuracy on {p['target']}: fp32 "
+                         f"{100 * p['accuracy']['fp32']:.2f}%, int8 "
+                         f"{100 * p['accuracy']['int8']:.2f}% "
+                         f"({p['int8_change_points']:+.2f} points)")
+    else:
+        lines.append(f"4. INT8 vs FP32: {report['int8']}")
+        if "fp32" in p["accuracy"]:
+            lines.append(f"   probe accuracy on {p['target']}: fp32 "
+                         f"{100 * p['accuracy']['fp32']:.2f}%")
+    lines += ["", f"floors ({FLOORS_NOTE}):"]
+    for f in report["floors"]:
+        lines.append(f"   {'PASS' if f['pass'] else 'MISS'}  {f['floor']}: {f['value']:.3f}")
+    return "\n".join(lines)
+
+
+def write_chart(report: dict, path: str) -> None:
+    """A bar chart of images/s per configuration, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    speed = report["speed"]
+    labels = [v["label"] for v in speed.values()]
+    values = [v["images_per_s"] for v in speed.values()]
+    colours = ["#4c72b0" if "PyTorch" not in label else "#dd8452" for label in labels]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
+    bars = ax.barh(labels[::-1], values[::-1], color=colours[::-1])
+    ax.bar_label(bars, fmt="%.1f", padding=3)
+    ax.set_xlabel("images/s (median)")
+    ax.set_title(f"{report['architecture']} {report['input_size']} px, batch "
+                 f"{report['batch_size']}, {report['threads']['intra_op']} threads; "
+                 f"{report['machine']['cpu'][:40]}", fontsize=9)
+    ax.set_xlim(0, max(values) * 1.18)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

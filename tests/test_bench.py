@@ -1,0 +1,116 @@
+"""The runtime benchmark: a real exported small CNN, real JPEG photos, real PyTorch and ORT.
+
+No wall-clock assertions: the figures are checked for presence, consistency and sense."""
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, fmnist_small):
+    """small_cnn with seeded random weights, exported fp32 only (bench --int8 adds int8)."""
+    from export.onnx_export import export_runs
+    from train.runs import untrained_run
+
+    base = tmp_path_factory.mktemp("bench")
+    run = str(base / "run")
+    untrained_run("small_cnn", run)
+    out = str(base / "model")
+    export_runs([run], out, parity_images=4, check_data=fmnist_small)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from benchmarks.corpus import ensure_corpus
+    return ensure_corpus(count=18, root=str(tmp_path_factory.mktemp("corpus")))
+
+
+def test_corpus_is_real_jpeg_photos_in_class_folders(corpus):
+    from benchmarks.corpus import corpus_info, ensure_corpus, source_photos
+    info = corpus_info(corpus)
+    assert info["count"] == 18 and len(info["classes"]) == len(source_photos()) >= 2
+    files = [os.path.join(d, f) for d in info["classes"]
+             for f in os.listdir(os.path.join(corpus, d))]
+    assert len(files) == 18
+    sizes = []
+    for rel in files:
+        with Image.open(os.path.join(corpus, rel)) as img:
+            assert img.format == "JPEG" and img.size == (500, 375)
+            sizes.append(os.path.getsize(os.path.join(corpus, rel)))
+    assert 15_000 < sum(sizes) / len(sizes) < 120_000  # photo-like, not flat colour
+    # cached: a second call reuses the folder instead of rebuilding it
+    stamp = os.path.getmtime(os.path.join(corpus, "corpus.json"))
+    assert ensure_corpus(count=18, root=os.path.dirname(corpus)) == corpus
+    assert os.path.getmtime(os.path.join(corpus, "corpus.json")) == stamp
+
+
+def test_bench_prints_every_section_and_writes_report(model_dir, corpus, fmnist_small,
+                                                      tmp_path):
+    from benchmarks.commands import bench
+    out = tmp_path / "report.json"
+    args = [model_dir, "--images", corpus, "--repeats", "1", "--batch-size", "8",
+            "--limit", "16", "--threads", "1", "--target", fmnist_small, "--int8",
+            "--latency-images", "6", "--out", str(out)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    text = result.output
+    for section in ("machine", "versions", "threads", "1. model-only", "2. end-to-end",
+                    "3. single-image latency", "4. INT8 vs FP32", "probe accuracy"):
+        assert section in text
+    assert text.count("PASS") + text.count("MISS") == 4
+    assert os.path.exists(os.path.join(model_dir, "model.int8.onnx"))  # made by --int8
+
+    report = json.loads(out.read_text())
+    rate = {k: v["images_per_s"] for k, v in report["speed"].items()}
+    assert set(rate) == {"ort_model_only_fp32", "torch_model_only", "ours_end_to_end_fp32",
+                         "torch_recipe_end_to_end", "ort_model_only_int8",
+                         "ours_end_to_end_int8"}
+    assert all(v > 0 for v in rate.values())
+    assert all(v["images"] == 16 for v in report["speed"].values())
+    ratios = report["ratios"]
+    assert ratios["end_to_end_ours_vs_torch_recipe"] == pytest.approx(
+        rate["ours_end_to_end_fp32"] / rate["torch_recipe_end_to_end"], rel=0.01)
+    assert ratios["end_to_end_fraction_of_model_only"] == pytest.approx(
+        rate["ours_end_to_end_fp32"] / rate["ort_model_only_fp32"], rel=0.01)
+    assert report["threads"]["intra_op"] == report["threads"]["torch"] == 1
+    lat = report["latency"]
+    assert lat["images"] == 6 and 0 < lat["p50_ms"] <= lat["p99_ms"]
+    acc = report["probe"]["accuracy"]
+    assert acc["fp32"] > 0.3 and acc["int8"] > 0.3  # 10 classes: chance is 0.1
+    assert report["probe"]["int8_change_points"] == pytest.approx(
+        100 * (acc["int8"] - acc["fp32"]), abs=0.02)
+    png = tmp_path / "report.png"
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 400
+
+
+def test_bench_reads_a_flat_folder_without_int8_or_target(model_dir, corpus, tmp_path):
+    from benchmarks.commands import bench
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for d in sorted(os.listdir(corpus)):
+        if os.path.isdir(os.path.join(corpus, d)):
+            for f in sorted(os.listdir(os.path.join(corpus, d)))[:3]:
+                shutil.copy(os.path.join(corpus, d, f), flat / f"{d}-{f}")
+    result = CliRunner().invoke(bench, [model_dir, "--images", str(flat), "--repeats", "1",
+                                        "--batch-size", "4", "--target", "none", "--no-int8",
+                                        "--latency-images", "5", "--threads", "1"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "4. INT8 vs FP32: left out (--no-int8)" in result.output
+    assert "ours end-to-end int8" not in result.output
+    assert result.output.count("PASS") + result.output.count("MISS") == 2
+
+
+def test_bench_errors_name_the_problem(model_dir, tmp_path):
+    from benchmarks.commands import bench
+    result = CliRunner().invoke(bench, [model_dir, "--target", "no-such-data"])
+    assert result.exit_code == 2 and "--target no-such-data" in result.output
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    result = CliRunner().invoke(bench, [str(empty), "--target", "none"])
+    assert result.exit_code == 2 and "no model.onnx" in result.output
