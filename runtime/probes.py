@@ -81,6 +81,7 @@ def _blas_threads(n: int | None):
         from threadpoolctl import threadpool_limits
     except ImportError:
         return nullcontext()
+    import scipy.optimize  # noqa: F401  (loads scipy's own BLAS first, so the limit covers it)
     return threadpool_limits(limits=n, user_api="blas")
 
 
