@@ -295,6 +295,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
       python cli.py probe predict models/spe probes/mnist photos/ --out preds.jsonl --top-k 3
     """
     import numpy as np
+    from tqdm import tqdm
 
     from runtime.commands import collect_items
 
@@ -306,37 +307,46 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
     check_probe_fits_model(estimator, pipe, probe_dir)
     top_k = min(top_k, len(estimator.classes_))
 
-    with pipe:
-        vectors, errors = embed_items(pipe, items, "predict")
-    ok = np.isfinite(vectors).all(axis=1)
-    probabilities = np.zeros((len(items), len(estimator.classes_)))
-    if ok.any():
-        probabilities[ok] = estimator.predict_proba(vectors[ok])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    errors: dict[int, str] = {}
+    row = 0
     try:
-        with os.fdopen(fd, "w") as f:
-            for row, (item_id, _) in enumerate(items):
-                if not ok[row]:
-                    record = {"id": item_id, "error": errors.get(row, "embedding is not finite")}
-                else:
-                    best = [(_plain(estimator.classes_[c]), float(probabilities[row, c]))
-                            for c in order[row]]
-                    record = {"id": item_id, "label": best[0][0], "score": best[0][1],
-                              "top_k": [list(pair) for pair in best]}
-                f.write(json.dumps(record) + "\n")
+        # streamed batch by batch: memory stays flat however many images there are
+        with os.fdopen(fd, "w") as f, pipe, tqdm(total=len(items), unit="img", file=sys.stderr,
+                                                desc="predict", dynamic_ncols=True,
+                                                disable=None) as bar:
+            for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
+                ok = np.isfinite(batch).all(axis=1)
+                probabilities = np.zeros((len(batch), len(estimator.classes_)))
+                if ok.any():
+                    probabilities[ok] = estimator.predict_proba(batch[ok])
+                order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+                for j in range(len(batch)):
+                    item_id, path = items[row + j]
+                    if not ok[j]:
+                        message = batch_errors.get(j, "embedding is not finite")
+                        errors[row + j] = message.replace(path, item_id, 1)
+                        record = {"id": item_id, "error": errors[row + j]}
+                    else:
+                        best = [(_plain(estimator.classes_[c]), float(probabilities[j, c]))
+                                for c in order[j]]
+                        record = {"id": item_id, "label": best[0][0], "score": best[0][1],
+                                  "top_k": [list(pair) for pair in best]}
+                    f.write(json.dumps(record) + "\n")
+                row += len(batch)
+                bar.update(len(batch))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    done = len(items) - len(errors)
     _report_errors(errors, "input")
-    click.echo(f"predicted {int(ok.sum())}/{len(items)} images; wrote {out}", err=True)
-    if not ok.any():
+    click.echo(f"predicted {done}/{len(items)} images; wrote {out}", err=True)
+    if done == 0:
         raise click.ClickException(f"all {len(items)} images failed; see the errors above")
 
 
