@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -212,6 +213,31 @@ class _DeviceRunner:
         return np.concatenate(out) if out else np.empty((0, self.dim), self.out_dtype)
 
 
+class _Gate:
+    """A semaphore whose limit can change: at most `limit` decode tasks run at once, so the pool
+    may hold a worker per core while only the workers the model leaves room for are busy."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+        self.cond = threading.Condition()
+
+    def set_limit(self, limit: int) -> None:
+        with self.cond:
+            self.limit = limit
+            self.cond.notify_all()
+
+    def __enter__(self):
+        with self.cond:
+            while self.active >= self.limit:
+                self.cond.wait()
+            self.active += 1
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.active -= 1
+            self.cond.notify()
+
+
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}
 
@@ -229,7 +255,9 @@ class FeaturePipeline:
 
     After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
     preprocessing_, feature_dim_, input_shape_, threads_, decode_threads_, model_path_,
-    session_, buckets_ (GPU only), cuda_graph_, optimized_model_.
+    session_, buckets_ (GPU only), cuda_graph_, optimized_model_, decode_parallelism_ (decode
+    workers per batch now: starts at decode_threads_ and, unless decode_threads was given,
+    grows up to the core count while the model waits for images, shrinks when it never does).
     """
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
@@ -301,6 +329,12 @@ class FeaturePipeline:
                                          device_id, self.cuda_graph_, self.input_dtype_,
                                          self.output_dtype_)
         self.buckets_ = bucket_list if self._runner else None
+        # Decode parallelism adapts only when not fixed by the caller: while the model thread
+        # waits for decoded images the model's cores are idle, so decoding may borrow them.
+        self._adaptive = decode_threads is None
+        self._max_parts = max(decode, cores) if self._adaptive else decode
+        self.decode_parallelism_ = decode
+        self._gate = _Gate(decode)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -330,7 +364,7 @@ class FeaturePipeline:
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.decode_threads_,
+                self._pool = ThreadPoolExecutor(self._max_parts,
                                                 thread_name_prefix="unirep-decode")
             return self._pool
 
@@ -387,6 +421,10 @@ class FeaturePipeline:
         batch[start:start + len(items)] = normalize_batch(crops, self.preprocessing_)
         return errors
 
+    def _gated_decode(self, items, batch, start, ids):
+        with self._gate:
+            return self._decode_into(items, batch, start, ids)
+
     # -- streaming -----------------------------------------------------------------------------
     def _submit(self, chunk: list[tuple[str, Any]], inline: bool):
         ids = [i for i, _ in chunk]
@@ -396,24 +434,39 @@ class FeaturePipeline:
             done: Future = Future()
             done.set_result(self._decode_into(items, batch, 0, ids))
             return ids, batch, [done]
-        parts = min(self.decode_threads_, len(items))
+        parts = min(self.decode_parallelism_, len(items))
         bounds = [round(k * len(items) / parts) for k in range(parts + 1)]
         pool = self._executor()
-        futures = [pool.submit(self._decode_into, items[a:b], batch, a, ids)
+        futures = [pool.submit(self._gated_decode, items[a:b], batch, a, ids)
                    for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return ids, batch, futures
 
     def _complete(self, ids, batch, futures):
+        start = time.perf_counter()
         errors: dict[int, str] = {}
         for f in futures:
             errors.update(f.result())
+        waited = time.perf_counter() - start
         vectors = np.full((len(ids), self.feature_dim_), np.nan, np.float32)
         if not errors:
             vectors[:] = self._infer(batch)
         elif len(errors) < len(ids):
             ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
             vectors[ok] = self._infer(batch[ok])
+        if self._adaptive:
+            self._adapt(waited, time.perf_counter() - start)
         return ids, vectors, errors
+
+    def _adapt(self, waited: float, cycle: float) -> None:
+        """One more decode worker when the model thread mostly waits for images (decoding is
+        the bottleneck and the model's cores idle); one fewer when it never waits."""
+        if waited > 0.5 * cycle and self.decode_parallelism_ < self._max_parts:
+            self.decode_parallelism_ += 1
+        elif waited < 0.02 * cycle and self.decode_parallelism_ > self.decode_threads_:
+            self.decode_parallelism_ -= 1
+        else:
+            return
+        self._gate.set_limit(self.decode_parallelism_)
 
     def iter_batches(self, inputs: Any) -> Iterator[tuple[list[str], np.ndarray, dict[int, str]]]:
         """Stream (ids, vectors, errors) per batch; `errors` is keyed by position in the batch.

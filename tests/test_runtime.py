@@ -180,6 +180,25 @@ def test_streaming_keeps_a_bounded_window(model_dir, fmnist_small):
     assert sum(len(b[0]) for b in rest) == 92 and len(pulled) == 100
 
 
+def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
+    """A tiny model waits for exact (PIL) decoding: an idle core should be lent to decoding."""
+    from runtime import FeaturePipeline, available_cores
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg")) * 3
+    cores = available_cores()
+    with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False) as p:
+        assert p.threads_ + p.decode_threads_ <= max(2, cores)
+        seen = {p.decode_parallelism_}
+        for _ in p.iter_batches(jpegs):
+            seen.add(p.decode_parallelism_)
+        assert p.decode_threads_ <= min(seen) and max(seen) <= cores
+        if cores >= 2:
+            assert max(seen) > p.decode_threads_, seen
+    with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False,
+                         decode_threads=1) as fixed:
+        for _ in fixed.iter_batches(jpegs):
+            assert fixed.decode_parallelism_ == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # preprocessing
 
