@@ -373,8 +373,8 @@ class FeaturePipeline:
         """Already preprocessed Nx3xSxS input -> (N, D) float32, in batches of batch_size."""
         x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape_:
-            raise ValueError(f"expected an array of shape (N, {', '.join(map(str, self.input_shape_))})"
-                             f", got {x.shape}")
+            shape = ", ".join(map(str, self.input_shape_))
+            raise ValueError(f"expected an array of shape (N, {shape}), got {x.shape}")
         out = [self._infer(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         return np.concatenate(out) if out else np.empty((0, self.feature_dim_), np.float32)
 

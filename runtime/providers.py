@@ -133,7 +133,8 @@ def default_cache_dir(model_path: str) -> str:
 def optimized_model_path(model_path: str, cache_dir: str, provider: str) -> str:
     """Where the optimised graph for this exact file, provider and onnxruntime version lives."""
     st = os.stat(model_path)
-    key = f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}|{provider}|{ort.__version__}"
+    key = "|".join(map(str, (os.path.abspath(model_path), st.st_size, st.st_mtime_ns, provider,
+                             ort.__version__)))
     stem = os.path.splitext(os.path.basename(model_path))[0]
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{stem}.{provider.replace('ExecutionProvider', '').lower()}"

@@ -244,7 +244,8 @@ def test_fast_jpeg_path_within_tolerance(pipe, jpeg_folder):
     assert cos.min() >= 0.99, cos
     # and through the whole pipeline (batched, threaded)
     end_to_end = pipe.embed(jpeg_folder)
-    assert end_to_end.errors == {} and _cosine(end_to_end.vectors, pipe.embed_arrays(exact)).min() >= 0.99
+    assert end_to_end.errors == {}
+    assert _cosine(end_to_end.vectors, pipe.embed_arrays(exact)).min() >= 0.99
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +392,8 @@ NO_TORCH = textwrap.dedent("""
     out = os.path.join(sys.argv[5], "f.npy")
     cli_result = CliRunner().invoke(cli.main, ["embed", sys.argv[2], sys.argv[3], "--out", out])
     print(json.dumps({"modules": modules, "shape": list(r.vectors.shape), "errors": len(r.errors),
-                      "ok": r.ok.tolist(), "cli": cli_result.exit_code, "cli_output": cli_result.output,
+                      "ok": r.ok.tolist(), "cli": cli_result.exit_code,
+                      "cli_output": cli_result.output,
                       "torch_loaded": any(k.split(".")[0] == "torch" for k in sys.modules)}))
 """)
 
