@@ -7,7 +7,9 @@ The fused graph keeps every output of the model (`embedding` first) and adds
 
 where `prep` is the probe's preprocessing (standardisation for logreg/svm, L2 normalisation for
 ncm), written as plain ONNX ops (Sub, Div, Mul, MatMul, Sqrt, Max, Add, Softmax, ArgMax) that
-every opset >= 13 supports. The class names go to the metadata key `unirep.probe.classes` (a
+every opset >= 13 supports. A kNN probe becomes its vote instead: cosine similarities to the
+stored features (MatMul), TopK, Gather of their labels, OneHot, (weighted) sums; probabilities
+are the vote fractions, as in `KNNProbe.predict_proba`. The class names go to the metadata key `unirep.probe.classes` (a
 JSON list, label i = classes[i]); the whole probe.json document, minus its arrays, goes to
 `unirep.probe`. The model description stays under `unirep.description`.
 
@@ -21,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from .probes import Probe, load_probe, model_mismatch
+from .probes import KNNProbe, Probe, load_probe, model_mismatch
 
 PROBE_METADATA_KEY = "unirep.probe"
 CLASSES_METADATA_KEY = "unirep.probe.classes"
@@ -55,7 +57,7 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     """Write `out_path`: the model of MODEL_DIR (or a .onnx path) with `probe` (a fitted probe
     or a probe folder) appended. Returns a summary {"classes", "opset", "outputs", "path"}.
 
-    Raises FuseError when the probe does not match the model or has no linear form (kNN)."""
+    Raises FuseError when the probe does not match the model."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -77,10 +79,15 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
         if problem:
             raise FuseError(f"probe does not fit model {model_path}: {problem}")
 
-    try:
-        W, b, prep = probe.linear_form_(dtype=np.float32)
-    except NotImplementedError as e:
-        raise FuseError(str(e)) from e
+    if isinstance(probe, KNNProbe):
+        W = b = None
+        prep = {"l2_normalize": True, "mean": None}
+    else:
+        try:
+            W, b, prep = probe.linear_form_(dtype=np.float32)
+        except NotImplementedError as e:
+            raise FuseError(str(e)) from e
+    dim = int(probe.n_features_in_)
 
     outputs = {o.name: o for o in graph.output}
     if embedding not in outputs:
@@ -91,9 +98,9 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
             raise FuseError(f"{model_path}: already has an output {name!r} (a fused model?); "
                             "fuse into the plain exported model")
     dims = outputs[embedding].type.tensor_type.shape.dim
-    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value != W.shape[0]:
+    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value != dim:
         raise FuseError(f"{model_path}: embedding has {dims[1].dim_value} dims; the probe "
-                        f"expects {W.shape[0]}")
+                        f"expects {dim}")
 
     taken = {n for node in graph.node for n in (*node.input, *node.output)}
     taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
@@ -111,17 +118,18 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
         taken.add(candidate)
         return candidate
 
-    def const(name: str, array: np.ndarray) -> str:
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array, np.float32), fresh(name))
+    def const(name: str, array: np.ndarray, dtype=np.float32) -> str:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array, dtype), fresh(name))
         graph.initializer.append(tensor)
         return tensor.name
 
     nodes = []
 
-    def op(op_type: str, inputs: list[str], name: str, **attrs) -> str:
-        out = fresh(name)
-        nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
+    def op(op_type: str, inputs: list[str], name: str, extra_outputs=(), **attrs):
+        """Append a node; returns its output name (a list when extra_outputs are named)."""
+        outs = [fresh(name)] + [fresh(f"{name}_{extra}") for extra in extra_outputs]
+        nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], **attrs))
+        return outs if extra_outputs else outs[0]
 
     x = embedding
     if outputs[embedding].type.tensor_type.elem_type != TensorProto.FLOAT:
@@ -129,17 +137,20 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     if prep.get("l2_normalize"):
         # ||x|| via MatMul with a ones column: no opset-dependent ReduceSum signature
         squares = op("Mul", [x, x], "squares")
-        norm = op("Sqrt", [op("MatMul", [squares, const("ones", np.ones((W.shape[0], 1)))],
+        norm = op("Sqrt", [op("MatMul", [squares, const("ones", np.ones((dim, 1)))],
                                  "sum_squares")], "norm")
         x = op("Div", [x, op("Max", [norm, const("eps", np.array(1e-12))], "safe_norm")],
                "l2_normalized")
     if prep.get("mean") is not None:
         x = op("Div", [op("Sub", [x, const("mean", prep["mean"])], "centred"),
                        const("scale", prep["scale"])], "standardized")
-    logits = op("Add", [op("MatMul", [x, const("weight", W)], "matmul"), const("bias", b)],
-                "logits")
-    nodes.append(helper.make_node("Softmax", [logits], [PROBABILITIES], name="probe/softmax",
-                                  axis=1))
+    if isinstance(probe, KNNProbe):
+        nodes.extend(_knn_nodes(probe, x, op, const))
+    else:
+        logits = op("Add", [op("MatMul", [x, const("weight", W)], "matmul"), const("bias", b)],
+                    "logits")
+        nodes.append(helper.make_node("Softmax", [logits], [PROBABILITIES],
+                                      name="probe/softmax", axis=1))
     nodes.append(helper.make_node("ArgMax", [PROBABILITIES], [LABEL], name="probe/argmax",
                                   axis=1, keepdims=0))
     graph.node.extend(nodes)
@@ -169,6 +180,34 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return {"path": out_path, "classes": document["classes"], "opset": opset,
             "outputs": [o.name for o in graph.output]}
+
+
+def _knn_nodes(probe: KNNProbe, x: str, op, const) -> list:
+    """Votes of the k most similar stored features: TopK over cosine similarities, Gather of
+    their labels, OneHot, then (weighted) sums by MatMul and Reshape, which keep one signature
+    across opsets (ReduceSum's changed at 13)."""
+    from onnx import helper
+
+    n_classes, k = len(probe.classes_), min(int(probe.k_), len(probe.features_))
+    sims = op("MatMul", [x, const("features_t", probe.features_.T)], "similarities")
+    top, indices = op("TopK", [sims, const("k", np.array([k]), np.int64)], "top",
+                      extra_outputs=("indices",), axis=1, largest=1, sorted=1)
+    neighbour_labels = op("Gather", [const("labels", probe.labels_, np.int64), indices],
+                          "neighbour_labels")
+    one_hot = op("OneHot", [neighbour_labels, const("depth", np.array([n_classes]), np.int64),
+                            const("off_on", np.array([0.0, 1.0]))], "one_hot", axis=-1)
+    if probe.weights == "uniform":
+        weights = const("uniform", np.ones((1, 1, k)))
+    else:
+        positive = op("Max", [top, const("zero", np.array(0.0))], "positive_similarity")
+        weights = op("Reshape", [op("Add", [positive, const("eps", np.array(1e-12))],
+                                    "weights"),
+                                 const("shape_b1k", np.array([-1, 1, k]), np.int64)],
+                     "weights_b1k")
+    votes = op("Reshape", [op("MatMul", [weights, one_hot], "votes_b1c"),
+                           const("shape_bc", np.array([-1, n_classes]), np.int64)], "votes")
+    total = op("MatMul", [votes, const("ones_c", np.ones((n_classes, 1)))], "total")
+    return [helper.make_node("Div", [votes, total], [PROBABILITIES], name="probe/vote_fractions")]
 
 
 def read_fused_classes(path: str) -> list:

@@ -361,8 +361,8 @@ def fuse(model_dir, probe_dir, out, variant):
     """Write one ONNX model = MODEL_DIR's embedding model with the probe inside.
 
     Outputs: embedding [B, D], probabilities [B, K] and label [B] (int64 index into the class
-    names, stored as JSON in the metadata key 'unirep.probe.classes'). Works for logreg, svm
-    and ncm probes (a kNN probe has no linear form).
+    names, stored as JSON in the metadata key 'unirep.probe.classes'). Every probe kind fuses:
+    logreg, svm and ncm as a matrix product and softmax, knn as a TopK vote.
 
     \b
     Example:

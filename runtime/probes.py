@@ -15,7 +15,7 @@ Kinds:
 
 Every probe exposes `linear_form_()` -> (W, b, preprocessing) with
 `probabilities = softmax(prep(x) @ W + b)` so `runtime.fuse` can write it as ONNX ops (kNN has no
-linear form and raises NotImplementedError). Saved as `probe.npz` (arrays; loaded with
+linear form: it raises NotImplementedError, and fuse writes its vote with TopK instead). Saved as `probe.npz` (arrays; loaded with
 allow_pickle=False) + `probe.json` (kind, params, classes, metadata), never pickle.
 
 Only numpy is needed to load and apply a probe; scipy is imported when fitting.
@@ -525,8 +525,7 @@ class KNNProbe(Probe):
 
     def linear_form_(self, dtype=np.float32):
         raise NotImplementedError(
-            "a kNN probe has no linear form, so it cannot be fused into the ONNX model; "
-            "apply it with `probe predict`, or fit a logreg, svm or ncm probe to fuse")
+            "a kNN probe has no linear form (runtime.fuse writes it with TopK and OneHot)")
 
 
 # ---------------------------------------------------------------------------------------------

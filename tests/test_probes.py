@@ -180,7 +180,7 @@ def test_model_mismatch_names_both_sides(digits_features):
 @pytest.mark.parametrize("kind,tolerance", [("logreg", 1e-4), ("svm", 1e-4),
                                             # ncm's temperature (~800 on these all-positive
                                             # ReLU features) scales fp32 rounding of cosines
-                                            ("ncm", 3e-4)])
+                                            ("ncm", 3e-4), ("knn", 1e-6)])
 def test_fused_model_matches_embed_plus_probe(model_dir, digits_features, digits_small,
                                               tmp_path, kind, tolerance):
     import onnx
@@ -191,7 +191,8 @@ def test_fused_model_matches_embed_plus_probe(model_dir, digits_features, digits
     from runtime.pipeline import FeaturePipeline
 
     X, y, _, _, description = digits_features
-    probe = make_probe(kind).fit(X, np.array([f"digit-{v}" for v in y]))
+    params = {"weights": "similarity"} if kind == "knn" else {}
+    probe = make_probe(kind, **params).fit(X, np.array([f"digit-{v}" for v in y]))
     probe.metadata_ = {"model_fingerprint": description_fingerprint(description)}
     info = fuse_probe(model_dir, probe, str(tmp_path / "fused.onnx"))
     onnx.checker.check_model(onnx.load(info["path"]), full_check=True)
@@ -214,15 +215,13 @@ def test_fused_model_matches_embed_plus_probe(model_dir, digits_features, digits
         np.testing.assert_allclose(fused_pipe.embed_arrays(images), embedding, atol=1e-5)
 
 
-def test_fuse_refuses_knn_and_a_mismatched_model(model_dir, digits_features, tmp_path):
+def test_fuse_refuses_a_mismatched_model(model_dir, digits_features, tmp_path):
     from runtime.fuse import FuseError, fuse_probe
     X, y, _, _, description = digits_features
-    with pytest.raises(FuseError, match="no linear form"):
-        fuse_probe(model_dir, KNNProbe().fit(X, y), str(tmp_path / "k.onnx"))
     wrong = LinearSVMProbe(C=1.0).fit(X[:, :16], y)
     with pytest.raises(FuseError, match="16-d features .* 32-d"):
         fuse_probe(model_dir, wrong, str(tmp_path / "w.onnx"))
-    assert not os.path.exists(tmp_path / "k.onnx") and not os.path.exists(tmp_path / "w.onnx")
+    assert not os.path.exists(tmp_path / "w.onnx")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +276,24 @@ def test_cli_fit_predict_fuse_end_to_end(model_dir, digits_small, tmp_path):
     knn = _invoke("probe", "fit", model_dir, "--data", digits_small, "--out",
                   str(tmp_path / "knn"), "--kind", "knn", "--k", "3", "--device", "cpu")
     assert knn.exit_code == 0 and "k = 3" in knn.output
-    refused = _invoke("probe", "fuse", model_dir, str(tmp_path / "knn"), "--out",
-                      str(tmp_path / "k.onnx"))
-    assert refused.exit_code == 2 and "no linear form" in refused.output
+    knn_fused = _invoke("probe", "fuse", model_dir, str(tmp_path / "knn"), "--out",
+                        str(tmp_path / "k.onnx"))
+    assert knn_fused.exit_code == 0 and os.path.exists(tmp_path / "k.onnx")
+    not_onnx = _invoke("probe", "fuse", model_dir, probe_dir, "--out", str(tmp_path / "k.txt"))
+    assert not_onnx.exit_code == 2 and "must end in .onnx" in not_onnx.output
+
+
+def test_cli_fit_on_a_nested_folder_at_the_generic_level(model_dir, nested_folder, tmp_path):
+    """A user folder without splits: all images are used, labels come from --level."""
+    out = str(tmp_path / "generic")
+    result = _invoke("probe", "fit", model_dir, "--data", nested_folder, "--out", out,
+                     "--level", "0", "--kind", "svm", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" not in result.output and "5 classes (level level0)" in result.output
+    doc = json.loads(open(os.path.join(out, "probe.json")).read())
+    assert doc["classes"] == ["bag", "bottoms", "dress", "footwear", "tops"]
+    assert doc["metadata"]["split"] == "all" and doc["metadata"]["n_train"] == 200
+    assert doc["metadata"]["train_accuracy"] > 0.5  # chance is 0.2 (tops alone are 0.4)
 
 
 def test_cli_refuses_a_probe_from_another_model(model_dir, digits_small, tmp_path):
