@@ -9,9 +9,11 @@ where `prep` is the probe's preprocessing (standardisation for logreg/svm, L2 no
 ncm), written as plain ONNX ops (Sub, Div, Mul, MatMul, Sqrt, Max, Add, Softmax, ArgMax) that
 every opset >= 13 supports. A kNN probe becomes its vote instead: cosine similarities to the
 stored features (MatMul), TopK, Gather of their labels, OneHot, (weighted) sums; probabilities
-are the vote fractions, as in `KNNProbe.predict_proba`. The class names go to the metadata key `unirep.probe.classes` (a
-JSON list, label i = classes[i]); the whole probe.json document, minus its arrays, goes to
-`unirep.probe`. The model description stays under `unirep.description`.
+are the vote fractions, as in `KNNProbe.predict_proba`.
+
+The class names go to the metadata key `unirep.probe.classes` (a JSON list, label i =
+classes[i]); the probe.json document, minus its arrays, goes to `unirep.probe`. The model
+description stays under `unirep.description`.
 
 Needs the `onnx` package (a tooling dependency; applying a fused model needs onnxruntime only).
 """

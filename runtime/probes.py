@@ -13,10 +13,11 @@ Kinds:
 - `ncm`     nearest class mean with cosine similarity on L2-normalised features.
 - `knn`     k nearest neighbours (cosine); probabilities are vote fractions.
 
-Every probe exposes `linear_form_()` -> (W, b, preprocessing) with
-`probabilities = softmax(prep(x) @ W + b)` so `runtime.fuse` can write it as ONNX ops (kNN has no
-linear form: it raises NotImplementedError, and fuse writes its vote with TopK instead). Saved as `probe.npz` (arrays; loaded with
-allow_pickle=False) + `probe.json` (kind, params, classes, metadata), never pickle.
+Every probe but kNN exposes `linear_form_()` -> (W, b, preprocessing) with
+`probabilities = softmax(prep(x) @ W + b)`, which `runtime.fuse` writes as ONNX ops (a kNN probe
+raises NotImplementedError there; fuse writes its vote with TopK instead). Saved as `probe.npz`
+(arrays; loaded with allow_pickle=False) + `probe.json` (kind, params, classes, metadata), never
+pickle.
 
 Only numpy is needed to load and apply a probe; scipy is imported when fitting.
 """
@@ -129,7 +130,8 @@ class Probe:
             y = y.astype(str) if y.dtype.kind in "OS" else y.astype(np.int64)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit a probe; got {self.classes_.tolist()}")
+            raise ValueError("need at least 2 classes to fit a probe; got "
+                             f"{self.classes_.tolist()}")
         return codes.astype(np.int64)
 
     def _check_fit_inputs(self, X, y) -> tuple[np.ndarray, np.ndarray]:
@@ -171,11 +173,13 @@ class Probe:
         """(train X, train codes, val X, val codes) from an explicit val set or a seeded split."""
         if X_val is not None:
             X_val = _as_features(X_val)
+            y_val = np.asarray(y_val).astype(str if self.classes_.dtype.kind == "U" else np.int64)
             index = {c: i for i, c in enumerate(self.classes_.tolist())}
-            unknown = sorted({str(c) for c in np.asarray(y_val).tolist()} - {str(c) for c in index})
+            unknown = sorted(set(y_val.tolist()) - set(index))
             if unknown:
-                raise ValueError(f"validation labels {unknown[:5]} are absent from the training labels")
-            val_codes = np.array([index[c] for c in np.asarray(y_val).tolist()], dtype=np.int64)
+                raise ValueError(f"validation labels {unknown[:5]} are absent from the "
+                                 "training labels")
+            val_codes = np.array([index[c] for c in y_val.tolist()], dtype=np.int64)
             return X, codes, X_val, val_codes
         train, val = _split_indices(codes, self.val_fraction, self.seed)
         if len(val) == 0:
@@ -380,11 +384,12 @@ class LogisticRegressionProbe(_LinearLBFGSProbe):
 
     Params: C (inverse regularisation, scikit-learn's meaning; None = choose on validation),
     Cs (the sweep; default 45 log-spaced values 1e-6..1e5), refine (rounds of halving the
-    log-interval around the best C, as CLIP does), patience (stop the sweep after that many Cs without a
-    better validation accuracy; None sweeps all), val_fraction, seed, max_iter, tol (gradient
-    tolerance of the final fit), sweep_tol (looser, for the sweep), standardize, blas_threads
-    (BLAS threads while fitting; None leaves the library's setting). Learned: classes_, coef_ (K, D), intercept_ (K,), C_, val_scores_,
-    mean_/scale_ (identity when standardize=False).
+    log-interval around the best C, as CLIP does), patience (stop the sweep after that many Cs
+    without a better validation accuracy; None sweeps all), val_fraction, seed, max_iter, tol
+    (gradient tolerance of the final fit), sweep_tol (looser, for the sweep), standardize,
+    blas_threads (BLAS threads while fitting; None leaves the library's setting).
+    Learned: classes_, coef_ (K, D), intercept_ (K,), C_, val_scores_ {C: accuracy},
+    mean_/scale_ (identity when standardize=False), n_iter_ (of the final fit).
     """
 
     kind = "logreg"

@@ -16,9 +16,10 @@ sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
 from common.data import stratified_split  # noqa: E402
-from runtime.probes import (DEFAULT_CS, KNNProbe, LinearSVMProbe, LogisticRegressionProbe,  # noqa: E402
-                            NearestClassMeanProbe, description_fingerprint, load_probe,
-                            make_probe, model_mismatch, save_probe)
+from runtime.probes import (DEFAULT_CS, KNNProbe, LinearSVMProbe,  # noqa: E402
+                            LogisticRegressionProbe, NearestClassMeanProbe,
+                            description_fingerprint, load_probe, make_probe, model_mismatch,
+                            save_probe)
 
 
 # ---------------------------------------------------------------------------------------------
