@@ -427,6 +427,7 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
     report["latency"] = latency(fp32, probe, paths, latency_images)
     for pipe in filter(None, (fp32, q8)):
         pipe.close()
+    report["machine"]["load_average_end"] = machine_info()["load_average"]
     report["floors"] = floors(report)
     return report
 
@@ -446,7 +447,7 @@ def floors(report: dict) -> list[dict]:
     out = []
     for name, value, floor in rows:
         passed = value >= floor if floor is not None else value <= 0.5
-        out.append({"floor": name, "value": value, "pass": bool(passed)})
+        out.append({"floor": name, "value": value + 0.0, "pass": bool(passed)})  # no -0.0
     return out
 
 
@@ -501,6 +502,12 @@ def format_report(report: dict) -> str:
         if "fp32" in p["accuracy"]:
             lines.append(f"   probe accuracy on {p['target']}: fp32 "
                          f"{100 * p['accuracy']['fp32']:.2f}%")
+    loads = [x for x in (m["load_average"], m.get("load_average_end")) if x]
+    if loads and max(x[0] for x in loads) > 0.5 * m["usable_cores"] + 0.5:
+        lines += ["", f"WARNING: the machine was busy (1-min load average up to "
+                      f"{max(x[0] for x in loads)} on {m['usable_cores']} cores): these timings "
+                      "are noisy, and multi-threaded PyTorch (OpenMP) suffers most from shared "
+                      "cores. Rerun on a quiet machine for figures to quote."]
     lines += ["", f"floors ({FLOORS_NOTE}):"]
     for f in report["floors"]:
         lines.append(f"   {'PASS' if f['pass'] else 'MISS'}  {f['floor']}: {f['value']:.3f}")
