@@ -303,7 +303,9 @@ def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg",
     return {
         "top1": top1_accuracy(y_test, y_pred),
         "mean_per_class": mean_per_class_accuracy(y_test, y_pred),
-        "C": float(estimator.C_),
+        # ncm / knn have no regularisation strength; their chosen k or temperature is recorded.
+        "C": float(estimator.C_) if getattr(estimator, "C_", None) is not None else None,
+        "k": getattr(estimator, "k_", None),
         "n_train": int(len(y_train)),
         "n_test": int(len(y_test)),
         "dropped": {"train": int((~ok_train).sum()), "test": int((~ok_test).sum())},

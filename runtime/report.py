@@ -87,7 +87,7 @@ def render_markdown(report: dict) -> str:
     for name, m in models.items():
         for t, r in m["targets"].items():
             dropped = r["dropped"]["train"] + r["dropped"]["test"]
-            out.append(f"| {name} | {t} | {r['C']:.3g} | {r['n_train']} | {r['n_test']} | "
+            out.append(f"| {name} | {t} | {_fmt_param(r)} | {r['n_train']} | {r['n_test']} | "
                        f"{dropped} | {r['images_per_s']:.0f} | {r.get('provider') or '?'} | "
                        f"{'yes' if r['cached'] else 'no'} |")
     out += ["", "## Targets", "",
@@ -164,3 +164,12 @@ def write_report(report: dict, out_dir: str) -> dict[str, str]:
     _write_atomic(paths["md"], render_markdown(report).encode())
     save_json_atomic(paths["json"], {**report, "files": paths})
     return paths
+
+
+def _fmt_param(result: dict) -> str:
+    """The probe's chosen hyper-parameter: C for logreg/svm, k for knn, '-' for ncm."""
+    if result.get("C") is not None:
+        return f"C={result['C']:.3g}"
+    if result.get("k") is not None:
+        return f"k={result['k']}"
+    return "-"
