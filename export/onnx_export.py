@@ -343,6 +343,11 @@ def write_onnx(module, example, path: str, output_names: list[str], opset: int) 
     elif os.path.exists(optimised):
         os.unlink(optimised)
     model = onnx.load(path)
+    # onnxruntime's saved model imports every domain it knows; keep only those the nodes use.
+    used_domains = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used_domains]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
     for k, node in enumerate(model.graph.node):  # fp16 block lists and error messages use names
         if not node.name:
             node.name = f"{node.op_type}_{k}"

@@ -133,14 +133,17 @@ def new_session(model_path: str):
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(model_path: str, images: np.ndarray, batch_size: int, session=None
-             ) -> dict[str, np.ndarray]:
+def run_onnx(model_path: str, images: np.ndarray, batch_size: int, session=None,
+             progress: str | None = None) -> dict[str, np.ndarray]:
     """Outputs of the ONNX model over `images` in batches of `batch_size` (a fresh session unless
-    one is given), as float32."""
+    one is given), as float32; a progress bar titled `progress` when given."""
+    from tqdm import tqdm
     session = session or new_session(model_path)
     names = [o.name for o in session.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=progress, file=sys.stderr, leave=False,
+                      disable=progress is None or len(starts) < 4):
         outs = session.run(names, {"image": images[start:start + batch_size]})
         for name, out in zip(names, outs):
             chunks[name].append(np.asarray(out, dtype=np.float32))

@@ -82,7 +82,7 @@ def render_markdown(report: dict) -> str:
         out.append("| " + " | ".join([name] + [f"{100 * m['targets'][t]['mean_per_class']:.1f}"
                                                for t in targets]) + " |")
     out += ["", "## Probe and embedding details", "",
-            "| model | target | C | n_train | n_test | dropped | images/s | provider | cached |",
+            "| model | target | C or k | n_train | n_test | dropped | images/s | provider | cached |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         for t, r in m["targets"].items():

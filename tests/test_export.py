@@ -84,6 +84,7 @@ def test_single_export_files_metadata_and_parity(single, runs):
     onnx.checker.check_model(model, full_check=True)
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
     assert model.opset_import[0].version >= 17
+    assert {o.domain for o in model.opset_import} == {""}  # plain ONNX, portable
 
     meta = {p.key: p.value for p in model.metadata_props}
     embedded = json.loads(meta[ONNX_METADATA_KEY])
