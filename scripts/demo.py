@@ -57,10 +57,14 @@ def main():
     runs, models = os.path.join(out, "runs"), os.path.join(out, "models")
     source = f"fashion-mnist:per_class={args.train_per_class}"
 
-    run("train", "--data", source, "--method", "specific", "--epochs", str(args.epochs),
-        "--out", os.path.join(runs, "fmnist"), "--resume")
-    run("train", "--data", source, "--method", "specific", "--epochs", "0",
-        "--out", os.path.join(runs, "random"))
+    for name, epochs in (("fmnist", args.epochs), ("random", 0)):
+        run_dir = os.path.join(runs, name)
+        if os.path.exists(os.path.join(run_dir, "model.pt")):
+            print(f"[demo] {run_dir} is complete; skipping training")
+            continue
+        resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else []
+        run("train", "--data", source, "--method", "specific", "--epochs", str(epochs),
+            "--out", run_dir, *resume)
     for name in ("fmnist", "random"):
         run("export", os.path.join(runs, name), "--out", os.path.join(models, name), "--overwrite")
 
