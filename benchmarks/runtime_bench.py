@@ -161,8 +161,10 @@ def torch_recipe(model, root: str, paths: list[str], as_folder: bool, pre, batch
     transform = torchvision_transform(pre)
     if as_folder:
         dataset = ImageFolder(root, transform=transform)
-        if len(paths) < len(dataset):
-            dataset = Subset(dataset, range(len(paths)))
+        if len(paths) < len(dataset):  # --limit, or files skipped as undecodable
+            wanted = set(paths)
+            dataset = Subset(dataset, [i for i, (p, _) in enumerate(dataset.samples)
+                                       if p in wanted])
     else:
         dataset = _FileList(paths, transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -354,9 +356,13 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
 
     log(f"bench: preprocessing {len(paths)} images for the model-only figures")
     arrays, errors = fp32.preprocess(paths)
-    if errors:
-        raise RuntimeError(f"{len(errors)} image(s) failed to decode: "
-                           f"{next(iter(errors.values()))}")
+    if errors:  # both sides then read only the good files
+        for position, message in sorted(errors.items()):
+            log(f"bench: skipped {paths[position]}: {message}")
+        paths = [p for i, p in enumerate(paths) if i not in errors]
+        report["images"].update(count=len(paths), skipped=len(errors))
+        if not paths:
+            raise FileNotFoundError(f"{images}: none of the images could be decoded")
     log("bench: warm-up")
     warm = arrays[:batch_size]
     for pipe in filter(None, (fp32, q8)):

@@ -97,13 +97,20 @@ def test_bench_reads_a_flat_folder_without_int8_or_target(model_dir, corpus, tmp
         if os.path.isdir(os.path.join(corpus, d)):
             for f in sorted(os.listdir(os.path.join(corpus, d)))[:3]:
                 shutil.copy(os.path.join(corpus, d, f), flat / f"{d}-{f}")
+    (flat / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "flat.json"
     result = CliRunner().invoke(bench, [model_dir, "--images", str(flat), "--repeats", "1",
+                                        "--out", str(out),
                                         "--batch-size", "4", "--target", "none", "--no-int8",
                                         "--latency-images", "5", "--threads", "1"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "4. INT8 vs FP32: left out (--no-int8)" in result.output
     assert "ours end-to-end int8" not in result.output
     assert result.output.count("PASS") + result.output.count("MISS") == 2
+    assert "skipped" in result.output and "broken.jpg" in result.output
+    report = json.loads(out.read_text())
+    assert report["images"]["skipped"] == 1 and report["images"]["count"] == 9
+    assert all(v["images"] == 9 for v in report["speed"].values())  # both sides, same files
 
 
 def test_bench_errors_name_the_problem(model_dir, tmp_path):
