@@ -28,11 +28,14 @@ import click
               "--no-int8: leave INT8 out. Default: INT8 if the file exists.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N images (quick runs).")
+@click.option("--exact-decode", is_flag=True,
+              help="Time the pipeline's exact reference decode (bit-identical to training's "
+              "evaluation transform) instead of the fast libjpeg-turbo one.")
 @click.option("--latency-images", type=click.IntRange(5), default=100, show_default=True)
 @click.option("--out", "out_path", metavar="REPORT.json", default=None,
               help="Write all figures as JSON, and a bar chart beside it (REPORT.png).")
 def bench(model_dir, images, batch_size, threads, decode_threads, repeats, target, int8, limit,
-          latency_images, out_path):
+          exact_decode, latency_images, out_path):
     """Benchmark MODEL_DIR: onnxruntime against PyTorch eager, same model, batch and threads.
 
     \b
@@ -67,7 +70,8 @@ def bench(model_dir, images, batch_size, threads, decode_threads, repeats, targe
         report = rb.run_benchmark(model_dir, images=images, batch_size=batch_size,
                                   threads=threads, decode_threads=decode_threads,
                                   repeats=repeats, target=target, int8=int8, limit=limit,
-                                  latency_images=latency_images)
+                                  latency_images=latency_images,
+                                  fast_decode=not exact_decode)
     except FileNotFoundError as e:
         raise click.UsageError(str(e))
     click.echo(rb.format_report(report))

@@ -180,10 +180,10 @@ def torch_recipe(model, root: str, paths: list[str], as_folder: bool, pre, batch
 # our side
 
 def pipeline(model_dir: str, variant: str, batch_size: int, threads: int,
-             decode_threads: int | None):
+             decode_threads: int | None, fast_decode: bool = True):
     from runtime.pipeline import FeaturePipeline
     return FeaturePipeline(model_dir, device="cpu", threads=threads, decode_threads=decode_threads,
-                           batch_size=batch_size, variant=variant)
+                           batch_size=batch_size, variant=variant, fast_decode=fast_decode)
 
 
 def ours_end_to_end(pipe, paths: list[str]) -> int:
@@ -303,12 +303,14 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
                   threads: int | None = None, decode_threads: int | None = None,
                   repeats: int = 3, target: str | None = "fashion-mnist:per_class=60",
                   int8: bool | None = None, limit: int | None = None,
-                  latency_images: int = 100, calib_images: int = 200) -> dict:
+                  latency_images: int = 100, calib_images: int = 200,
+                  fast_decode: bool = True) -> dict:
     """Measure everything (see module docstring); returns the report dict.
 
     int8: None = include INT8 if model.int8.onnx exists; True = make it if missing (calibrated
     on `calib_images` files of the image folder); False = leave INT8 out. target: labelled real
-    data for the probes (None: latency uses a probe fitted on the image folder's classes)."""
+    data for the probes (None: latency uses a probe fitted on the image folder's classes).
+    fast_decode=False times the pipeline's exact reference decode instead of the fast one."""
     import torch
 
     from runtime.pipeline import load_description, resolve_model
@@ -346,8 +348,9 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
                       else "no model.int8.onnx (pass --int8 to make one)")
 
     log("bench: loading the ONNX pipeline(s) and the PyTorch model")
-    fp32 = pipeline(model_dir, "fp32", batch_size, threads, decode_threads)
-    q8 = pipeline(model_dir, "int8", batch_size, threads, decode_threads) if use_int8 else None
+    fp32 = pipeline(model_dir, "fp32", batch_size, threads, decode_threads, fast_decode)
+    q8 = (pipeline(model_dir, "int8", batch_size, threads, decode_threads, fast_decode)
+          if use_int8 else None)
     model = torch_model(resolve_source_runs(desc, model_dir))
     report["threads"] = {"intra_op": fp32.threads_, "decode": fp32.decode_threads_,
                          "torch": torch.get_num_threads(),
@@ -473,7 +476,8 @@ def format_report(report: dict) -> str:
         f"images    {report['images']['count']} files, {report['images']['mean_kb']} KB mean, "
         f"{report['images']['folder']}",
         f"threads   onnxruntime intra-op {t['intra_op']}, decode {t['decode']}; torch "
-        f"{t['torch']}; PyTorch recipe DataLoader workers {t['torch_recipe_workers']}",
+        f"{t['torch']}; PyTorch recipe DataLoader workers {t['torch_recipe_workers']}; "
+        f"{'fast' if t['fast_decode'] else 'exact'} decode",
         "",
         "1. model-only (preprocessed arrays)",
         f"   onnxruntime fp32      {s['ort_model_only_fp32']['images_per_s']:8.1f} images/s",

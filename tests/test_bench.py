@@ -102,7 +102,8 @@ def test_bench_reads_a_flat_folder_without_int8_or_target(model_dir, corpus, tmp
     result = CliRunner().invoke(bench, [model_dir, "--images", str(flat), "--repeats", "1",
                                         "--out", str(out),
                                         "--batch-size", "4", "--target", "none", "--no-int8",
-                                        "--latency-images", "5", "--threads", "1"])
+                                        "--latency-images", "5", "--threads", "1",
+                                        "--exact-decode"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "4. INT8 vs FP32: left out (--no-int8)" in result.output
     assert "ours end-to-end int8" not in result.output
@@ -111,6 +112,7 @@ def test_bench_reads_a_flat_folder_without_int8_or_target(model_dir, corpus, tmp
     report = json.loads(out.read_text())
     assert report["images"]["skipped"] == 1 and report["images"]["count"] == 9
     assert all(v["images"] == 9 for v in report["speed"].values())  # both sides, same files
+    assert report["threads"]["fast_decode"] is False and "exact decode" in result.output
 
 
 def test_bench_errors_name_the_problem(model_dir, tmp_path):
