@@ -18,14 +18,16 @@ import click
               help="Also output logits_<head> for every trained head (logits_<run>_<head> for "
                    "combinations).")
 @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (float32 in/out).")
-@click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ); needs --calib.")
+@click.option("--int8", is_flag=True,
+              help="Also write model.int8.onnx (static QDQ); needs --calib.")
 @click.option("--calib", metavar="DATA", default=None,
               help="Real images to calibrate --int8 and to measure the probe-accuracy change "
                    "(a folder or a built-in, e.g. fashion-mnist:per_class=30).")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset (17 or newer; 18+ uses the dynamo exporter).")
 @click.option("--check-data", metavar="DATA", default=None,
-              help="Images for the parity check when the runs' training data is not available here.")
+              help="Images for the parity check when the runs' training data is not "
+                   "available here.")
 @click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
               help="How many real images the parity checks use.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
@@ -73,7 +75,8 @@ def summary_lines(out_dir: str, report: dict) -> str:
              f"{report['feature_dim']}-d embedding, exporter {report['exporter']}, "
              f"opset {report['opset']}"]
     for name, fig in report["parity"]["onnxruntime"]["outputs"].items():
-        lines.append(f"  parity onnxruntime/PyTorch {name}: max abs diff {fig['max_abs_diff']:.2e}, "
+        lines.append(f"  parity onnxruntime/PyTorch {name}: max abs diff "
+                     f"{fig['max_abs_diff']:.2e}, "
                      f"min cosine {fig['min_cosine']:.7f}")
     if "caffe2" in report["parity"]:
         for name, fig in report["parity"]["caffe2"]["outputs"].items():
@@ -125,7 +128,8 @@ def describe_model_dir(model_dir: str) -> str:
             out.append(f"  [{i}] {comp['architecture']} ({comp['feature_dim']}-d), method "
                        f"{comp.get('method')}, from {comp.get('source_run', '?')}")
     else:
-        out.append(f"architecture: {desc.architecture} ({desc.feature_dim}-d), method {desc.method}")
+        out.append(f"architecture: {desc.architecture} ({desc.feature_dim}-d), "
+                   f"method {desc.method}")
         if desc.source_runs:
             out.append(f"source run: {desc.source_runs[0]}")
     if desc.levels:
@@ -191,7 +195,8 @@ def describe_model_dir(model_dir: str) -> str:
 
 @click.command("inspect")
 @click.argument("model_dir", metavar="MODEL_DIR")
-@click.option("--json", "as_json", is_flag=True, help="Print export.json and the description as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print export.json and the description as JSON.")
 def inspect(model_dir, as_json):
     """Show an exported model: description, inputs/outputs, formats, parity figures, file sizes.
 

@@ -4,7 +4,7 @@ MODEL_DIR/model.onnx         input `image` [batch, 3, S, S] float32 (already nor
                              `embedding` [batch, D] (+ `logits_<head>` with logits=True); the model
                              description in metadata_props[ONNX_METADATA_KEY]
 MODEL_DIR/description.json   the same description
-MODEL_DIR/export.json        how it was made: exporter, optimisation, parity figures, variants, sizes
+MODEL_DIR/export.json        how it was made: exporter, optimisation, parity, variants, sizes
 MODEL_DIR/model.fp16.onnx, model.int8.onnx, init_net.pb, predict_net.pb, value_info.json: optional
 
 Several runs become one graph running every backbone: each penultimate vector is L-infinity
@@ -36,7 +36,7 @@ EXPORT_FORMAT_VERSION = 1
 
 
 class ExportError(ValueError):
-    """The export cannot go ahead or did not pass its checks; the message says why and what to do."""
+    """The export cannot go ahead or failed its checks; the message says why and what to do."""
 
 
 def log(message: str) -> None:
@@ -71,7 +71,7 @@ def load_runs(run_dirs: list[str]):
 
 
 def check_shared_preprocessing(descs: list[ModelDescription], run_dirs: list[str]) -> None:
-    """Runs combined into one graph read the same input tensor, so their preprocessing must agree."""
+    """Runs combined into one graph read one input tensor, so their preprocessing must agree."""
     first = vars(descs[0].preprocessing)
     problems = []
     for desc, run_dir in zip(descs[1:], run_dirs[1:]):
@@ -251,7 +251,8 @@ def fold_batchnorm(model) -> int:
         factor = scale / np.sqrt(var + eps)
         new_w = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32)
         new_b = ((bias - mean) * factor + beta).astype(np.float32)
-        w_name, b_name = f"{conv.name or conv.output[0]}_bnfold_w", f"{conv.name or conv.output[0]}_bnfold_b"
+        stem = conv.name or conv.output[0]
+        w_name, b_name = f"{stem}_bnfold_w", f"{stem}_bnfold_b"
         graph.initializer.extend([numpy_helper.from_array(new_w, w_name),
                                   numpy_helper.from_array(new_b, b_name)])
         del conv.input[1:]
@@ -448,7 +449,6 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
         check_shared_preprocessing(descs, run_dirs)
     output_names, logits_heads = output_names_for(descs, logits)
     module = build_export_module(networks, logits)
-    pre = descs[0].preprocessing
 
     log(f"export: loading real images to check parity ({parity_images})")
     images, image_source = parity_mod.load_check_images(descs, check_data, parity_images)
@@ -463,7 +463,8 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
         model_path = os.path.join(tmp_dir, "model.onnx")
         log(f"export: {desc.architecture} -> ONNX (opset {opset})")
         t0 = time.perf_counter()
-        example = torch.from_numpy(images[: min(2, len(images))])
+        # batch 2: an example batch of 1 would let the exporter specialise the batch dimension
+        example = torch.from_numpy(np.concatenate([images, images])[:2])
         graph_report = write_onnx(module, example, model_path, output_names, opset)
         export_seconds = time.perf_counter() - t0
         desc.versions = dict(desc.versions, export=export_versions(opset, graph_report["exporter"]))
@@ -500,7 +501,8 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
             "formats": ["onnx"] + [f for f in formats if f != "onnx"],
             "opset": opset,
             **{k: graph_report[k] for k in ("exporter", "dynamo_error")},
-            "graph": {k: v for k, v in graph_report.items() if k not in ("exporter", "dynamo_error")},
+            "graph": {k: v for k, v in graph_report.items()
+                      if k not in ("exporter", "dynamo_error")},
             "io": graph_io(model_path),
             "parity": parity,
             "variants": variants,

@@ -47,7 +47,8 @@ def resolve_dataset(descs: list[ModelDescription], check_data: str | None):
             tried.append(f"{spec}: {e}")
     detail = "; ".join(tried) if tried else "the run's description names no data spec"
     raise _error(f"no real images to check parity against ({detail}). Pass --check-data DATA "
-                 "(a folder or a built-in such as fashion-mnist) with images like the training data.")
+                 "(a folder or a built-in such as fashion-mnist) with images like the training "
+                 "data.")
 
 
 def pick_samples(dataset, n: int, seed: int = 0, prefer_split: str = "train"
@@ -194,13 +195,16 @@ def _merge(per_batch: dict[int, dict[str, dict]]) -> dict:
         fig["tolerance_abs"] = FP32_RTOL * fig.get("scale", 0.0) + FP32_ATOL
         fig["min_cosine_required"] = FP32_MIN_COSINE
         fig["ok"] = within_fp32_tolerance(fig)
-    return {"batch_sizes": list(per_batch), "outputs": outputs, "ok": all(f["ok"] for f in outputs.values())}
+    return {"batch_sizes": list(per_batch), "outputs": outputs,
+            "ok": all(f["ok"] for f in outputs.values())}
 
 
 def _failure_message(label: str, result: dict) -> str:
-    bad = [f"{name}: max abs diff {f.get('max_abs_diff', float('nan')):.3g} "
-           f"(allowed {f['tolerance_abs']:.3g}), min cosine {f.get('min_cosine', float('nan')):.6f} "
-           f"(required {f['min_cosine_required']})" + ("" if f.get("finite", True) else ", non-finite values")
+    nan = float("nan")
+    bad = [f"{name}: max abs diff {f.get('max_abs_diff', nan):.3g} "
+           f"(allowed {f['tolerance_abs']:.3g}), min cosine {f.get('min_cosine', nan):.6f} "
+           f"(required {f['min_cosine_required']})"
+           + ("" if f.get("finite", True) else ", non-finite values")
            for name, f in result["outputs"].items() if not f["ok"]]
     return f"{label} parity failed, nothing written: " + "; ".join(bad)
 
@@ -235,7 +239,8 @@ def check_against(model_path: str, run_fn, images: np.ndarray, label: str,
         missing = set(reference) - set(got)
         if missing:
             raise _error(f"{label} nets lack outputs {sorted(missing)}")
-        per_batch[bs] = {n: compare(reference[n], np.asarray(got[n], np.float32)) for n in reference}
+        per_batch[bs] = {n: compare(reference[n], np.asarray(got[n], np.float32))
+                         for n in reference}
     result = _merge(per_batch)
     result["reference"] = "onnxruntime"
     if not result["ok"]:

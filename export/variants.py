@@ -152,7 +152,8 @@ def make_probe():
     if LogisticRegressionProbe is not None:
         # A fixed C: both precisions get the same probe, and no C sweep (seconds, not minutes).
         try:
-            return LogisticRegressionProbe(C=1.0, max_iter=300), "runtime.probes.LogisticRegressionProbe(C=1)"
+            return (LogisticRegressionProbe(C=1.0, max_iter=300),
+                    "runtime.probes.LogisticRegressionProbe(C=1)")
         except TypeError:
             return LogisticRegressionProbe(), "runtime.probes.LogisticRegressionProbe"
     else:
@@ -177,7 +178,8 @@ class NearestClassMean:
         return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, train_idx, test_idx) -> tuple[float, str]:
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, train_idx, test_idx
+                   ) -> tuple[float, str]:
     probe, name = make_probe()
     probe.fit(features[train_idx], labels[train_idx])
     predicted = np.asarray(probe.predict(features[test_idx]))
@@ -242,7 +244,8 @@ def make_variants(model_path: str, out_dir: str, desc_dict: dict, descs, parity_
         info = build(path)
         build_s = time.perf_counter() - t0
         figures = drift(fp32_parity, path, parity_images)
-        variant_probe = run_onnx(path, probe_images, 16, progress=f"{variant} embeddings")["embedding"]
+        variant_probe = run_onnx(path, probe_images, 16,
+                                 progress=f"{variant} embeddings")["embedding"]
         probe_cos = cosine_rows(fp32_probe, variant_probe)
         acc, _ = probe_accuracy(variant_probe, labels, train_idx, test_idx)
         entry = {
