@@ -4,7 +4,7 @@ Never imports torch (not even indirectly): an application embedding this package
 onnxruntime(-gpu), numpy and pillow. Names are imported on first use, so the CLI's command
 modules (`runtime.commands`, ...) load without pulling in onnxruntime.
 
-    from runtime import FeaturePipeline
+    from runtime import FeaturePipeline, LogisticRegressionProbe
     features = FeaturePipeline("models/spe").embed(["a.jpg", "photos/"]).vectors
 """
 from __future__ import annotations
@@ -18,6 +18,10 @@ _EXPORTS = {
     "load_crop": "decode", "normalize_batch": "decode", "preprocess": "decode",
     "ProviderFallbackWarning": "providers", "available_cores": "providers",
     "cuda_device_count": "providers", "create_session": "providers",
+    "LogisticRegressionProbe": "probes", "LinearSVMProbe": "probes",
+    "NearestClassMeanProbe": "probes", "KNNProbe": "probes", "make_probe": "probes",
+    "save_probe": "probes", "load_probe": "probes", "fuse_probe": "fuse",
+    "evaluate_models": "evaluate", "mnrg": "universality", "anrg": "universality",
 }
 __all__ = sorted(_EXPORTS)
 
