@@ -71,6 +71,7 @@ def test_bench_prints_every_section_and_writes_report(model_dir, corpus, fmnist_
                          "torch_recipe_end_to_end", "ort_model_only_int8",
                          "ours_end_to_end_int8"}
     assert all(v > 0 for v in rate.values())
+    assert all(v["cpu_ms_per_image"] > 0 for v in report["speed"].values())
     assert all(v["images"] == 16 for v in report["speed"].values())
     ratios = report["ratios"]
     assert ratios["end_to_end_ours_vs_torch_recipe"] == pytest.approx(
