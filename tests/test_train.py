@@ -319,3 +319,18 @@ def test_generic_from_mapping_and_clustering(nested_folder, specific_run, tmp_pa
     desc = ModelDescription.load(run)
     assert desc.heads[0]["name"] == "cluster3" and len(desc.heads[0]["classes"]) == 3
     assert desc.levels[0].name == "cluster3" and desc.source_runs == [os.path.abspath(specific_run)]
+
+
+def test_strong_augmentation_keeps_shape_and_varies_views():
+    import torch
+    from common.description import Preprocessing
+    from train.augment import train_transform
+    pre = Preprocessing(input_size=32, resize_size=32)
+    img = (torch.arange(3 * 32 * 32) % 255).to(torch.uint8).reshape(3, 32, 32)
+    strong = train_transform(pre, strength="strong")
+    torch.manual_seed(0)
+    views = [strong(img) for _ in range(4)]
+    assert all(v.shape == (3, 32, 32) and v.dtype == torch.float32 for v in views)
+    assert not torch.equal(views[0], views[1])
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        train_transform(pre, strength="extreme")

@@ -82,6 +82,9 @@ def _parse_weights(ctx, param, value):
 @click.option("--input-size", default=None, type=int, help="Pixels [architecture's default].")
 @click.option("--hflip/--no-hflip", default=True, show_default=True,
               help="Random horizontal flips (turn off for digits, text).")
+@click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard",
+              show_default=True, help="strong: bigger crops, rotation, colour and greyscale; "
+              "for classes with only a few images each (e.g. emoji).")
 @click.option("--val-fraction", default=0.1, show_default=True,
               help="Hold-out for evaluation when the data has no test split.")
 @click.option("--per-class", default=None, type=int, help="At most N images per class and split "

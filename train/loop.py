@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     input_size: int | None = None        # None: the architecture's default
     hflip: bool = True
+    augment: str = "standard"            # standard | strong (more crop, rotation, colour)
     val_fraction: float = 0.1            # hold-out when the data has no test split
     per_class: int | None = None         # at most this many images per leaf class and split
     workers: int = 0
@@ -386,7 +387,7 @@ def make_image_sets(cfg: TrainConfig, problem: Problem, pre: Preprocessing, dist
                                                                         pre.input_size)))
     nbytes = 3 * (len(problem.train_paths) * train_pre.input_size ** 2
                   + len(problem.eval_paths) * pre.input_size ** 2)
-    train_tf = augment.train_transform(pre, hflip=cfg.hflip)
+    train_tf = augment.train_transform(pre, hflip=cfg.hflip, strength=cfg.augment)
     eval_tf = augment.eval_transform(pre)
     if nbytes > cfg.cache_gb * 1e9:
         _log(dist, f"images decoded on the fly ({nbytes / 1e9:.1f} GB > --cache-gb {cfg.cache_gb}); "
@@ -426,7 +427,7 @@ def check_source_arch(cfg: TrainConfig, arch: str) -> None:
 def build_model(cfg: TrainConfig, heads: list[dict], arch: str) -> tuple[Network, dict]:
     """Seeded model; fsft starts from the --from run's weights (its own arch kwargs)."""
     arch_kwargs = dict(cfg.arch_kwargs)
-    if cfg.method == "fsft":
+    if cfg.method in ("fsft", "finer"):  # finer: same width as --from unless overridden
         source = ModelDescription.load(cfg.from_run)
         arch_kwargs = dict(source.arch_kwargs, **arch_kwargs)
     torch.manual_seed(cfg.seed)
@@ -570,7 +571,9 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
                              f"{len(problem.heads)} heads ({names})")
 
     pre = default_preprocessing(arch, cfg.input_size)
-    if cfg.method == "fsft":
+    if cfg.method == "fsft" or (cfg.method == "finer" and cfg.input_size is None):
+        # Same input as the --from run unless asked otherwise, so that the two networks can be
+        # combined at export (SpeFiNet, MulDiP+FSFT need one shared preprocessing).
         pre = ModelDescription.load(cfg.from_run).preprocessing
     model, arch_kwargs = build_model(cfg, problem.heads, arch)
     model.to(dist.device)
@@ -600,7 +603,7 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
               "per_class": cfg.per_class},
         source_runs=[_abs(p) for p in (cfg.from_run, problem.spec.get("group_by_clustering")) if p],
         versions=versions(),
-        extra={"train_config": cfg.to_dict(), "augmentation": augment.describe(pre, cfg.hflip)})
+        extra={"train_config": cfg.to_dict(), "augmentation": augment.describe(pre, cfg.hflip, cfg.augment)})
     return Plan(cfg, dist, problem, train_set, eval_set, model, optimizer, desc, skipped)
 
 
