@@ -45,7 +45,7 @@ SCALES = {
                   targets=["fashion-mnist:per_class=20", "emoji-twitter-category"],
                   probe_params={"Cs": [1e-3, 1e-1, 1e1, 1e3], "refine": 0},
                   budget_min=10),
-    "small": dict(epochs=8, input_size=48, width=32, max_per_class=100,
+    "small": dict(epochs=12, input_size=48, width=32, max_per_class=100,
                   targets=["fashion-mnist:per_class=100", "mnist", "digits",
                            "emoji-twitter-subcategory", "emoji-twitter-category"],
                   probe_params={"refine": 0}, budget_min=60),
@@ -95,7 +95,8 @@ def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
     arch = ["--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}"]
 
     def trained(seed_: int) -> list[str]:
-        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_)]
+        # strong augmentation: the specific level has 1-6 images per class
+        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_), "--augment", "strong"]
 
     common = trained(seed)
     steps = [
@@ -109,7 +110,8 @@ def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
         TrainStep("finer", ["--method", "finer", "--finer-mode", "kmeans", "--finer-k", "2",
                             "--finer-min-size", "2"] + common, after=["specific"]),
         TrainStep("fsft", ["--method", "fsft", "--alpha", "0.1", "--reinit", "2",
-                           "--epochs", str(s["epochs"]), "--seed", str(seed)], after=["specific"]),
+                           "--epochs", str(s["epochs"]), "--seed", str(seed),
+                           "--augment", "strong"], after=["specific"]),
         TrainStep("specific-seed1", ["--method", "specific"] + trained(seed + 1)),
         TrainStep("specific-seed2", ["--method", "specific"] + trained(seed + 2)),
         TrainStep("random", ["--method", "specific"] + arch
@@ -351,8 +353,9 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
              "skin-tone variants; levels category (10) > subcategory (99) > emoji (1,910), "
              "so the specific level has 1 to 6 images per class.",
              f"- Training: small_cnn (4 conv blocks, width {meta['width']}), "
-             f"{meta['input_size']} px, {meta['epochs']} epoch(s) each, SGD + cosine, pad-and-crop "
-             "+ flip augmentation, seed 0 unless stated. FiNet: K-means K=2 per emoji with "
+             f"{meta['input_size']} px, {meta['epochs']} epoch(s) each, SGD + cosine, strong "
+             "augmentation (random resized crop 50-100%, rotation 15 degrees, colour jitter, "
+             "greyscale, flip), seed 0 unless stated. FiNet: K-means K=2 per emoji with "
              "clusters of at least 2 images (emoji classes are too small for the paper's ~20). "
              "FSFT: from Net-S, last 2 blocks re-initialised, kept layers at 0.1 x lr.",
              f"- Combinations: each network's embedding L-inf normalised, then concatenated "
