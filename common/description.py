@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .atomic import atomic_open
 
 FORMAT_VERSION = 1
 ONNX_METADATA_KEY = "unirep.description"
@@ -46,20 +47,9 @@ class Level:
 
 
 def save_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (write temp, fsync, rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON so that a reader never sees a half-written file."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
 
 
 @dataclass

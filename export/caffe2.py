@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 
 import numpy as np
 
@@ -181,20 +180,7 @@ def load_net(path: str) -> "NetDef":
         return NetDef.FromString(f.read())
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pb", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from common.atomic import write_bytes_atomic as _write_atomic  # noqa: E402
 
 
 def save_net(net: "NetDef", path: str) -> int:

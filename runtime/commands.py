@@ -64,22 +64,11 @@ def collect_items(inputs: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def save_npy_atomic(path: str, array) -> None:
-    import tempfile
-
     import numpy as np
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    from common.atomic import atomic_open
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
 
 
 def sidecar_paths(features_path: str) -> tuple[str, str]:

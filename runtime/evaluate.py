@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from common.data import DataError, ImageDataset, load_dataset, stratified_split
 from common.data import cache_dir as unirep_cache_dir
+from common.atomic import atomic_open
 from common.description import ModelDescription
 from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
 
@@ -219,19 +219,8 @@ class Embedded:
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _load_cached(path: str, target: TargetSplit) -> Embedded | None:

@@ -15,25 +15,11 @@ report.json layout (accuracies are fractions in [0, 1]; mNRG/aNRG are x100):
 from __future__ import annotations
 
 import os
-import tempfile
 
 from common.description import save_json_atomic
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from common.atomic import write_bytes_atomic as _write_atomic  # noqa: E402
 
 
 def _columns(report: dict) -> list[tuple[str, callable, str]]:

@@ -17,7 +17,7 @@ Pure NumPy: no torch.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 

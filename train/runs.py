@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 
 import torch
 
+from common.atomic import atomic_open
 from common.description import Level, ModelDescription
 from .models import Network, create_model, default_preprocessing
 
@@ -25,20 +25,9 @@ def versions() -> dict:
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save that never leaves a half-written checkpoint behind."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_run(model: Network, desc: ModelDescription, run_dir: str) -> None:

@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of it.
+
+Everything the project persists (checkpoints, models, features, probes, reports) goes through
+`atomic_open`: write to a temporary file in the same folder, flush and fsync, then rename over
+the destination (rename is atomic within a file system). On any error the temporary is removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
+    if mode not in ("w", "wb"):
+        raise ValueError("atomic_open writes whole files: mode 'w' or 'wb'")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
