@@ -202,13 +202,34 @@ def load_crop(src: Any, pre: Preprocessing, fast: bool = True) -> np.ndarray:
         raise ImageDecodeError(message) from e
 
 
-def normalize_batch(crops: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """NxSxSx3 uint8 -> Nx3xSxS float32 with the reference's operations in the reference's
-    order (scale, subtract mean, divide std), so results match common.images.normalize exactly."""
-    x = crops.astype(np.float32) * np.float32(1.0 / 255.0)
-    x -= np.asarray(pre.mean, np.float32)
-    x /= np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+def _channel_tables(pre: Preprocessing) -> np.ndarray:
+    """3x256 float32: every uint8 value of each channel through the reference's operations in
+    the reference's order (scale, subtract mean, divide std), so lookups match
+    common.images.normalize bit for bit."""
+    key = (tuple(pre.mean), tuple(pre.std))
+    table = _TABLES.get(key)
+    if table is None:
+        v = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
+        table = np.stack([(v - np.float32(m)) / np.float32(s) for m, s in zip(pre.mean, pre.std)])
+        _TABLES[key] = table
+    return table
+
+
+_TABLES: dict = {}
+
+
+def normalize_batch(crops: np.ndarray, pre: Preprocessing, out: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """NxSxSx3 uint8 -> Nx3xSxS float32, written into `out` when given.
+
+    A table lookup per channel (np.take) instead of float arithmetic on every pixel: about 2.5x
+    cheaper, and it writes channels-first directly, so no transposed copy is made."""
+    table = _channel_tables(pre)
+    if out is None:
+        out = np.empty((crops.shape[0], 3) + crops.shape[1:3], np.float32)
+    for c in range(3):
+        np.take(table[c], crops[..., c], out=out[:, c], mode="clip")  # uint8: in range
+    return out
 
 
 def preprocess(src: Any, pre: Preprocessing, fast: bool = True) -> np.ndarray:
