@@ -1,5 +1,5 @@
 # Quick start: `make demo` (train -> export -> probes, < 10 min on 2 cores) and `make test`.
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench study clean
 PY := .venv/bin/python
 
 setup:
@@ -12,7 +12,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) cli.py bench --help
+	bash scripts/bench_runtime.sh
+
+study: setup
+	$(PY) scripts/study.py --scale small
 
 clean:
-	rm -rf runs/demo models/demo
+	rm -rf out/demo bench-out

@@ -109,7 +109,10 @@ def plot_report(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 2, 4.2),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     axes = axes[0]
-    colours = plt.get_cmap("tab10")(np.arange(len(names)) % 10)
+    # distinct colours for up to 20 models (tab10 repeats after 10), evenly spread beyond
+    colours = (plt.get_cmap("tab10")(np.arange(len(names))) if len(names) <= 10 else
+               plt.get_cmap("tab20")(np.arange(len(names))) if len(names) <= 20 else
+               plt.get_cmap("turbo")(np.linspace(0.05, 0.95, len(names))))
     bar = 0.8 / len(names)
     x = np.arange(len(targets))
     for i, name in enumerate(names):
