@@ -566,6 +566,12 @@ def main(scale, work, page, threads, seed, plan_only):
     os.makedirs(os.path.dirname(page), exist_ok=True)
     plot_results(report, png)
     text = results_page(report, vs_control, params, timings.stages, meta, os.path.basename(png))
+    # A hand-written reading of the figures (kept beside the page, so a re-run keeps it).
+    reading = os.path.splitext(page)[0] + "-reading.md"
+    if os.path.exists(reading):
+        with open(reading) as f:
+            text = text.replace("## Discussion (generated", f.read().rstrip() + "\n\n"
+                                "## Discussion (generated", 1)
     tmp = page + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
