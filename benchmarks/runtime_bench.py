@@ -531,10 +531,12 @@ def format_report(report: dict) -> str:
         if "fp32" in p["accuracy"]:
             lines.append(f"   probe accuracy on {p['target']}: fp32 "
                          f"{100 * p['accuracy']['fp32']:.2f}%")
-    loads = [x for x in (m["load_average"], m.get("load_average_end")) if x]
-    if loads and max(x[0] for x in loads) > 0.5 * m["usable_cores"] + 0.5:
-        lines += ["", f"WARNING: the machine was busy (1-min load average up to "
-                      f"{max(x[0] for x in loads)} on {m['usable_cores']} cores): these timings "
+    # Only the load seen before starting says whether others were busy: the load at the end
+    # counts this benchmark's own threads.
+    start = m["load_average"]
+    if start and start[0] > 0.5 * m["usable_cores"] + 0.5:
+        lines += ["", f"WARNING: the machine was busy (1-min load average {start[0]} before "
+                      f"starting, on {m['usable_cores']} cores): these timings "
                       "are noisy, and multi-threaded PyTorch (OpenMP) suffers most from shared "
                       "cores. Rerun on a quiet machine for figures to quote."]
     lines += ["", f"floors ({FLOORS_NOTE}):"]
