@@ -10,7 +10,6 @@ so that torchvision's ImageFolder reads the very same files as our pipeline.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
