@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from common.atomic import build_folder_once
 from common.data import cache_dir
 from common.description import save_json_atomic
 
@@ -98,22 +97,8 @@ def ensure_corpus(count: int = DEFAULT_COUNT, size: tuple[int, int] = DEFAULT_SI
                   quality: int = DEFAULT_QUALITY, seed: int = 0, root: str | None = None) -> str:
     """The cached corpus folder, built on first use (atomically: a temp folder, then renamed)."""
     root = root or os.path.join(cache_dir(), "bench-corpus")
-    out = os.path.join(root, corpus_key(count, size, quality, seed))
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        return out
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".corpus-", dir=root)
-    try:
-        build_corpus(tmp, count, size, quality, seed)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first: keep theirs
-            if not os.path.exists(os.path.join(out, MANIFEST)):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_folder_once(os.path.join(root, corpus_key(count, size, quality, seed)),
+                             lambda tmp: build_corpus(tmp, count, size, quality, seed), MANIFEST)
 
 
 def corpus_info(folder: str) -> dict:

@@ -34,3 +34,27 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
 def write_bytes_atomic(path: str, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def build_folder_once(out: str, build, marker: str) -> str:
+    """Return folder `out`, building it first if `out/marker` is missing.
+
+    `build(tmp)` fills a temporary folder beside `out`, which is then renamed into place, so a
+    reader never sees a half-built folder; when two processes race, the first rename wins."""
+    import shutil
+    if os.path.exists(os.path.join(out, marker)):
+        return out
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=parent)
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first: keep theirs
+            if not os.path.exists(os.path.join(out, marker)):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -19,11 +19,11 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .atomic import build_folder_once
 from .description import Level, save_json_atomic
 from .images import is_image_file
 
@@ -346,24 +346,13 @@ def materialise_builtin(spec: str) -> str:
         raise DataError(f"{spec!r} is neither a folder nor a built-in dataset "
                         f"(built-ins: {', '.join(BUILTINS)})")
     key = name + ("-" + "-".join(f"{k}={v}" for k, v in sorted(opts.items())) if opts else "")
-    out = os.path.join(cache_dir(), "datasets", _slug(key))
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{_slug(key)}-", dir=os.path.dirname(out))
-    try:
+
+    def build(tmp: str) -> None:
         info = BUILTINS[name](tmp, opts)
         info.update({"name": key, "builtin": name, "options": opts})
         save_json_atomic(os.path.join(tmp, MANIFEST), info)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first: keep theirs
-            if not os.path.exists(os.path.join(out, MANIFEST)):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return build_folder_once(os.path.join(cache_dir(), "datasets", _slug(key)), build, MANIFEST)
 
 
 def load_dataset(spec: str) -> ImageDataset:
