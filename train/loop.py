@@ -433,8 +433,8 @@ def build_model(cfg: TrainConfig, heads: list[dict], arch: str) -> tuple[Network
     torch.manual_seed(cfg.seed)
     model = create_model(arch, [len(h["classes"]) for h in heads], **arch_kwargs)
     if cfg.method == "fsft":
-        state = torch.load(os.path.join(cfg.from_run, "model.pt"), map_location="cpu",
-                           weights_only=True)
+        weights = os.path.join(cfg.from_run, "model.pt")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     elif cfg.pretrained:
         from .pretrained import load_pretrained
