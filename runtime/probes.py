@@ -186,6 +186,14 @@ class Probe:
             return X, codes, None, None
         return X[train], codes[train], X[val], codes[val]
 
+    @staticmethod
+    def _with_given_val(X, codes, Xv, cv, X_val):
+        """The final fit uses train+val: an explicit validation set joins the training data
+        (a seeded hold-out already is part of X)."""
+        if X_val is None or Xv is None:
+            return X, codes
+        return np.concatenate([X, Xv.astype(X.dtype)]), np.concatenate([codes, cv])
+
 
 def _short(v):
     if isinstance(v, np.ndarray):
@@ -290,8 +298,7 @@ class _LinearLBFGSProbe(Probe):
         k = len(self.classes_)
         X = X.astype(np.float64)
         Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
-        if Xv is not None and X_val is not None:
-            X, codes = np.concatenate([X, Xv.astype(np.float64)]), np.concatenate([codes, cv])
+        X, codes = self._with_given_val(X, codes, Xv, cv, X_val)
 
         self.Cs_tried_, self.val_accuracies_ = np.zeros(0), np.zeros(0)
         params_at = {}
@@ -444,14 +451,13 @@ class NearestClassMeanProbe(Probe):
         X, y = self._check_fit_inputs(X, y)
         codes = self._encode(y)
         X = X.astype(np.float64)
+        Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
         if self.temperature is not None:
             self.temperature_ = float(self.temperature)
         else:
-            Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
-            if X_val is not None:
-                X, codes = np.concatenate([X, Xv.astype(np.float64)]), np.concatenate([codes, cv])
             self.temperature_ = 10.0 if Xv is None else _fit_temperature(
                 _l2_normalize(Xv.astype(np.float64)) @ self._means(Xt, ct).T, cv)
+        X, codes = self._with_given_val(X, codes, Xv, cv, X_val)
         self.means_ = self._means(X, codes)
         return self
 
@@ -492,12 +498,10 @@ class KNNProbe(Probe):
         X, y = self._check_fit_inputs(X, y)
         codes = self._encode(y)
         X = X.astype(np.float32)
+        Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
         if self.k is not None:
             self.k_ = int(self.k)
         else:
-            Xt, ct, Xv, cv = self._validation_split(X, codes, X_val, y_val)
-            if X_val is not None:
-                X, codes = np.concatenate([X, Xv.astype(np.float32)]), np.concatenate([codes, cv])
             if Xv is None:
                 self.k_ = 1
             else:
@@ -505,6 +509,7 @@ class KNNProbe(Probe):
                 accs = [np.mean(self._votes(_l2_normalize(Xv), _l2_normalize(Xt), ct, k)
                                 .argmax(axis=1) == cv) for k in candidates]
                 self.k_ = int(candidates[int(np.argmax(accs))])  # first best = smallest k
+        X, codes = self._with_given_val(X, codes, Xv, cv, X_val)
         self.features_ = _l2_normalize(X).astype(np.float32)
         self.labels_ = codes
         return self
