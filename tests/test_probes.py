@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tests.no_torch import BLOCK_TORCH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -327,14 +328,7 @@ def test_cli_refuses_a_probe_from_another_model(model_dir, digits_small, tmp_pat
     assert level.exit_code == 2 and "unknown level" in level.output and "digit" in level.output
 
 
-NO_TORCH = textwrap.dedent("""
-    import sys
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"torch is blocked in this test ({name})")
-    sys.meta_path.insert(0, BlockTorch())
-    sys.path.insert(0, sys.argv[1])
+NO_TORCH = BLOCK_TORCH + textwrap.dedent("""
     from click.testing import CliRunner
     import cli
     result = CliRunner().invoke(cli.main, ["probe", "predict", sys.argv[2], sys.argv[3],

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.no_torch import BLOCK_TORCH
 
 from common.images import preprocess as reference_preprocess
 from tests.conftest import ROOT
@@ -373,14 +374,8 @@ def test_embed_cli_end_to_end(model_dir, fmnist_small, jpeg_folder, tmp_path):
     assert usage.exit_code == 2 and "must end in .npy" in usage.output
 
 
-NO_TORCH = textwrap.dedent("""
-    import importlib, json, os, pkgutil, sys
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"torch is blocked in this test ({name})")
-    sys.meta_path.insert(0, BlockTorch())
-    sys.path.insert(0, sys.argv[1])
+NO_TORCH = BLOCK_TORCH + textwrap.dedent("""
+    import importlib, json, os, pkgutil
     import runtime
     modules = sorted(m.name for m in pkgutil.iter_modules(runtime.__path__))
     for m in modules:
