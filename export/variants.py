@@ -143,47 +143,18 @@ def make_int8(fp32_path: str, out_path: str, desc_dict: dict, calib_images: np.n
 # ---------------------------------------------------------------------------------------------
 # Judging a variant
 
-def make_probe():
-    """The project's logistic-regression probe if present, else a nearest-class-mean probe."""
-    try:
-        from runtime.probes import LogisticRegressionProbe
-    except ImportError:
-        LogisticRegressionProbe = None
-    if LogisticRegressionProbe is not None:
-        # A fixed C: both precisions get the same probe, and no C sweep (seconds, not minutes).
-        try:
-            return (LogisticRegressionProbe(C=1.0, max_iter=300),
-                    "runtime.probes.LogisticRegressionProbe(C=1)")
-        except TypeError:
-            return LogisticRegressionProbe(), "runtime.probes.LogisticRegressionProbe"
-    else:
-        return NearestClassMean(), "nearest-class-mean (L2-normalised features)"
-
-
-class NearestClassMean:
-    """Fallback probe: class means of L2-normalised features; predict the most similar mean."""
-
-    def fit(self, X, y):
-        X = self._normalise(X)
-        self.classes_ = np.unique(y)
-        self.means_ = self._normalise(np.stack([X[y == c].mean(axis=0) for c in self.classes_]))
-        return self
-
-    def predict(self, X):
-        return self.classes_[np.argmax(self._normalise(X) @ self.means_.T, axis=1)]
-
-    @staticmethod
-    def _normalise(X):
-        X = np.asarray(X, dtype=np.float64)
-        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+PROBE_NAME = "runtime.probes.LogisticRegressionProbe(C=1)"
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, train_idx, test_idx
                    ) -> tuple[float, str]:
-    probe, name = make_probe()
+    """Test accuracy of the project's probe. C is fixed: both precisions get the same probe,
+    and no C sweep (seconds, not minutes)."""
+    from runtime.probes import LogisticRegressionProbe
+    probe = LogisticRegressionProbe(C=1.0, max_iter=300)
     probe.fit(features[train_idx], labels[train_idx])
     predicted = np.asarray(probe.predict(features[test_idx]))
-    return float((predicted == labels[test_idx]).mean()), name
+    return float((predicted == labels[test_idx]).mean()), PROBE_NAME
 
 
 def drift(fp32_outputs: dict[str, np.ndarray], variant_path: str, images: np.ndarray,
