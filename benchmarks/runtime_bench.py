@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.atomic import atomic_open
+
 FLOORS_NOTE = "floors set for resnet18 at 224 px, batch 32, on the 2-core CPU"
 TORCH_RECIPE_WORKERS = 2
 
@@ -563,13 +565,8 @@ def write_chart(report: dict, path: str) -> None:
                  f"{report['machine']['cpu'][:40]}", fontsize=9)
     ax.set_xlim(0, max(values) * 1.18)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

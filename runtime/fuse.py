@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from common.atomic import atomic_open
 
 from .probes import KNNProbe, Probe, load_probe, model_mismatch
 
@@ -170,15 +171,8 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
 
     onnx.checker.check_model(model, full_check=True)
     out_path = os.path.abspath(out_path)
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-fused-", suffix=".onnx", dir=os.path.dirname(out_path))
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(out_path, "wb") as f:
+        f.write(model.SerializeToString())  # a fused model stays far below protobuf's 2 GB
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return {"path": out_path, "classes": document["classes"], "opset": opset,
             "outputs": [o.name for o in graph.output]}

@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.atomic import atomic_open  # noqa: E402
 from common.description import save_json_atomic  # noqa: E402
 
 SOURCE = "emoji:styles=google,skin=5"
@@ -468,10 +469,9 @@ def plot_results(report: dict, path: str) -> None:
     ax_bar.legend(handles=[Patch(color=c, label=g) for g, c in GROUP_COLOURS.items()],
                   fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def machine_description() -> str:
@@ -572,10 +572,8 @@ def main(scale, work, page, threads, seed, plan_only):
         with open(reading) as f:
             text = text.replace("## Discussion (generated", f.read().rstrip() + "\n\n"
                                 "## Discussion (generated", 1)
-    tmp = page + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(page, "w") as f:
         f.write(text)
-    os.replace(tmp, page)
     save_json_atomic(os.path.join(work, "study.json"),
                      {"meta": meta, "plan": plan, "params": params, "vs_two_seeds": vs_control,
                       "timings": timings.stages})

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.atomic import atomic_open
 from common.data import DataError, ImageDataset, load_dataset, stratified_split
 from common.description import ModelDescription, Preprocessing, save_json_atomic
 from common.images import ImageDecodeError, open_image, resize_and_crop
@@ -862,7 +863,6 @@ def plot_curves(metrics: list[dict], path: str) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy per head", ylim=(0, 1))
     ax_acc.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
