@@ -381,7 +381,8 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
     log("bench: warm-up")
     warm = arrays[:batch_size]
     for pipe in filter(None, (fp32, q8)):
-        pipe.embed_arrays(warm)
+        pipe.embed_arrays(warm)  # the float-input model (model-only figures)
+        pipe.warmup()            # the session embed() runs (uint8 input when normalised inside)
     torch_model_only(model, warm, batch_size)
 
     configs = [

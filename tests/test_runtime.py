@@ -250,6 +250,76 @@ def test_fast_jpeg_path_within_tolerance(pipe, jpeg_folder):
     assert _cosine(end_to_end.vectors, pipe.embed_arrays(exact)).min() >= 0.99
 
 
+def test_uint8_front_is_bit_identical_to_numpy_normalisation(model_dir, jpeg_folder, tmp_path):
+    """The graph front (uint8 NHWC -> normalised NCHW inside onnxruntime) gives the float model
+    exactly the tensor NumPy's normalisation gives it, for every variant and a fused model."""
+    import onnx
+    import onnxruntime as ort
+    from runtime import FeaturePipeline, NearestClassMeanProbe, fuse_probe, load_description
+    from runtime.decode import load_crop, normalize_batch
+    from runtime.prefix import INPUT_METADATA_KEY, PrefixError, add_uint8_front, uint8_input_model
+
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8) as p:
+        pre = p.preprocessing_
+        crops = np.stack([load_crop(x, pre) for x in jpegs])
+        floats = normalize_batch(crops, pre)
+        # a probe on these photos, fused into the model: its outputs keep working too
+        probe = NearestClassMeanProbe().fit(p.embed_arrays(floats),
+                                            [i % 3 for i in range(len(jpegs))])
+    fused = fuse_probe(model_dir, probe, str(tmp_path / "fused.onnx"))["path"]
+    rng = np.random.default_rng(0)
+    random_crops = rng.integers(0, 256, (5,) + crops.shape[1:], dtype=np.uint8)
+    for path in [os.path.join(model_dir, f) for f in ("model.onnx", "model.fp16.onnx",
+                                                      "model.int8.onnx")] + [fused]:
+        front = uint8_input_model(path)
+        session = ort.InferenceSession(front.model, providers=["CPUExecutionProvider"])
+        plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (image,) = session.get_inputs()
+        assert image.name == "image" and image.type == "tensor(uint8)"
+        assert image.shape[1:] == [32, 32, 3]
+        meta = session.get_modelmeta().custom_metadata_map
+        assert meta[INPUT_METADATA_KEY] == "uint8 NHWC"
+        assert load_description(path, session).to_dict() == front.description.to_dict()
+        names = [o.name for o in plain.get_outputs()]
+        assert [o.name for o in session.get_outputs()] == names
+        for batch in (crops, random_crops):
+            got = session.run(names, {"image": batch})
+            want = plain.run(names, {"image": normalize_batch(batch, pre)})
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w, err_msg=f"{path}")
+    # a model taking something else is refused with the reason (the pipeline then uses NumPy)
+    model = onnx.load(os.path.join(model_dir, "model.onnx"))
+    add_uint8_front(model, pre.mean, pre.std, 32)
+    with pytest.raises(PrefixError, match="not float"):
+        add_uint8_front(model, pre.mean, pre.std, 32)
+    with pytest.raises(PrefixError, match="not \\(N, 3, 64, 64\\)"):
+        add_uint8_front(onnx.load(os.path.join(model_dir, "model.onnx")), pre.mean, pre.std, 64)
+
+
+def test_pipeline_with_and_without_the_front_agree(model_dir, jpeg_folder, fmnist_small):
+    from runtime import FeaturePipeline
+    items = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg")) + sorted(
+        str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:10] + ["missing.jpg"]
+    for variant in ("fp32", "int8"):
+        with FeaturePipeline(model_dir, device="cpu", batch_size=8, variant=variant) as front, \
+                FeaturePipeline(model_dir, device="cpu", batch_size=8, variant=variant,
+                                normalize_in_model=False) as numpy_path:
+            assert front.normalize_in_model_ and not numpy_path.normalize_in_model_
+            assert front.batch_shape_ == (32, 32, 3) and numpy_path.batch_shape_ == (3, 32, 32)
+            assert numpy_path.float_session_ is numpy_path.session_
+            a, b = front.embed(items), numpy_path.embed(items)
+            assert a.ids == b.ids and a.errors == b.errors and list(a.errors) == [len(items) - 1]
+            np.testing.assert_array_equal(a.vectors, b.vectors)
+            # preprocess() and embed_arrays() keep their float NCHW contract
+            arrays, errors = front.preprocess(items)
+            arrays_b, _ = numpy_path.preprocess(items)
+            assert arrays.dtype == np.float32 and arrays.shape == (len(items) - 1, 3, 32, 32)
+            np.testing.assert_array_equal(arrays, arrays_b)
+            np.testing.assert_array_equal(front.embed_arrays(arrays), a.vectors[a.ok])
+            assert front.float_session_ is not front.session_
+
+
 # ---------------------------------------------------------------------------------------------
 # providers, variants, caches
 
@@ -319,15 +389,24 @@ def test_bucketed_iobinding_runner(pipe):
     """The GPU path's IOBinding + batch-size buckets, run on CPU OrtValues (no GPU here)."""
     from runtime.pipeline import _DeviceRunner, bucket_sizes
     assert bucket_sizes(32) == [1, 2, 4, 8, 16, 32] and bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
-    runner = _DeviceRunner(pipe.session_, pipe.input_name_, "embedding", pipe.input_shape_,
-                           pipe.feature_dim_, [1, 2, 4, 8], 0, False, np.float32, np.float32,
-                           device_type="cpu")
+    runner = _DeviceRunner(pipe.float_session_, pipe.input_name_, "embedding",
+                           pipe.input_shape_, pipe.feature_dim_, [1, 2, 4, 8], 0, False,
+                           np.float32, np.float32, device_type="cpu")
     rng = np.random.default_rng(0)
     for n in (1, 3, 5, 8, 11):
         x = rng.standard_normal((n,) + pipe.input_shape_).astype(np.float32)
-        expected = pipe.session_.run(["embedding"], {"image": x})[0]
+        expected = pipe.float_session_.run(["embedding"], {"image": x})[0]
         np.testing.assert_allclose(runner.run(x), expected, rtol=1e-4, atol=1e-5)
     assert sorted(runner.slots) == [1, 4, 8]  # 3 and 5 padded to buckets, 11 = 8 + 3 -> 4
+    # the uint8 front binds SxSx3 uint8 buffers
+    assert pipe.normalize_in_model_ and pipe.batch_shape_ == (32, 32, 3)
+    runner = _DeviceRunner(pipe.session_, pipe.input_name_, "embedding", pipe.batch_shape_,
+                           pipe.feature_dim_, [1, 2, 4, 8], 0, False, np.uint8, np.float32,
+                           device_type="cpu")
+    for n in (3, 8):
+        crops = rng.integers(0, 256, (n,) + pipe.batch_shape_, dtype=np.uint8)
+        expected = pipe.session_.run(["embedding"], {"image": crops})[0]
+        np.testing.assert_array_equal(runner.run(crops), expected)
 
 
 # ---------------------------------------------------------------------------------------------
