@@ -491,7 +491,7 @@ class FeaturePipeline:
         errors = {}
         for j, item in enumerate(items):
             try:
-                crops[j] = load_crop(item, pre, fast)
+                load_crop(item, pre, fast, out=crops[j])
             except ImageDecodeError as e:
                 errors[start + j] = _message(ids[start + j], e)
             except Exception as e:  # a bug or an odd input must not stop the batch

@@ -239,6 +239,18 @@ def test_fast_jpeg_path_within_tolerance(pipe, jpeg_folder):
 
     fast = np.stack([preprocess(p, pre, fast=True) for p in jpegs])
     exact = np.stack([reference_preprocess(p, pre) for p in jpegs])
+    # libjpeg-turbo's RGBX output is seen by PIL as RGB without a copy (this Pillow allows it),
+    # and the crop lands in the caller's buffer: the same pixels as a fresh array
+    from runtime import decode
+    assert decode._RGB_VIEW
+    rgbx = np.random.default_rng(0).integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(decode._rgb_view(rgbx)), rgbx[..., :3])
+    row = np.zeros((3,) + fast.shape[2:] + (3,), np.uint8)
+    for p in jpegs[:2] + [data_path for data_path in jpegs if "cmyk" in data_path]:
+        middle = row[1]
+        assert decode.load_crop(p, pre, out=middle) is middle
+        np.testing.assert_array_equal(row[1], decode.load_crop(p, pre))
+    assert not row[0].any() and not row[2].any()
     grey_levels = np.abs(fast - exact).mean(axis=(1, 2, 3)) * 255 * np.mean(pre.std)
     assert grey_levels.max() < 2.5, dict(zip(map(os.path.basename, jpegs), grey_levels))
     assert grey_levels.mean() < 1.5
