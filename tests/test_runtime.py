@@ -172,13 +172,19 @@ def test_streaming_keeps_a_bounded_window(model_dir, fmnist_small):
             pulled.append(f)
             yield f
 
-    with FeaturePipeline(model_dir, device="cpu", batch_size=8, prefetch=2) as p:
-        batches = p.iter_batches(source())
-        ids, vectors, errors = next(batches)
-        assert len(ids) == 8 and vectors.shape == (8, p.feature_dim_) and errors == {}
-        assert len(pulled) <= 3 * 8  # the batch being inferred + 2 decoding, never the stream
-        rest = list(batches)
-    assert sum(len(b[0]) for b in rest) == 92 and len(pulled) == 100
+    for workers in (0, 2, 3):
+        pulled.clear()
+        with FeaturePipeline(model_dir, device="cpu", batch_size=8, prefetch=2,
+                             stream_workers=workers) as p:
+            assert p.stream_workers_ == (0 if workers < 2 else workers)
+            batches = p.iter_batches(source())
+            ids, vectors, errors = next(batches)
+            assert len(ids) == 8 and vectors.shape == (8, p.feature_dim_) and errors == {}
+            # overlapped: the batch being inferred + 2 decoding; interleaved: one per worker
+            # (at least prefetch + 1); never the whole stream
+            assert len(pulled) <= max(3, workers) * 8, (workers, len(pulled))
+            rest = list(batches)
+        assert sum(len(b[0]) for b in rest) == 92 and len(pulled) == 100
 
 
 def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
@@ -186,7 +192,8 @@ def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
     from runtime import FeaturePipeline, available_cores
     jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg")) * 3
     cores = available_cores()
-    with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False) as p:
+    with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False,
+                         stream_workers=0) as p:
         # the model gets every core; one decode worker per 4 cores runs beside it
         assert p.threads_ == cores and p.decode_threads_ == max(1, min(8, cores // 4))
         seen = {p.decode_parallelism_}
@@ -196,9 +203,35 @@ def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
         if cores >= 2:
             assert max(seen) > p.decode_threads_, seen
     with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False,
-                         decode_threads=1) as fixed:
+                         decode_threads=1, stream_workers=0) as fixed:
         for _ in fixed.iter_batches(jpegs):
             assert fixed.decode_parallelism_ == 1
+
+
+def test_interleaved_workers_match_the_overlapped_schedule(model_dir, jpeg_folder, fmnist_small):
+    """CPU streams split between workers that decode then infer give the same rows, in order,
+    with bad items in place, as one model thread fed by a decode pool; one batch goes to the
+    session with every thread."""
+    from runtime import FeaturePipeline
+    files = sorted(str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:37]
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    items = files[:20] + ["missing.png"] + jpegs + [b"junk"] + files[20:]
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2) as inter, \
+            FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2,
+                            stream_workers=0) as overlap:
+        assert inter.stream_workers_ == 2 and inter.stream_threads_ == 1
+        assert overlap.stream_workers_ == 0 and overlap.stream_threads_ == 0
+        a, b = inter.embed(items), overlap.embed(items)
+        assert a.ids == b.ids and a.errors == b.errors and set(a.errors) == {20, 21 + len(jpegs)}
+        np.testing.assert_allclose(a.vectors[a.ok], b.vectors[b.ok], rtol=1e-5, atol=1e-6)
+        assert np.isnan(a.vectors[~a.ok]).all()
+        # the streamed batches keep their order and their errors keyed within the batch
+        batches = list(inter.iter_batches(iter(items)))
+        assert [len(x[0]) for x in batches] == [8] * (len(items) // 8) + [len(items) % 8]
+        assert batches[2][2] == {4: a.errors[20]}
+        # a single batch (and a single item) runs on the main session: same numbers
+        one = inter.embed(items[:5])
+        np.testing.assert_allclose(one.vectors, a.vectors[:5], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
