@@ -161,6 +161,8 @@ def default_threads(cores: int, gpu: bool, threads: int | None, decode_threads: 
     (allow_spinning=0) and the worker mostly waits on the bounded queue, so on 2 cores 2+1 keeps
     both cores busy where 1+1 would leave half of the model's throughput unused (measured by
     `bench`); the adaptive gate adds decode workers only when the model waits for images.
+    That is the overlapped schedule (one batch; stream_workers=0); CPU streams of several
+    batches are interleaved instead (see FeaturePipeline), which oversubscribes nothing.
     GPU: the model needs one host thread; decode gets the rest."""
     if gpu:
         decode = decode_threads or max(1, cores - 1)
@@ -411,7 +413,9 @@ class FeaturePipeline:
     def __repr__(self) -> str:
         return (f"FeaturePipeline({self.model_path_!r}, provider={self.provider_}, "
                 f"dim={self.feature_dim_}, input={self.input_shape_}, threads={self.threads_}, "
-                f"decode_threads={self.decode_threads_}, batch_size={self.batch_size})")
+                f"decode_threads={self.decode_threads_}, stream_workers={self.stream_workers_}"
+                f"x{self.stream_threads_}, uint8_input={self.normalize_in_model_}, "
+                f"batch_size={self.batch_size})")
 
     def close(self) -> None:
         """Stop the decode workers (the session is freed with the object)."""
