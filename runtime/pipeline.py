@@ -263,18 +263,18 @@ class FeaturePipeline:
     transform). normalize_in_model: feed the model uint8 NHWC crops and let a graph front
     (runtime.prefix) scale, standardise and transpose them, bit-identical to NumPy's
     normalisation and cheaper (False, or a model that cannot take the front: float batches
-    normalised by the decode workers). prefetch: batches decoded ahead of the model. buckets: batch sizes the GPU path
-    pads to (default: powers of two up to batch_size). cuda_graph: capture a CUDA graph per
-    bucket. cache_optimized: keep the optimised CPU graph in the model's cache folder.
-    stream_workers (CPU): workers that each decode a batch and then run the model on it with
-    threads // stream_workers onnxruntime threads, for streams of more than one batch (default
-    min(4, threads), or 0 when decode_threads is given; 0 or 1: a decode pool beside the model
-    thread, as on GPUs). Interleaving
-    keeps one thread per core: a decode pool beside a model using every core oversubscribes
-    them, and the model's threads lose more time to that than decoding costs (measured with
-    ResNet-18 on 2 cores: 76 images/s overlapped against 82 interleaved, model alone 89). A
-    second session with the smaller thread count is opened for it; a single batch (one image,
-    a short list) runs on the main session with every thread, for latency.
+    normalised by the decode workers). prefetch: batches decoded ahead of the model.
+    buckets: batch sizes the GPU path pads to (default: powers of two up to batch_size).
+    cuda_graph: capture a CUDA graph per bucket. cache_optimized: keep the optimised CPU graph
+    in the model's cache folder. stream_workers (CPU): workers that each decode a batch and
+    then run the model on it with threads // stream_workers onnxruntime threads, for streams
+    of more than one batch (default min(4, threads), or 0 when decode_threads is given; 0 or
+    1: a decode pool beside the model thread, as on GPUs). Interleaving keeps one thread per
+    core: a decode pool beside a model using every core oversubscribes them, and the model's
+    threads lose about as much time to that as decoding costs (ResNet-18 on 2 cores, same
+    run: 79 images/s overlapped, 83 interleaved, the model alone 90). A second session with
+    the smaller thread count is opened for it (the model's memory once more); a single batch
+    (one image, a short list) runs on the main session with every thread, for latency.
 
     After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
     preprocessing_, feature_dim_, input_shape_ (the float model input, 3xSxS, as embed_arrays
@@ -371,7 +371,6 @@ class FeaturePipeline:
         self.input_shape_ = (3, s, s)
         self.batch_shape_ = (s, s, 3) if front else self.input_shape_
         self._batch_dtype = np.uint8 if front else np.float32
-        self._bucket_list = bucket_list
 
         self._runner = None
         self.cuda_graph_ = False
@@ -612,7 +611,8 @@ class FeaturePipeline:
         """Stream (ids, vectors, errors) per batch; `errors` is keyed by position in the batch.
 
         Decoding of the next `prefetch` batches overlaps the model call on the current one; at
-        most prefetch + 1 batches are held, whatever the length of the input stream."""
+        most prefetch + 1 batches are held (interleaved CPU streams: max(stream_workers_,
+        prefetch + 1)), whatever the length of the input stream."""
         inline = is_single_input(inputs) and not (
             isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs))
         stream = iter_inputs(inputs)
