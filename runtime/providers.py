@@ -130,12 +130,13 @@ def default_cache_dir(model_path: str) -> str:
     return os.path.join(root, "runtime", key)
 
 
-def optimized_model_path(model_path: str, cache_dir: str, provider: str) -> str:
-    """Where the optimised graph for this exact file, provider and onnxruntime version lives."""
+def optimized_model_path(model_path: str, cache_dir: str, provider: str, tag: str = "") -> str:
+    """Where the optimised graph for this exact file, provider and onnxruntime version lives;
+    `tag` names a rewritten form of the file (e.g. "u8" for the uint8-input graph)."""
     st = os.stat(model_path)
     key = "|".join(map(str, (os.path.abspath(model_path), st.st_size, st.st_mtime_ns, provider,
-                             ort.__version__)))
-    stem = os.path.splitext(os.path.basename(model_path))[0]
+                             ort.__version__) + ((tag,) if tag else ())))
+    stem = os.path.splitext(os.path.basename(model_path))[0] + (f".{tag}" if tag else "")
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{stem}.{provider.replace('ExecutionProvider', '').lower()}"
                                    f".{digest}.opt.onnx")
@@ -161,6 +162,7 @@ def _ep_error(captured: str) -> str:
 
 
 def _new_session(model_path, so, chain, options):
+    """`model_path`: a file, or the serialised model itself (bytes)."""
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         session = ort.InferenceSession(model_path, sess_options=so, providers=chain,
@@ -172,8 +174,14 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
                    device_id: int = 0, fp16: bool = False, cache_dir: str | None = None,
                    cuda_graph: bool = False, input_chw: tuple[int, int, int] | None = None,
                    batch_sizes: tuple[int, int, int] | None = None, input_name: str = "image",
-                   cache_optimized: bool = False) -> SessionInfo:
+                   cache_optimized: bool = False, model: bytes | None = None,
+                   cache_tag: str = "") -> SessionInfo:
     """Open `model_path` on `device` (auto|cpu|cuda|tensorrt) and report what it really got.
+
+    `model`: the serialised graph to run instead of the file's own (a rewritten form of it, such
+    as the uint8-input graph); `model_path` still names it in messages and cache keys, with
+    `cache_tag` telling the forms apart. `input_chw`: the per-image input shape for TensorRT's
+    profile (whatever the layout).
 
     `auto` skips the GPU providers quietly when no CUDA device exists; an explicit GPU request is
     always tried, and a fallback is announced with a ProviderFallbackWarning."""
@@ -200,13 +208,13 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
         cache_dir, "tensorrt"), cuda_graph=cuda_graph, input_name=input_name,
         input_chw=input_chw, batch_sizes=batch_sizes) for p in chain]
 
-    optimized, source = None, model_path
+    optimized, source = None, (model if model is not None else model_path)
     if cache_optimized and chain == [CPU]:
-        optimized = optimized_model_path(model_path, cache_dir, CPU)
+        optimized = optimized_model_path(model_path, cache_dir, CPU, cache_tag)
         if os.path.exists(optimized):
             source = optimized
     write_to = None
-    if optimized and source == model_path:
+    if optimized and source is not optimized:
         os.makedirs(cache_dir, exist_ok=True)
         write_to = optimized + f".tmp-{os.getpid()}"
     so = session_options(threads, write_to)

@@ -172,13 +172,19 @@ def test_streaming_keeps_a_bounded_window(model_dir, fmnist_small):
             pulled.append(f)
             yield f
 
-    with FeaturePipeline(model_dir, device="cpu", batch_size=8, prefetch=2) as p:
-        batches = p.iter_batches(source())
-        ids, vectors, errors = next(batches)
-        assert len(ids) == 8 and vectors.shape == (8, p.feature_dim_) and errors == {}
-        assert len(pulled) <= 3 * 8  # the batch being inferred + 2 decoding, never the stream
-        rest = list(batches)
-    assert sum(len(b[0]) for b in rest) == 92 and len(pulled) == 100
+    for workers in (0, 2, 3):
+        pulled.clear()
+        with FeaturePipeline(model_dir, device="cpu", batch_size=8, prefetch=2,
+                             stream_workers=workers) as p:
+            assert p.stream_workers_ == (0 if workers < 2 else workers)
+            batches = p.iter_batches(source())
+            ids, vectors, errors = next(batches)
+            assert len(ids) == 8 and vectors.shape == (8, p.feature_dim_) and errors == {}
+            # overlapped: the batch being inferred + 2 decoding; interleaved: one per worker
+            # (at least prefetch + 1); never the whole stream
+            assert len(pulled) <= max(3, workers) * 8, (workers, len(pulled))
+            rest = list(batches)
+        assert sum(len(b[0]) for b in rest) == 92 and len(pulled) == 100
 
 
 def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
@@ -186,7 +192,8 @@ def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
     from runtime import FeaturePipeline, available_cores
     jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg")) * 3
     cores = available_cores()
-    with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False) as p:
+    with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False,
+                         stream_workers=0) as p:
         # the model gets every core; one decode worker per 4 cores runs beside it
         assert p.threads_ == cores and p.decode_threads_ == max(1, min(8, cores // 4))
         seen = {p.decode_parallelism_}
@@ -196,9 +203,35 @@ def test_decode_workers_adapt_only_when_not_fixed(model_dir, jpeg_folder):
         if cores >= 2:
             assert max(seen) > p.decode_threads_, seen
     with FeaturePipeline(model_dir, device="cpu", batch_size=4, fast_decode=False,
-                         decode_threads=1) as fixed:
+                         decode_threads=1, stream_workers=0) as fixed:
         for _ in fixed.iter_batches(jpegs):
             assert fixed.decode_parallelism_ == 1
+
+
+def test_interleaved_workers_match_the_overlapped_schedule(model_dir, jpeg_folder, fmnist_small):
+    """CPU streams split between workers that decode then infer give the same rows, in order,
+    with bad items in place, as one model thread fed by a decode pool; one batch goes to the
+    session with every thread."""
+    from runtime import FeaturePipeline
+    files = sorted(str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:37]
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    items = files[:20] + ["missing.png"] + jpegs + [b"junk"] + files[20:]
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2) as inter, \
+            FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2,
+                            stream_workers=0) as overlap:
+        assert inter.stream_workers_ == 2 and inter.stream_threads_ == 1
+        assert overlap.stream_workers_ == 0 and overlap.stream_threads_ == 0
+        a, b = inter.embed(items), overlap.embed(items)
+        assert a.ids == b.ids and a.errors == b.errors and set(a.errors) == {20, 21 + len(jpegs)}
+        np.testing.assert_allclose(a.vectors[a.ok], b.vectors[b.ok], rtol=1e-5, atol=1e-6)
+        assert np.isnan(a.vectors[~a.ok]).all()
+        # the streamed batches keep their order and their errors keyed within the batch
+        batches = list(inter.iter_batches(iter(items)))
+        assert [len(x[0]) for x in batches] == [8] * (len(items) // 8) + [len(items) % 8]
+        assert batches[2][2] == {4: a.errors[20]}
+        # a single batch (and a single item) runs on the main session: same numbers
+        one = inter.embed(items[:5])
+        np.testing.assert_allclose(one.vectors, a.vectors[:5], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +272,18 @@ def test_fast_jpeg_path_within_tolerance(pipe, jpeg_folder):
 
     fast = np.stack([preprocess(p, pre, fast=True) for p in jpegs])
     exact = np.stack([reference_preprocess(p, pre) for p in jpegs])
+    # libjpeg-turbo's RGBX output is seen by PIL as RGB without a copy (this Pillow allows it),
+    # and the crop lands in the caller's buffer: the same pixels as a fresh array
+    from runtime import decode
+    assert decode._RGB_VIEW
+    rgbx = np.random.default_rng(0).integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(decode._rgb_view(rgbx)), rgbx[..., :3])
+    row = np.zeros((3,) + fast.shape[2:] + (3,), np.uint8)
+    for p in jpegs[:2] + [data_path for data_path in jpegs if "cmyk" in data_path]:
+        middle = row[1]
+        assert decode.load_crop(p, pre, out=middle) is middle
+        np.testing.assert_array_equal(row[1], decode.load_crop(p, pre))
+    assert not row[0].any() and not row[2].any()
     grey_levels = np.abs(fast - exact).mean(axis=(1, 2, 3)) * 255 * np.mean(pre.std)
     assert grey_levels.max() < 2.5, dict(zip(map(os.path.basename, jpegs), grey_levels))
     assert grey_levels.mean() < 1.5
@@ -248,6 +293,76 @@ def test_fast_jpeg_path_within_tolerance(pipe, jpeg_folder):
     end_to_end = pipe.embed(jpeg_folder)
     assert end_to_end.errors == {}
     assert _cosine(end_to_end.vectors, pipe.embed_arrays(exact)).min() >= 0.99
+
+
+def test_uint8_front_is_bit_identical_to_numpy_normalisation(model_dir, jpeg_folder, tmp_path):
+    """The graph front (uint8 NHWC -> normalised NCHW inside onnxruntime) gives the float model
+    exactly the tensor NumPy's normalisation gives it, for every variant and a fused model."""
+    import onnx
+    import onnxruntime as ort
+    from runtime import FeaturePipeline, NearestClassMeanProbe, fuse_probe, load_description
+    from runtime.decode import load_crop, normalize_batch
+    from runtime.prefix import INPUT_METADATA_KEY, PrefixError, add_uint8_front, uint8_input_model
+
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8) as p:
+        pre = p.preprocessing_
+        crops = np.stack([load_crop(x, pre) for x in jpegs])
+        floats = normalize_batch(crops, pre)
+        # a probe on these photos, fused into the model: its outputs keep working too
+        probe = NearestClassMeanProbe().fit(p.embed_arrays(floats),
+                                            [i % 3 for i in range(len(jpegs))])
+    fused = fuse_probe(model_dir, probe, str(tmp_path / "fused.onnx"))["path"]
+    rng = np.random.default_rng(0)
+    random_crops = rng.integers(0, 256, (5,) + crops.shape[1:], dtype=np.uint8)
+    for path in [os.path.join(model_dir, f) for f in ("model.onnx", "model.fp16.onnx",
+                                                      "model.int8.onnx")] + [fused]:
+        front = uint8_input_model(path)
+        session = ort.InferenceSession(front.model, providers=["CPUExecutionProvider"])
+        plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (image,) = session.get_inputs()
+        assert image.name == "image" and image.type == "tensor(uint8)"
+        assert image.shape[1:] == [32, 32, 3]
+        meta = session.get_modelmeta().custom_metadata_map
+        assert meta[INPUT_METADATA_KEY] == "uint8 NHWC"
+        assert load_description(path, session).to_dict() == front.description.to_dict()
+        names = [o.name for o in plain.get_outputs()]
+        assert [o.name for o in session.get_outputs()] == names
+        for batch in (crops, random_crops):
+            got = session.run(names, {"image": batch})
+            want = plain.run(names, {"image": normalize_batch(batch, pre)})
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w, err_msg=f"{path}")
+    # a model taking something else is refused with the reason (the pipeline then uses NumPy)
+    model = onnx.load(os.path.join(model_dir, "model.onnx"))
+    add_uint8_front(model, pre.mean, pre.std, 32)
+    with pytest.raises(PrefixError, match="not float"):
+        add_uint8_front(model, pre.mean, pre.std, 32)
+    with pytest.raises(PrefixError, match="not \\(N, 3, 64, 64\\)"):
+        add_uint8_front(onnx.load(os.path.join(model_dir, "model.onnx")), pre.mean, pre.std, 64)
+
+
+def test_pipeline_with_and_without_the_front_agree(model_dir, jpeg_folder, fmnist_small):
+    from runtime import FeaturePipeline
+    items = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg")) + sorted(
+        str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:10] + ["missing.jpg"]
+    for variant in ("fp32", "int8"):
+        with FeaturePipeline(model_dir, device="cpu", batch_size=8, variant=variant) as front, \
+                FeaturePipeline(model_dir, device="cpu", batch_size=8, variant=variant,
+                                normalize_in_model=False) as numpy_path:
+            assert front.normalize_in_model_ and not numpy_path.normalize_in_model_
+            assert front.batch_shape_ == (32, 32, 3) and numpy_path.batch_shape_ == (3, 32, 32)
+            assert numpy_path.float_session_ is numpy_path.session_
+            a, b = front.embed(items), numpy_path.embed(items)
+            assert a.ids == b.ids and a.errors == b.errors and list(a.errors) == [len(items) - 1]
+            np.testing.assert_array_equal(a.vectors, b.vectors)
+            # preprocess() and embed_arrays() keep their float NCHW contract
+            arrays, errors = front.preprocess(items)
+            arrays_b, _ = numpy_path.preprocess(items)
+            assert arrays.dtype == np.float32 and arrays.shape == (len(items) - 1, 3, 32, 32)
+            np.testing.assert_array_equal(arrays, arrays_b)
+            np.testing.assert_array_equal(front.embed_arrays(arrays), a.vectors[a.ok])
+            assert front.float_session_ is not front.session_
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,15 +434,24 @@ def test_bucketed_iobinding_runner(pipe):
     """The GPU path's IOBinding + batch-size buckets, run on CPU OrtValues (no GPU here)."""
     from runtime.pipeline import _DeviceRunner, bucket_sizes
     assert bucket_sizes(32) == [1, 2, 4, 8, 16, 32] and bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
-    runner = _DeviceRunner(pipe.session_, pipe.input_name_, "embedding", pipe.input_shape_,
-                           pipe.feature_dim_, [1, 2, 4, 8], 0, False, np.float32, np.float32,
-                           device_type="cpu")
+    runner = _DeviceRunner(pipe.float_session_, pipe.input_name_, "embedding",
+                           pipe.input_shape_, pipe.feature_dim_, [1, 2, 4, 8], 0, False,
+                           np.float32, np.float32, device_type="cpu")
     rng = np.random.default_rng(0)
     for n in (1, 3, 5, 8, 11):
         x = rng.standard_normal((n,) + pipe.input_shape_).astype(np.float32)
-        expected = pipe.session_.run(["embedding"], {"image": x})[0]
+        expected = pipe.float_session_.run(["embedding"], {"image": x})[0]
         np.testing.assert_allclose(runner.run(x), expected, rtol=1e-4, atol=1e-5)
     assert sorted(runner.slots) == [1, 4, 8]  # 3 and 5 padded to buckets, 11 = 8 + 3 -> 4
+    # the uint8 front binds SxSx3 uint8 buffers
+    assert pipe.normalize_in_model_ and pipe.batch_shape_ == (32, 32, 3)
+    runner = _DeviceRunner(pipe.session_, pipe.input_name_, "embedding", pipe.batch_shape_,
+                           pipe.feature_dim_, [1, 2, 4, 8], 0, False, np.uint8, np.float32,
+                           device_type="cpu")
+    for n in (3, 8):
+        crops = rng.integers(0, 256, (n,) + pipe.batch_shape_, dtype=np.uint8)
+        expected = pipe.session_.run(["embedding"], {"image": crops})[0]
+        np.testing.assert_array_equal(runner.run(crops), expected)
 
 
 # ---------------------------------------------------------------------------------------------
