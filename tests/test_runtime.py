@@ -234,6 +234,51 @@ def test_interleaved_workers_match_the_overlapped_schedule(model_dir, jpeg_folde
         np.testing.assert_allclose(one.vectors, a.vectors[:5], rtol=1e-5, atol=1e-6)
 
 
+def test_decode_processes_match_decode_threads(model_dir, jpeg_folder, fmnist_small, tmp_path):
+    """Paths and bytes decoded in worker processes give the rows and errors of decode threads;
+    PIL images, arrays and bad types still go through threads; a killed worker costs a restart,
+    not the stream."""
+    import signal
+    import time
+
+    from runtime import FeaturePipeline
+    files = sorted(str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:9]
+    jpegs = sorted(str(p) for p in Path(jpeg_folder).glob("*.jpg"))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(jpegs[0]).read_bytes()[:3000])
+    items = (files[:4] + ["missing.png", Image.open(files[4]), Path(jpegs[1]).read_bytes(),
+             42, b"junk"] + jpegs + [str(truncated), np.zeros((40, 30, 3), np.uint8)] + files[4:])
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2,
+                         decode_processes=2) as procs, \
+            FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2,
+                            stream_workers=0) as threads:
+        assert procs.decode_processes_ == 2 and procs.stream_workers_ == 0
+        assert threads.decode_processes_ == 0  # the CPU default
+        a, b = procs.embed(items), threads.embed(items)
+        assert a.ids == b.ids and a.errors == b.errors
+        bad = {4, 7, 8, 9 + len(jpegs)}
+        assert set(a.errors) == bad, a.errors
+        np.testing.assert_allclose(a.vectors[a.ok], b.vectors[b.ok], rtol=1e-5, atol=1e-6)
+        assert np.isnan(a.vectors[~a.ok]).all()
+        # a consumer that stops early leaves no worker writing into a batch in use
+        first = next(iter(procs.iter_batches(items)))
+        assert first[0] == a.ids[:8]
+        np.testing.assert_allclose(procs.embed(items).vectors[a.ok], a.vectors[a.ok],
+                                   rtol=1e-5, atol=1e-6)
+        with FeaturePipeline(model_dir, device="cpu", batch_size=8, threads=2,
+                             decode_processes=2, normalize_in_model=False) as floats:
+            c = floats.embed(items)  # workers normalise into a float ring
+            assert not floats.normalize_in_model_ and c.errors == a.errors
+            np.testing.assert_allclose(c.vectors[c.ok], a.vectors[a.ok], rtol=1e-5, atol=1e-6)
+        pids = procs._processes().start()
+        assert len(pids) == 2 and os.getpid() not in pids
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(1.0)  # the pool notices its dead worker
+        again = procs.embed(items)
+        assert again.errors == a.errors
+        np.testing.assert_allclose(again.vectors[a.ok], a.vectors[a.ok], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # preprocessing
 
@@ -507,13 +552,18 @@ NO_TORCH = BLOCK_TORCH + textwrap.dedent("""
     from runtime import FeaturePipeline
     p = FeaturePipeline(sys.argv[2], device="auto", batch_size=4)
     r = p.embed([sys.argv[3], open(sys.argv[4], "rb").read(), "missing.png"])
+    import numpy as np
+    with FeaturePipeline(sys.argv[2], device="cpu", batch_size=4, decode_processes=2) as pp:
+        r2 = pp.embed([sys.argv[3], open(sys.argv[4], "rb").read(), "missing.png"])
+    procs_same = (sorted(r2.errors) == sorted(r.errors)
+                  and bool(np.allclose(r2.vectors[r2.ok], r.vectors[r.ok], atol=1e-5)))
     from click.testing import CliRunner
     import cli
     out = os.path.join(sys.argv[5], "f.npy")
     cli_result = CliRunner().invoke(cli.main, ["embed", sys.argv[2], sys.argv[3], "--out", out])
     print(json.dumps({"modules": modules, "shape": list(r.vectors.shape), "errors": len(r.errors),
                       "ok": r.ok.tolist(), "cli": cli_result.exit_code,
-                      "cli_output": cli_result.output,
+                      "cli_output": cli_result.output, "procs_same": procs_same,
                       "torch_loaded": any(k.split(".")[0] == "torch" for k in sys.modules)}))
 """)
 
@@ -531,3 +581,4 @@ def test_runtime_works_with_torch_blocked(model_dir, jpeg_folder, tmp_path):
     assert report["ok"] == [True] * (n + 1) + [False]
     assert report["cli"] == 0, report["cli_output"]
     assert report["torch_loaded"] is False
+    assert report["procs_same"] is True  # decode worker processes need no torch either

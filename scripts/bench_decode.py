@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Decoding throughput alone: the pipeline's decode threads against decode processes.
+
+Decodes the same JPEG files to uint8 crops (the pipeline's fast path) with N threads and with
+N worker processes (writing into shared memory), slices of a batch at a time as the pipeline
+does, and prints images/s
+(median of --repeats, round robin) and the ratio. On few cores the two should be close; the
+gap grows with the number of workers, because threads share one GIL.
+
+    python scripts/bench_decode.py                       # workers = usable cores
+    python scripts/bench_decode.py --workers 1,2 --images 512
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.corpus import ensure_corpus  # noqa: E402
+from common.description import Preprocessing  # noqa: E402
+from runtime.decode import load_crop  # noqa: E402
+from runtime.pipeline import iter_folder  # noqa: E402
+from runtime.procdecode import DecodeProcesses  # noqa: E402
+from runtime.providers import available_cores  # noqa: E402
+
+
+def slices(items: list, batch: int, parts: int):
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        bounds = [round(k * len(chunk) / parts) for k in range(parts + 1)]
+        yield [chunk[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def with_threads(pool, files, pre, batch, parts) -> int:
+    out = np.zeros((batch, pre.input_size, pre.input_size, 3), np.uint8)
+
+    def run(start, items):
+        for k, item in enumerate(items):
+            load_crop(item, pre, out=out[start + k])
+    for group in slices(files, batch, parts):
+        starts = np.cumsum([0] + [len(g) for g in group])
+        for f in [pool.submit(run, a, items) for a, items in zip(starts, group)]:
+            f.result()
+    return len(files)
+
+
+def with_processes(procs, files, batch, parts) -> int:
+    for group in slices(files, batch, parts):
+        slot, _ = procs.take_slot()
+        rows = slot * batch + np.cumsum([0] + [len(g) for g in group])
+        for f in [procs.submit(list(range(a, a + len(items))), items)
+                  for a, items in zip(rows, group)]:
+            f.result()
+        procs.give_slot(slot)
+    return len(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--workers", default=None, help="comma-separated counts (usable cores)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    files = list(iter_folder(ensure_corpus(count=args.images)))
+    pre = Preprocessing(input_size=224, resize_size=256)
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else [available_cores()]
+    print(f"decode only: {len(files)} JPEGs -> 224 px crops, batch {args.batch_size}, "
+          f"median of {args.repeats}")
+    for n in counts:
+        threads = ThreadPoolExecutor(n)
+        procs = DecodeProcesses(pre, True, n, args.batch_size, 2, (224, 224, 3))
+        procs.start()
+        rates = {"threads": [], "processes": []}
+        for _ in range(args.repeats):
+            for key, run in (("threads", lambda: with_threads(threads, files, pre,
+                                                               args.batch_size, n)),
+                             ("processes", lambda: with_processes(procs, files,
+                                                                  args.batch_size, n))):
+                t0 = time.perf_counter()
+                count = run()
+                rates[key].append(count / (time.perf_counter() - t0))
+        t, p = (float(np.median(rates[k])) for k in ("threads", "processes"))
+        print(f"  {n:>2} workers: threads {t:8.1f} images/s   processes {p:8.1f} images/s   "
+              f"processes/threads {p / t:.2f}x")
+        threads.shutdown()
+        procs.close()
+
+
+if __name__ == "__main__":
+    main()
