@@ -91,13 +91,16 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
               help="onnxruntime threads (default: from the cores available).")
 @click.option("--decode-threads", type=click.IntRange(1), default=None,
               help="Image decoding workers, overlapped with inference (default: from the cores).")
+@click.option("--decode-processes", type=click.IntRange(0), default=None,
+              help="Decode in N worker processes instead of threads (0: threads). Default: "
+                   "processes on a GPU with 4+ decode workers, where threads share one GIL.")
 @click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which exported model file to run.")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs exactly like training (PIL) instead of the faster "
                    "libjpeg-turbo path (which differs by about one grey level).")
-def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, variant,
-          exact_decode):
+def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, decode_processes,
+          variant, exact_decode):
     """Embed images with an exported model (onnxruntime; no torch needed).
 
     \b
@@ -131,14 +134,16 @@ def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, v
     try:
         pipe = FeaturePipeline(model_dir, device=device, threads=threads,
                                decode_threads=decode_threads, batch_size=batch_size,
-                               variant=variant, fast_decode=not exact_decode)
+                               variant=variant, fast_decode=not exact_decode,
+                               decode_processes=decode_processes)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e))
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
     click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
                f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
-               f"{pipe.provider_}{note}; threads {pipe.threads_} + {pipe.decode_threads_} "
-               "decode", err=True)
+               f"{pipe.provider_}{note}; threads {pipe.threads_} + "
+               + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
+                  else f"{pipe.decode_threads_} decode"), err=True)
 
     ids = [i for i, _ in items]
     vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
