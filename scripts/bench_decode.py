@@ -9,6 +9,10 @@ gap grows with the number of workers, because threads share one GIL.
 
     python scripts/bench_decode.py                       # workers = usable cores
     python scripts/bench_decode.py --workers 1,2 --images 512
+    python scripts/bench_decode.py --model bench-out/models/resnet18-224   # + end to end
+
+With --model it also times the whole pipeline on the same files, on the CPU: its default
+schedule, decode threads beside the model, and decode processes beside the model.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--workers", default=None, help="comma-separated counts (usable cores)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=None, help="also time the pipeline end to end")
     args = parser.parse_args()
     files = list(iter_folder(ensure_corpus(count=args.images)))
     pre = Preprocessing(input_size=224, resize_size=256)
@@ -91,6 +96,33 @@ def main() -> None:
               f"processes/threads {p / t:.2f}x")
         threads.shutdown()
         procs.close()
+    if args.model:
+        end_to_end(args.model, files, args.batch_size, args.repeats)
+
+
+def end_to_end(model: str, files: list[str], batch: int, repeats: int) -> None:
+    from runtime.pipeline import FeaturePipeline
+    n = available_cores()
+    configs = {"pipeline default": {},
+               f"{n} decode threads beside the model": dict(decode_threads=n, stream_workers=0),
+               f"{n} decode processes beside the model": dict(decode_processes=n)}
+    pipes = {k: FeaturePipeline(model, device="cpu", batch_size=batch, **v)
+             for k, v in configs.items()}
+    for p in pipes.values():
+        p.warmup()
+        p.embed(files[:2 * batch])
+    rates = {k: [] for k in pipes}
+    for _ in range(repeats):
+        for k, p in pipes.items():
+            t0 = time.perf_counter()
+            result = p.embed(files)
+            rates[k].append(len(files) / (time.perf_counter() - t0))
+            if result.errors:
+                raise SystemExit(f"{len(result.errors)} images failed")
+    print(f"end to end, {model}, batch {batch}, CPU:")
+    for k in pipes:
+        print(f"  {k:<40} {np.median(rates[k]):8.1f} images/s")
+        pipes[k].close()
 
 
 if __name__ == "__main__":
