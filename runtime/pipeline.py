@@ -630,6 +630,10 @@ class FeaturePipeline:
         """A batch in a shared-memory slot: paths and bytes in slices to the decode processes,
         anything else to a thread. None when no slot is free (or the pool broke): the caller
         decodes this batch in threads."""
+        travelling = [k for k, x in enumerate(items) if travels(x)]
+        others = [k for k, x in enumerate(items) if not travels(x)]
+        if not travelling:  # nothing to decode from files or bytes: no processes needed
+            return None
         procs = self._processes()
         taken = procs.take_slot() if procs is not None else None
         if taken is None:
@@ -637,12 +641,10 @@ class FeaturePipeline:
         slot, view = taken
         batch = view[:len(items)]
         base = slot * procs.batch_size
-        travelling = [k for k, x in enumerate(items) if travels(x)]
-        others = [k for k, x in enumerate(items) if not travels(x)]
         tasks = _SlotTasks(procs, slot)
         try:
             parts = min(procs.workers, len(travelling))
-            bounds = [round(k * len(travelling) / parts) for k in range(parts + 1)] if parts else []
+            bounds = [round(k * len(travelling) / parts) for k in range(parts + 1)]
             for a, b in zip(bounds[:-1], bounds[1:]):
                 if b > a:
                     rows = travelling[a:b]
