@@ -340,7 +340,19 @@ class FeaturePipeline:
         front_args = dict(common_args, model=front.model, cache_tag="u8",
                           input_chw=(size, size, 3)) if front else common_args
         try:
-            info = P.create_session(self.model_path_, device, intra, **front_args)
+            with warnings.catch_warnings(record=True) as fallback_warnings:
+                warnings.simplefilter("always", P.ProviderFallbackWarning)
+                info = P.create_session(self.model_path_, device, intra, **front_args)
+            if (front is not None and wants_gpu and info.provider == P.CPU
+                    and P.cuda_device_count()[0] > 0):
+                # the GPU refused the graph with the front: keep the GPU, normalise in NumPy
+                plain = P.create_session(self.model_path_, device, intra, **common_args)
+                if plain.provider != P.CPU:
+                    log.warning("%s: the uint8 front does not run on %s (%s); normalising "
+                                "in NumPy", self.model_path_, plain.provider, info.reason)
+                    front, front_args, info, fallback_warnings = None, common_args, plain, []
+            for w in fallback_warnings:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         except ValueError as e:
             if front is None:
                 raise
