@@ -8,9 +8,10 @@
 On the CPU, a stream of several batches is split between a few workers, each of which decodes
 a whole batch and then runs the model on it with its share of the cores (2 cores: 2 workers
 with one onnxruntime thread each), so every core runs one thread at a time. On a GPU (and with
-stream_workers=0) decoding runs in a small thread pool while the calling thread runs the model:
-batch k+1 and k+2 are decoded while batch k is inferred. Either way a bounded window of batches
-is in flight, so memory stays flat on any stream.
+stream_workers=0) decoding runs beside the model while the calling thread runs it: batch k+1
+and k+2 are decoded while batch k is inferred, by decode worker processes writing into shared
+memory (the GPU default with 4+ decode workers: threads would share one GIL) or by a thread
+pool. Either way a bounded window of batches is in flight, so memory stays flat on any stream.
 Inputs: paths, folders (expanded to their images, sorted, recursively), bytes, PIL images,
 HxW / HxWxC uint8 arrays, or any iterable of them. A bad item becomes an error entry and a NaN
 row; the rest of its batch goes on.
