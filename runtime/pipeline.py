@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -40,7 +40,7 @@ from common.images import ImageDecodeError, is_image_file
 
 from . import providers as P
 from .decode import load_crop, normalize_batch
-from .procdecode import DecodeProcesses, travels
+from .procdecode import DecodeProcesses, decode_rows, travels
 from .prefix import PrefixError, uint8_input_model
 
 log = logging.getLogger("unirep.runtime")
@@ -661,10 +661,11 @@ class FeaturePipeline:
             for a, b in zip(bounds[:-1], bounds[1:]):
                 if b > a:
                     rows = travelling[a:b]
-                    tasks.append((rows, procs.submit([base + k for k in rows],
-                                                     [items[k] for k in rows])))
+                    slice_items = [items[k] for k in rows]
+                    tasks.append((rows, procs.submit([base + k for k in rows], slice_items),
+                                  slice_items))
         except BrokenProcessPool:  # a worker died since the last batch: threads this time
-            for _, f in tasks:
+            for _, f, _ in tasks:
                 f.cancel()
             self._drop_processes()
             return None
@@ -683,13 +684,15 @@ class FeaturePipeline:
                 self._procs.close(wait=False)
                 self._procs = None
 
-    def _collect(self, future, ids: list[str]) -> dict[int, str]:
+    def _collect(self, future, batch: np.ndarray, ids: list[str]) -> dict[int, str]:
         """{row: error} of one decode task (a thread's, or a process slice's)."""
         if not isinstance(future, tuple):
             return future.result()
-        rows, future = future
+        rows, future, slice_items = future
         try:
             failed = future.result()
+        except CancelledError:  # never ran: its pool was shut down when another worker died
+            failed = decode_rows(rows, slice_items, batch, self.preprocessing_, self.fast_decode)
         except BrokenProcessPool as e:  # a worker died (killed, out of memory): its slice fails
             self._drop_processes()  # and the next batch gets a fresh pool
             return {k: _message(ids[k], f"decode worker process died ({e})") for k in rows}
@@ -711,7 +714,7 @@ class FeaturePipeline:
         start = time.perf_counter()
         errors: dict[int, str] = {}
         for f in futures:
-            errors.update(self._collect(f, ids))
+            errors.update(self._collect(f, batch, ids))
         waited = time.perf_counter() - start
         vectors = np.full((len(ids), self.feature_dim_), np.nan, np.float32)
         if not errors:

@@ -55,7 +55,7 @@ def _init_worker(pre: Preprocessing, fast: bool, name: str, shape: tuple, dtype:
     global _PRE, _FAST, _RING, _SHM
     _PRE, _FAST = pre, fast
     _SHM = shared_memory.SharedMemory(name=name)
-    _RING = np.ndarray(shape, np.dtype(dtype), buffer=_SHM.buf)
+    _RING = np.frombuffer(_SHM.buf, np.dtype(dtype), count=int(np.prod(shape))).reshape(shape)
 
 
 def _ready(hold: float) -> int:
@@ -89,6 +89,20 @@ def decode_rows(rows: list[int], items: list, ring: np.ndarray | None = None,
     return errors
 
 
+class _Segment(shared_memory.SharedMemory):
+    """Shared memory that stays mapped while any array over it lives: the ring is made with
+    np.frombuffer, which holds the mapping, so close() cannot unmap it under a batch still in
+    use (it raises BufferError, suppressed here and in __del__); the last array frees it."""
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            super().close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 @contextlib.contextmanager
 def _script_hidden():
     """multiprocessing runs the parent's __main__ again in every new worker (so that functions
@@ -110,9 +124,9 @@ class DecodeProcesses:
         self.workers, self.batch_size = workers, batch_size
         dtype = np.dtype(dtype)
         shape = (slots * batch_size,) + tuple(row_shape)
-        self._shm = shared_memory.SharedMemory(
-            create=True, size=max(1, int(np.prod(shape)) * dtype.itemsize))
-        self.ring = np.ndarray(shape, dtype, buffer=self._shm.buf)
+        count = int(np.prod(shape))
+        self._shm = _Segment(create=True, size=max(1, count * dtype.itemsize))
+        self.ring = np.frombuffer(self._shm.buf, dtype, count=count).reshape(shape)
         self._free = list(range(slots))[::-1]
         self._lock = threading.Lock()
         if "forkserver" in multiprocessing.get_all_start_methods():
@@ -158,7 +172,4 @@ class DecodeProcesses:
         with contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
         self.ring = None
-        try:
-            self._shm.close()
-        except BufferError:  # a batch view is still alive: the mapping goes with it
-            pass
+        self._shm.close()  # unmapped now, or by the last batch still using it

@@ -239,7 +239,6 @@ def test_decode_processes_match_decode_threads(model_dir, jpeg_folder, fmnist_sm
     PIL images, arrays and bad types still go through threads; a killed worker costs a restart,
     not the stream."""
     import signal
-    import time
 
     from runtime import FeaturePipeline
     files = sorted(str(p) for p in Path(fmnist_small, "test").rglob("*.png"))[:9]
@@ -273,10 +272,18 @@ def test_decode_processes_match_decode_threads(model_dir, jpeg_folder, fmnist_sm
         pids = procs._processes().start()
         assert len(pids) == 2 and os.getpid() not in pids
         os.kill(pids[0], signal.SIGKILL)
-        time.sleep(1.0)  # the pool notices its dead worker
-        again = procs.embed(items)
-        assert again.errors == a.errors
-        np.testing.assert_allclose(again.vectors[a.ok], a.vectors[a.ok], rtol=1e-5, atol=1e-6)
+        # until the pool has noticed, a slice may fail as a whole: only those images, and only
+        # until a fresh pool has started
+        for _ in range(3):
+            again = procs.embed(items)
+            died = {k for k, m in again.errors.items() if "decode worker process died" in m}
+            assert ({k: m for k, m in again.errors.items() if k not in died}
+                    == {k: m for k, m in a.errors.items() if k not in died})
+            np.testing.assert_allclose(again.vectors[again.ok], a.vectors[again.ok],
+                                       rtol=1e-5, atol=1e-6)
+            if not died:
+                break
+        assert not died and again.errors == a.errors
 
 
 # ---------------------------------------------------------------------------------------------
