@@ -36,10 +36,10 @@ import onnxruntime as ort
 from PIL import Image
 
 from common.description import ONNX_METADATA_KEY, ModelDescription
-from common.images import ImageDecodeError, is_image_file
+from common.images import is_image_file
 
 from . import providers as P
-from .decode import load_crop, normalize_batch
+from .decode import normalize_batch
 from .procdecode import DecodeProcesses, decode_rows, travels
 from .prefix import PrefixError, uint8_input_model
 
@@ -545,7 +545,7 @@ class FeaturePipeline:
         """Run each batch shape once so the first real call is not the slow one (and start
         the decode processes, if any)."""
         if self.decode_processes_:
-            self._processes().start()
+            self._processes()  # starts them, or falls back to threads
         sizes = self.buckets_ or [self.batch_size]
         for size in sizes:
             self._infer_batch(np.zeros((size,) + self.batch_shape_, self._batch_dtype))
@@ -569,21 +569,13 @@ class FeaturePipeline:
         """Decode items[k] into batch[start + k] (as uint8 crops for the model's front, else
         normalised here, in the worker that decoded it, so the model thread only runs the
         model); return {row: error} for the failures (their rows hold nothing meaningful)."""
-        pre, fast = self.preprocessing_, self.fast_decode
-        s = pre.input_size
-        crops = (batch[start:start + len(items)] if self.normalize_in_model_
-                 else np.zeros((len(items), s, s, 3), np.uint8))
-        errors = {}
-        for j, item in enumerate(items):
-            try:
-                load_crop(item, pre, fast, out=crops[j])
-            except ImageDecodeError as e:
-                errors[start + j] = _message(ids[start + j], e)
-            except Exception as e:  # a bug or an odd input must not stop the batch
-                errors[start + j] = _message(ids[start + j], f"{type(e).__name__}: {e}")
-        if not self.normalize_in_model_:
-            normalize_batch(crops, pre, out=batch[start:start + len(items)])
-        return errors
+        return self._decode_rows(list(range(start, start + len(items))), items, batch, ids)
+
+    def _decode_rows(self, rows: list[int], items: list, batch: np.ndarray, ids: list[str]
+                     ) -> dict[int, str]:
+        """items[k] into batch[rows[k]], in this thread; {row: error} for the failures."""
+        failed = decode_rows(rows, items, batch, self.preprocessing_, self.fast_decode)
+        return _row_errors(rows, failed, ids)
 
     def _gated_decode(self, items, batch, start, ids):
         with self._gate:
@@ -594,14 +586,9 @@ class FeaturePipeline:
         """One interleaved worker's task: decode a batch, then run the model on it here."""
         batch = self._new_batch(len(items))
         errors = self._decode_into(items, batch, 0, ids)
-        vectors = np.full((len(ids), self.feature_dim_), np.nan, np.float32)
-        if len(errors) < len(ids):
-            ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
-            x = batch if not errors else batch[ok]
-            dtype = np.uint8 if self.normalize_in_model_ else self.input_dtype_
-            y = self._stream_session.run([self.output], {
-                self.input_name_: np.ascontiguousarray(x, dtype=dtype)})[0]
-            vectors[ok] = y
+        dtype = np.uint8 if self.normalize_in_model_ else self.input_dtype_
+        vectors = self._embed_rows(batch, errors, lambda x: self._stream_session.run(
+            [self.output], {self.input_name_: np.ascontiguousarray(x, dtype=dtype)})[0])
         return ids, vectors, errors
 
     def _iter_interleaved(self, chunks: Iterator[list]):
@@ -670,12 +657,8 @@ class FeaturePipeline:
             self._drop_processes()
             return None
         if others:
-            def decode_others():
-                errors = {}
-                for k in others:
-                    errors.update(self._decode_into([items[k]], batch, k, ids))
-                return errors
-            tasks.append(self._executor().submit(decode_others))
+            tasks.append(self._executor().submit(self._decode_rows, others,
+                                                 [items[k] for k in others], batch, ids))
         return ids, batch, tasks
 
     def _drop_processes(self) -> None:
@@ -692,11 +675,11 @@ class FeaturePipeline:
         try:
             failed = future.result()
         except CancelledError:  # never ran: its pool was shut down when another worker died
-            failed = decode_rows(rows, slice_items, batch, self.preprocessing_, self.fast_decode)
+            return self._decode_rows(rows, slice_items, batch, ids)
         except BrokenProcessPool as e:  # a worker died (killed, out of memory): its slice fails
             self._drop_processes()  # and the next batch gets a fresh pool
             return {k: _message(ids[k], f"decode worker process died ({e})") for k in rows}
-        return {rows[j]: _message(ids[rows[j]], message) for j, (_, message) in failed.items()}
+        return _row_errors(rows, failed, ids)
 
     @staticmethod
     def _release(futures, wait: bool = False) -> None:
@@ -710,18 +693,21 @@ class FeaturePipeline:
                     f.result()
         futures.procs.give_slot(futures.slot)
 
+    def _embed_rows(self, batch: np.ndarray, errors: dict[int, str], infer) -> np.ndarray:
+        """Embeddings of a decoded batch: `infer` on the rows without errors, NaN on the rest."""
+        vectors = np.full((len(batch), self.feature_dim_), np.nan, np.float32)
+        if len(errors) < len(batch):
+            ok = np.array([i not in errors for i in range(len(batch))], dtype=bool)
+            vectors[ok] = infer(batch if not errors else batch[ok])
+        return vectors
+
     def _complete(self, ids, batch, futures):
         start = time.perf_counter()
         errors: dict[int, str] = {}
         for f in futures:
             errors.update(self._collect(f, batch, ids))
         waited = time.perf_counter() - start
-        vectors = np.full((len(ids), self.feature_dim_), np.nan, np.float32)
-        if not errors:
-            vectors[:] = self._infer_batch(batch)
-        elif len(errors) < len(ids):
-            ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
-            vectors[ok] = self._infer_batch(batch[ok])
+        vectors = self._embed_rows(batch, errors, self._infer_batch)
         self._release(futures)
         if self._adaptive:
             self._adapt(waited, time.perf_counter() - start)
@@ -794,6 +780,11 @@ class _SlotTasks(list):
     def __init__(self, procs: DecodeProcesses, slot: int):
         super().__init__()
         self.procs, self.slot = procs, slot
+
+
+def _row_errors(rows: list[int], failed: dict[int, str], ids: list[str]) -> dict[int, str]:
+    """decode_rows' {k: message} as the pipeline's {row: '<id>: <cause>'}."""
+    return {rows[k]: _message(ids[rows[k]], message) for k, message in failed.items()}
 
 
 def _message(item_id: str, error: Any) -> str:

@@ -64,28 +64,26 @@ def _ready(hold: float) -> int:
 
 
 def decode_rows(rows: list[int], items: list, ring: np.ndarray | None = None,
-                pre: Preprocessing | None = None, fast: bool | None = None
-                ) -> dict[int, tuple[bool, str]]:
+                pre: Preprocessing | None = None, fast: bool | None = None) -> dict[int, str]:
     """Decode items[k] into ring[rows[k]] (an SxSx3 uint8 crop, or the normalised 3xSxS float
-    image when the ring holds floats); return {k: (is_decode_error, message)} for failures.
-    `ring`, `pre` and `fast` default to the worker's; given, it runs in any thread."""
+    image when the ring holds floats); return {k: message} for the failures (their rows hold
+    nothing meaningful). `ring`, `pre` and `fast` default to the worker's; given, this is the
+    pipeline's decoding in any thread, into any batch."""
     ring = _RING if ring is None else ring
     pre = pre or _PRE
     fast = _FAST if fast is None else fast
-    crops = ring.dtype == np.uint8
-    s = pre.input_size
+    in_place = ring.dtype == np.uint8
+    crops = None if in_place else np.zeros((len(items),) + (pre.input_size,) * 2 + (3,), np.uint8)
     errors = {}
     for k, item in enumerate(items):
         try:
-            if crops:
-                load_crop(item, pre, fast, out=ring[rows[k]])
-            else:
-                crop = load_crop(item, pre, fast)
-                normalize_batch(crop.reshape(1, s, s, 3), pre, out=ring[rows[k]:rows[k] + 1])
+            load_crop(item, pre, fast, out=ring[rows[k]] if in_place else crops[k])
         except ImageDecodeError as e:
-            errors[k] = (True, str(e))
+            errors[k] = str(e)
         except Exception as e:  # noqa: BLE001 - a bug or an odd input must not stop the batch
-            errors[k] = (False, f"{type(e).__name__}: {e}")
+            errors[k] = f"{type(e).__name__}: {e}"
+    if not in_place:  # one vectorised normalisation for the whole slice
+        ring[rows] = normalize_batch(crops, pre)
     return errors
 
 

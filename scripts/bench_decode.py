@@ -28,9 +28,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.corpus import ensure_corpus  # noqa: E402
 from common.description import Preprocessing  # noqa: E402
-from runtime.decode import load_crop  # noqa: E402
 from runtime.pipeline import iter_folder  # noqa: E402
-from runtime.procdecode import DecodeProcesses  # noqa: E402
+from runtime.procdecode import DecodeProcesses, decode_rows  # noqa: E402
 from runtime.providers import available_cores  # noqa: E402
 
 
@@ -44,12 +43,10 @@ def slices(items: list, batch: int, parts: int):
 def with_threads(pool, files, pre, batch, parts) -> int:
     out = np.zeros((batch, pre.input_size, pre.input_size, 3), np.uint8)
 
-    def run(start, items):
-        for k, item in enumerate(items):
-            load_crop(item, pre, out=out[start + k])
     for group in slices(files, batch, parts):
         starts = np.cumsum([0] + [len(g) for g in group])
-        for f in [pool.submit(run, a, items) for a, items in zip(starts, group)]:
+        for f in [pool.submit(decode_rows, list(range(a, a + len(items))), items, out, pre, True)
+                  for a, items in zip(starts, group)]:
             f.result()
     return len(files)
 
