@@ -132,6 +132,7 @@ def resolve_source_runs(desc, model_dir: str) -> list[str]:
 def torch_model(run_dirs: list[str]):
     """The same network (or combination) in PyTorch eager, returning the embedding only."""
     import torch
+
     from export.onnx_export import build_export_module, load_runs
     graph = build_export_module([net for net, _ in load_runs(run_dirs)], logits=False)
 

@@ -33,7 +33,7 @@ class Preprocessing:
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -87,7 +87,7 @@ class ModelDescription:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelDescription":
+    def from_dict(cls, d: dict) -> ModelDescription:
         d = copy.deepcopy(d)
         version = d.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
@@ -103,14 +103,14 @@ class ModelDescription:
         return cls(**known)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelDescription":
+    def from_json(cls, text: str) -> ModelDescription:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str) -> None:
         save_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str) -> "ModelDescription":
+    def load(cls, path: str) -> ModelDescription:
         if os.path.isdir(path):
             path = os.path.join(path, "description.json")
         if not os.path.exists(path):

@@ -128,7 +128,7 @@ TensorProto = _MESSAGES["TensorProto"]
 DeviceOption = _MESSAGES["DeviceOption"]
 
 
-def make_arg(name: str, value) -> "Argument":
+def make_arg(name: str, value) -> Argument:
     """An Argument from a Python value: int -> i, float -> f, str/bytes -> s, lists -> ints/floats/strings."""
     arg = Argument(name=name)
     if isinstance(value, (bool, int, np.integer)):
@@ -154,13 +154,13 @@ def make_arg(name: str, value) -> "Argument":
     return arg
 
 
-def make_op(op_type: str, inputs, outputs, name: str = "", **args) -> "OperatorDef":
+def make_op(op_type: str, inputs, outputs, name: str = "", **args) -> OperatorDef:
     op = OperatorDef(type=op_type, input=list(inputs), output=list(outputs), name=name)
     op.arg.extend(make_arg(k, v) for k, v in args.items() if v is not None)
     return op
 
 
-def arg_value(arg: "Argument"):
+def arg_value(arg: Argument):
     """The Python value of an Argument (whichever field is set; lists for repeated fields)."""
     for scalar in ("f", "i", "s", "n"):
         if arg.HasField(scalar):
@@ -171,11 +171,11 @@ def arg_value(arg: "Argument"):
     return []
 
 
-def args_dict(op: "OperatorDef") -> dict:
+def args_dict(op: OperatorDef) -> dict:
     return {a.name: arg_value(a) for a in op.arg}
 
 
-def load_net(path: str) -> "NetDef":
+def load_net(path: str) -> NetDef:
     with open(path, "rb") as f:
         return NetDef.FromString(f.read())
 
@@ -183,7 +183,7 @@ def load_net(path: str) -> "NetDef":
 from common.atomic import write_bytes_atomic as _write_atomic  # noqa: E402
 
 
-def save_net(net: "NetDef", path: str) -> int:
+def save_net(net: NetDef, path: str) -> int:
     """Serialise NET to PATH atomically; returns the size in bytes."""
     data = net.SerializeToString()
     _write_atomic(path, data)
@@ -683,7 +683,7 @@ class _Converter:
         self.emit("Copy", [node.input[0]], node.output[:1], node)
 
 
-def _fill_op(name: str, value: np.ndarray) -> "OperatorDef":
+def _fill_op(name: str, value: np.ndarray) -> OperatorDef:
     if value.dtype.kind == "f":
         return make_op("GivenTensorFill", [], [name], shape=list(value.shape),
                        values=np.ascontiguousarray(value, dtype=np.float32))
@@ -728,6 +728,7 @@ def convert_onnx_file(onnx_path: str, out_dir: str) -> dict:
     atomically). Returns {"ops": histogram, "init_net_bytes", "predict_net_bytes", "weights",
     "parameters", "inputs", "outputs", "files"}."""
     import onnx
+
     from common.description import save_json_atomic
 
     model = onnx.load(onnx_path)

@@ -427,6 +427,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
     existing out_dir, failed parity with its figures); nothing is left in out_dir then.
     """
     import torch
+
     from . import parity as parity_mod
 
     started = time.perf_counter()

@@ -17,8 +17,15 @@ import time
 
 import numpy as np
 
-from .parity import (cosine_rows, load_labelled_images, new_session, pick_samples, decode_images,
-                     resolve_dataset, run_onnx)
+from .parity import (
+    cosine_rows,
+    decode_images,
+    load_labelled_images,
+    new_session,
+    pick_samples,
+    resolve_dataset,
+    run_onnx,
+)
 
 # Ops of the graph's tail (after the last backbone op) kept in float32 / left unquantised.
 TAIL_OPS = {"Abs", "ReduceMax", "Clip", "Max", "Div", "Concat", "Identity", "Cast"}

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import click
 import numpy as np
 
+from common.atomic import atomic_open
 from common.data import DataError, ImageDataset, load_dataset, stratified_split
 from common.data import cache_dir as unirep_cache_dir
-from common.atomic import atomic_open
 from common.description import ModelDescription
+
 from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
 
 PROBES = ("logreg", "svm")

@@ -25,11 +25,12 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import chain, islice
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -40,8 +41,8 @@ from common.images import is_image_file
 
 from . import providers as P
 from .decode import normalize_batch
-from .procdecode import DecodeProcesses, decode_rows, travels
 from .prefix import PrefixError, uint8_input_model
+from .procdecode import DecodeProcesses, decode_rows, travels
 
 log = logging.getLogger("unirep.runtime")
 

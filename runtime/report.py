@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import os
 
+from common.atomic import write_bytes_atomic as _write_atomic
 from common.description import save_json_atomic
-
-
-from common.atomic import write_bytes_atomic as _write_atomic  # noqa: E402
 
 
 def _columns(report: dict) -> list[tuple[str, callable, str]]:

@@ -24,13 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.corpus import ensure_corpus  # noqa: E402
-from common.description import Preprocessing  # noqa: E402
-from runtime.pipeline import iter_folder  # noqa: E402
-from runtime.procdecode import DecodeProcesses, decode_rows  # noqa: E402
-from runtime.providers import available_cores  # noqa: E402
+from benchmarks.corpus import ensure_corpus
+from common.description import Preprocessing
+from runtime.pipeline import iter_folder
+from runtime.procdecode import DecodeProcesses, decode_rows
+from runtime.providers import available_cores
 
 
 def slices(items: list, batch: int, parts: int):

@@ -29,12 +29,11 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.corpus import ensure_corpus  # noqa: E402
-from benchmarks.runtime_bench import (Config, image_files, time_round_robin,  # noqa: E402
-                                      torch_model, torchvision_transform)
-from common.atomic import atomic_open  # noqa: E402
+from benchmarks.corpus import ensure_corpus
+from benchmarks.runtime_bench import Config, image_files, time_round_robin, torch_model, torchvision_transform
+from common.atomic import atomic_open
 
 
 def log(message: str) -> None:
@@ -111,6 +110,7 @@ def main(argv=None) -> None:
 
     import onnxruntime as ort
     import torch
+
     from runtime.pipeline import FeaturePipeline
 
     cores = os.cpu_count() or 1
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
                 trt = FeaturePipeline(model_dir, device="tensorrt", batch_size=bs, variant=variant)
                 report["tensorrt"] = {"provider": trt.provider_, "fell_back": trt.fell_back_,
                                       "reason": trt.fallback_reason_}
-            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            except Exception as e:
                 report["tensorrt"] = {"error": f"{type(e).__name__}: {e}"}
         report["tensorrt"]["warnings"] = [str(w.message)[:500] for w in caught]
     save()

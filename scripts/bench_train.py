@@ -19,13 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from common.data import load_dataset  # noqa: E402
-from common.images import preprocess  # noqa: E402
-from train.models import ARCHITECTURES, create_model, default_preprocessing  # noqa: E402
+from common.data import load_dataset
+from common.images import preprocess
+from train.models import ARCHITECTURES, create_model, default_preprocessing
 
 
 def real_batch(paths: list[str], arch: str, batch_size: int, input_size: int | None) -> torch.Tensor:

@@ -39,6 +39,7 @@ def embed_split(pipe, ds, split):
 
 def raw_pixels(ds, split, size=28):
     import numpy as np
+
     from common.description import Preprocessing
     from common.images import preprocess
     pre = Preprocessing(input_size=size, resize_size=size, mean=[0, 0, 0], std=[1, 1, 1])

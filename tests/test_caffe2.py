@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from common.images import preprocess
-from export.caffe2 import (Argument, NetDef, OperatorDef, UnsupportedOnnxOp, args_dict,
-                           convert_onnx_file, load_net, make_op, onnx_to_caffe2)
+from export.caffe2 import (
+    Argument,
+    NetDef,
+    OperatorDef,
+    UnsupportedOnnxOp,
+    args_dict,
+    convert_onnx_file,
+    load_net,
+    make_op,
+    onnx_to_caffe2,
+)
 from export.caffe2_exec import Caffe2ExecError, run_caffe2, run_nets
 from train.models import ARCHITECTURES, load_run
 from train.runs import untrained_run

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import (DataError, load_dataset, materialise_builtin, parse_spec,
-                         scan_imagefolder, stratified_split)
-from common.description import ModelDescription, Preprocessing, Level
+from common.data import DataError, load_dataset, materialise_builtin, parse_spec, scan_imagefolder, stratified_split
+from common.description import Level, ModelDescription, Preprocessing
 from common.images import ImageDecodeError, open_image, preprocess, to_rgb
 
 

@@ -160,6 +160,7 @@ def _export_fixture(run_dir: str, model_dir: str) -> None:
     and description.json, as export writes them."""
     import onnx
     import torch
+
     from train.models import load_run
 
     network, desc = load_run(run_dir)

@@ -22,7 +22,7 @@ from train.models import load_run
 from train.runs import untrained_run
 
 try:
-    import export.caffe2  # noqa: F401
+    import export.caffe2
     import export.caffe2_exec  # noqa: F401
     HAVE_CAFFE2 = True
 except ImportError:

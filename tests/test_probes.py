@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from tests.no_torch import BLOCK_TORCH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,11 +18,18 @@ sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
 from common.data import stratified_split  # noqa: E402
-from runtime.probes import (DEFAULT_CS, KNNProbe, LinearSVMProbe,  # noqa: E402
-                            LogisticRegressionProbe, NearestClassMeanProbe,
-                            description_fingerprint, load_probe, make_probe, model_mismatch,
-                            save_probe)
-
+from runtime.probes import (  # noqa: E402
+    DEFAULT_CS,
+    KNNProbe,
+    LinearSVMProbe,
+    LogisticRegressionProbe,
+    NearestClassMeanProbe,
+    description_fingerprint,
+    load_probe,
+    make_probe,
+    model_mismatch,
+    save_probe,
+)
 
 # ---------------------------------------------------------------------------------------------
 # fixtures: scikit-learn's digits as raw pixels, and a real exported small CNN

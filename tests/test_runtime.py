@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tests.no_torch import BLOCK_TORCH
 
 from common.images import preprocess as reference_preprocess
 from tests.conftest import ROOT
-
+from tests.no_torch import BLOCK_TORCH
 
 # ---------------------------------------------------------------------------------------------
 # fixtures: a real exported small CNN, and JPEGs made from real photos
@@ -352,6 +351,7 @@ def test_uint8_front_is_bit_identical_to_numpy_normalisation(model_dir, jpeg_fol
     exactly the tensor NumPy's normalisation gives it, for every variant and a fused model."""
     import onnx
     import onnxruntime as ort
+
     from runtime import FeaturePipeline, NearestClassMeanProbe, fuse_probe, load_description
     from runtime.decode import load_crop, normalize_batch
     from runtime.prefix import INPUT_METADATA_KEY, PrefixError, add_uint8_front, uint8_input_model
@@ -453,6 +453,7 @@ def test_variants_agree_with_fp32(pipe, model_dir, fmnist_small):
 
 def test_model_errors_and_options(model_dir, fmnist_small, tmp_path):
     import shutil
+
     from runtime import FeaturePipeline
     only_fp32 = tmp_path / "only_fp32"
     only_fp32.mkdir()

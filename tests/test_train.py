@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
-
 from common.description import ModelDescription
 from common.images import ImageDecodeError, preprocess
+from tests.conftest import ROOT
 from train.loop import CHECKPOINT, TrainConfig, prepare, train
 from train.models import load_run
 
@@ -249,9 +248,9 @@ def test_corrupt_image_skipped_and_counted_or_fatal(nested_folder, tmp_path, cap
 
 
 def test_help_lists_methods_and_every_architecture():
+    import train.efficientnet  # noqa: F401  (registers efficientnet_lite0 where available)
     from train.commands import ARCH_HELP
     from train.models import ARCHITECTURES
-    import train.efficientnet  # noqa: F401  (registers efficientnet_lite0 where available)
     text = cli("--help").stdout
     for word in ("specific", "generic", "multilevel", "finer", "fsft", "--resume", "--amp",
                  "torchrun", "Examples"):
@@ -323,6 +322,7 @@ def test_generic_from_mapping_and_clustering(nested_folder, specific_run, tmp_pa
 
 def test_strong_augmentation_keeps_shape_and_varies_views():
     import torch
+
     from common.description import Preprocessing
     from train.augment import train_transform
     pre = Preprocessing(input_size=32, resize_size=32)

@@ -140,8 +140,9 @@ def train(threads, **options):
     import torch
 
     from common.images import ImageDecodeError
-    from .loop import TrainConfig, fit, prepare
+
     from .distributed import cleanup, setup
+    from .loop import TrainConfig, fit, prepare
 
     if threads:
         torch.set_num_threads(threads)

@@ -170,6 +170,7 @@ def extract_features(run_dir: str, paths: list[str], batch_size: int = 64,
     from tqdm import tqdm
 
     from common.images import ImageDecodeError, preprocess
+
     from .models import load_run
 
     device = device or _default_device()

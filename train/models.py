@@ -8,8 +8,8 @@ Pretrained weights are loaded apart from the architecture (see `load_pretrained`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

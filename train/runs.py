@@ -14,6 +14,7 @@ import torch
 
 from common.atomic import atomic_open
 from common.description import Level, ModelDescription
+
 from .models import Network, create_model, default_preprocessing
 
 

@@ -1,0 +1,72 @@
+"""Walking image folders: streamed, sorted, and safe against symbolic-link loops.
+
+Every folder listing in the project goes through `iter_image_files`, so a folder of millions of
+files is never listed in one go (one directory at a time, sorted), a link that points back up the
+tree cannot yield the same image twice, and a sub-folder that cannot be read is reported instead of
+being skipped without a word.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+from .images import is_image_file
+
+log = logging.getLogger("unirep.files")
+
+OnError = Callable[[str, str], None]
+
+
+def _warn(path: str, message: str) -> None:
+    log.warning("%s: %s", path, message)
+
+
+def iter_image_files(root: str, *, on_error: OnError | None = None,
+                     follow_links: bool = True) -> Iterator[str]:
+    """Image files under `root`, depth first, each directory's entries in sorted order.
+
+    Hidden entries (a leading '.') are skipped. Links to folders are followed once: a folder
+    reached again through a link (same device and inode as one already on the walk) is skipped
+    and reported, so a link loop ends and no file is yielded twice through it. `on_error(path,
+    message)` hears about unreadable folders and skipped loops (default: a logged warning)."""
+    report = on_error or _warn
+    seen: set[tuple[int, int]] = set()
+
+    def key(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            report(path, f"cannot be read ({e.strerror or e}); skipped")
+            return None
+        return st.st_dev, st.st_ino
+
+    def walk(folder: str) -> Iterator[str]:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            report(folder, f"folder cannot be read ({e.strerror or e}); its images are skipped")
+            return
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=follow_links)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                k = key(entry.path)
+                if k is None:
+                    continue
+                if k in seen:
+                    report(entry.path, "links back to a folder already walked; skipped")
+                    continue
+                seen.add(k)
+                yield from walk(entry.path)
+            elif is_image_file(entry.name):
+                yield entry.path
+
+    root_key = key(root)
+    if root_key is None:
+        return
+    seen.add(root_key)
+    yield from walk(root)
