@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,65 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # Truncated files must fail loudly (and be reported), not decode as half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# Images above this many pixels are refused before their pixels are decoded: a 166 KB PNG can
+# hold 12000x12000 pixels (430 MB decoded). 100 MP is well above any camera photo.
+MAX_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "UNIREP_MAX_PIXELS"
+# Up to this many times the crop's area the whole image is resized then cropped (the exact
+# reference, unchanged); beyond it only the crop window is resampled, so memory stays bounded
+# for extreme shapes (a 1x20000 image resized whole at 224 px would need 3 GB).
+WHOLE_RESIZE_FACTOR = 16
+# Arrays are taken as 8-bit (uint8) or 16-bit (uint16, scaled like 16-bit files): any other
+# dtype has no unambiguous meaning as pixels (is a float 0..1 or 0..255?), so it is refused.
+ARRAY_DTYPES = ("uint8", "uint16")
+
+# Our own limit (checked on the header) decides; PIL's bomb warning would only repeat it.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
 
 class ImageDecodeError(ValueError):
     """An input could not be turned into an image; the message names the input and the cause."""
+
+
+def max_pixels() -> int:
+    """The pixel limit: $UNIREP_MAX_PIXELS when set (a positive integer), else MAX_PIXELS."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None or not raw.strip():
+        return MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ImageDecodeError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, "
+                               f"e.g. {MAX_PIXELS_ENV}={MAX_PIXELS}")
+    return value
+
+
+def apply_pixel_limit() -> int:
+    """Set PIL's decompression-bomb limit (checked when a file is opened; PIL raises at twice it)
+    to ours, so both follow $UNIREP_MAX_PIXELS; returns the limit."""
+    limit = max_pixels()
+    Image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse an image of `size` (width, height) above the pixel limit, naming the limit and
+    how to raise it. Called on the header, before any pixel is decoded."""
+    limit = apply_pixel_limit()
+    w, h = int(size[0]), int(size[1])
+    if w * h > limit:
+        raise ImageDecodeError(
+            f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {limit:,}; "
+            f"set {MAX_PIXELS_ENV} to a larger number to accept it")
+
+
+def bomb_error(name: str, e: Exception) -> ImageDecodeError:
+    """PIL's DecompressionBombError worded as our pixel-limit error."""
+    return ImageDecodeError(
+        f"{name}: image is above the limit of {max_pixels():,} pixels ({e}); "
+        f"set {MAX_PIXELS_ENV} to a larger number to accept it")
 
 
 def is_image_file(name: str) -> bool:
@@ -54,6 +111,8 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
         mode = img.mode
     elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if mode == "F" and not np.isfinite(arr).all():
+            raise ImageDecodeError("32-bit float image contains NaN or infinite values")
         if mode == "F":
             scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
         elif mode == "I" and arr.size and float(arr.max()) <= 255:
@@ -89,52 +148,78 @@ def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
                 raise ImageDecodeError(f"{src}: file not found")
             with open(src, "rb") as f:
                 data = f.read()
+            apply_pixel_limit()
             img = Image.open(io.BytesIO(data))
         elif isinstance(src, (bytes, bytearray, memoryview)):
+            apply_pixel_limit()
             img = Image.open(io.BytesIO(bytes(src)))
         elif hasattr(src, "read"):
+            apply_pixel_limit()
             img = Image.open(io.BytesIO(src.read()))
         else:
             raise ImageDecodeError(
                 f"{_describe(src)}: unsupported input type; give a path, bytes, a PIL image "
                 "or an HxW / HxWxC uint8 array")
+        check_pixels(img.size, _describe(src))  # on the header: nothing decoded yet
         img.load()
         img = ImageOps.exif_transpose(img) if not isinstance(src, np.ndarray) else img
         return to_rgb(img, background)
-    except ImageDecodeError:
-        raise
+    except ImageDecodeError as e:
+        if str(e).startswith(("<", _describe(src))):
+            raise
+        raise ImageDecodeError(f"{_describe(src)}: {e}") from e
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice our limit
+        raise bomb_error(_describe(src), e) from e
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         raise ImageDecodeError(f"{_describe(src)}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    name = _describe(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageDecodeError(f"{_describe(arr)}: expected HxW or HxWxC with C in 1, 3, 4")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
+        raise ImageDecodeError(f"{name}: expected HxW or HxWxC with C in 1, 3, 4")
+    if arr.dtype == np.uint16:  # like a 16-bit file: scaled by the bit depth, never clipped
+        arr = (arr.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        hint = (" (for floats in [0, 1]: (x * 255).round().astype(np.uint8))"
+                if np.issubdtype(arr.dtype, np.floating) else "")
+        raise ImageDecodeError(
+            f"{name}: arrays must be {' or '.join(ARRAY_DTYPES)}, not {arr.dtype}; "
+            f"convert the array first{hint}")
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
     return Image.fromarray(np.ascontiguousarray(arr if mode != "L" else arr[:, :, 0]), mode)
 
 
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """Size after 'resize the shorter side to resize_size, aspect kept'."""
+    if min(width, height) == resize_size:
+        return width, height
+    if width <= height:
+        return resize_size, max(1, int(round(height * resize_size / width)))
+    return max(1, int(round(width * resize_size / height))), resize_size
+
+
 def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
-    """Resize the shorter side to `resize_size` (aspect kept), then centre-crop `input_size`."""
-    w, h = img.size
-    short = min(w, h)
-    target = pre.resize_size
-    if short != target:
-        if w <= h:
-            nw, nh = target, max(1, int(round(h * target / w)))
-        else:
-            nw, nh = max(1, int(round(w * target / h))), target
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                    "nearest": Image.NEAREST}[pre.interpolation]
-        img = img.resize((nw, nh), resample)
-        w, h = nw, nh
+    """Resize the shorter side to `resize_size` (aspect kept), then centre-crop `input_size`
+    (padding with the background where the resized image is smaller than the crop).
+
+    Memory stays bounded by the input and the crop: when the resized image would be more than
+    WHOLE_RESIZE_FACTOR times the crop's area, only the crop window is resampled (PIL's `box`;
+    the same sample positions and filter, within one grey level of rounding). Below that the
+    whole image is resized then cropped, exactly as always."""
+    nw, nh = resized_size(img.width, img.height, pre.resize_size)
     s = pre.input_size
+    if nw * nh > WHOLE_RESIZE_FACTOR * s * s:
+        return resize_crop_window(img, (nw, nh), pre)
+    w, h = img.size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _RESAMPLE[pre.interpolation])
+        w, h = nw, nh
     if (w, h) != (s, s):
         if w < s or h < s:  # resize_size < input_size: pad symmetrically with the background
             canvas = Image.new("RGB", (max(w, s), max(h, s)), tuple(pre.background))
@@ -143,6 +228,34 @@ def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
         left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
         img = img.crop((left, top, left + s, top + s))
     return img
+
+
+def _window(n: int, s: int) -> tuple[int, int, int]:
+    """Along one axis of resized length n and crop s: (start, stop) in resized coordinates and
+    the offset in the crop where they land (the reference's pad-then-crop geometry)."""
+    if n < s:
+        return 0, n, (s - n) // 2
+    start = int(round((n - s) / 2.0))
+    return start, start + s, 0
+
+
+def resize_crop_window(img: Image.Image, resized: tuple[int, int], pre: Preprocessing
+                       ) -> Image.Image:
+    """The crop of `img` resized to `resized`, resampling only the crop window. `img` may be a
+    pre-shrunk version of the image (e.g. a JPEG decoded at 1/2 scale): sample positions are
+    scaled from `resized` to its size."""
+    nw, nh = resized
+    s = pre.input_size
+    x0, x1, ox = _window(nw, s)
+    y0, y1, oy = _window(nh, s)
+    sx, sy = img.width / nw, img.height / nh
+    part = img.resize((x1 - x0, y1 - y0), _RESAMPLE[pre.interpolation],
+                      box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    if part.size == (s, s):
+        return part
+    canvas = Image.new("RGB", (s, s), tuple(pre.background))
+    canvas.paste(part, (ox, oy))
+    return canvas
 
 
 def normalize(hwc_uint8: np.ndarray, pre: Preprocessing) -> np.ndarray:

@@ -26,7 +26,17 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from common.description import Preprocessing
-from common.images import ImageDecodeError, open_image, resize_and_crop, to_rgb
+from common.images import (
+    WHOLE_RESIZE_FACTOR,
+    ImageDecodeError,
+    apply_pixel_limit,
+    bomb_error,
+    check_pixels,
+    open_image,
+    resize_and_crop,
+    resize_crop_window,
+    to_rgb,
+)
 
 try:  # optional accelerator; the PIL path covers everything without it
     import simplejpeg
@@ -140,6 +150,8 @@ def _finish(img: Image.Image, full_size: tuple[int, int], pre: Preprocessing,
     if nw < s or nh < s:  # the reference pads with the background: keep its exact code
         if img.mode != "RGB":
             img = img.convert("RGB")
+        if nw * nh > WHOLE_RESIZE_FACTOR * s * s:  # an extreme shape: resample the window only
+            return _to_array(resize_crop_window(img, (nw, nh), pre), out)
         if img.size != (nw, nh):
             img = img.resize((nw, nh), _RESAMPLE[pre.interpolation])
         return _to_array(resize_and_crop(img, pre), out)
@@ -151,8 +163,8 @@ def _finish(img: Image.Image, full_size: tuple[int, int], pre: Preprocessing,
     return _to_array(img.resize((s, s), _RESAMPLE[pre.interpolation], box=box), out)
 
 
-def _simplejpeg_crop(data: bytes, pre: Preprocessing, out: np.ndarray | None = None
-                     ) -> np.ndarray | None:
+def _simplejpeg_crop(data: bytes, pre: Preprocessing, out: np.ndarray | None = None,
+                     name: str = "<bytes>") -> np.ndarray | None:
     """The crop via libjpeg-turbo with DCT downscaling, or None to let PIL handle the file.
 
     libjpeg-turbo writes RGBX, the 4-byte layout PIL keeps RGB images in, so an RGB image is
@@ -164,6 +176,7 @@ def _simplejpeg_crop(data: bytes, pre: Preprocessing, out: np.ndarray | None = N
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
+    check_pixels((width, height), name)  # before libjpeg allocates anything
     if colorspace not in _SIMPLEJPEG_COLORSPACES or exif_orientation(data) != 1:
         return None
     scale = DCT_MARGIN * pre.resize_size / min(width, height)
@@ -211,7 +224,9 @@ def _pil_crop(data: bytes, pre: Preprocessing, fast: bool, name: str,
     if not fast:
         return _to_array(resize_and_crop(open_image(data, pre.background), pre), out)
     try:
+        apply_pixel_limit()
         img = Image.open(io.BytesIO(data))
+        check_pixels(img.size, name)  # on the header, before any pixel is decoded
         if img.format == "JPEG":  # libjpeg's own downscale, keeping DCT_MARGIN x the target
             full = img.size
             scale = DCT_MARGIN * pre.resize_size / min(full)
@@ -224,6 +239,10 @@ def _pil_crop(data: bytes, pre: Preprocessing, fast: bool, name: str,
         if transposed.size != img.size:  # rotated by 90 degrees: the full size swaps too
             full = full[::-1]
         img = to_rgb(transposed, pre.background)
+    except ImageDecodeError as e:
+        raise (e if str(e).startswith(name) else ImageDecodeError(f"{name}: {e}")) from e
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice our limit
+        raise bomb_error(name, e) from e
     except Exception as e:  # PIL raises many types; the reference words them the same way
         raise ImageDecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
     return _finish(img, full, pre, out)
@@ -241,7 +260,7 @@ def load_crop(src: Any, pre: Preprocessing, fast: bool = True, out: np.ndarray |
         return _to_array(resize_and_crop(img, pre), out)
     name = _name(src)
     if fast and data[:3] == JPEG_MAGIC:
-        crop = _simplejpeg_crop(data, pre, out)
+        crop = _simplejpeg_crop(data, pre, out, name)
         if crop is not None:
             return crop
     try:  # other formats take the reference path; only JPEGs gain from draft()
