@@ -3,14 +3,81 @@
 Everything the project persists (checkpoints, models, features, probes, reports) goes through
 `atomic_open`: write to a temporary file in the same folder, flush and fsync, then rename over
 the destination (rename is atomic within a file system). On any error the temporary is removed.
+
+A process killed with SIGKILL cannot remove its temporaries, so every temporary is named
+`.tmp-PID-...` after the process that writes it, and the next write into the same folder removes
+those whose process is gone (`clean_stale_temps`). (A folder shared by several machines would
+need a host in the name too; we do not write into such folders concurrently.)
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO
+
+TEMP_PREFIX = ".tmp-"
+_TEMP_NAME = re.compile(r"^\.tmp-(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str) -> list[str]:
+    """Remove temporaries (files or folders named `.tmp-PID-...`) left in `directory` by
+    processes that no longer run; returns the paths removed. Never raises."""
+    removed = []
+    try:
+        with os.scandir(directory) as it:
+            entries = [e for e in it if _TEMP_NAME.match(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass  # another process cleaned it first, or it is not ours to remove
+    return removed
+
+
+def temp_prefix(tag: str = "") -> str:
+    """The name prefix of this process's temporaries: `.tmp-PID-` (+ `tag-`)."""
+    return f"{TEMP_PREFIX}{os.getpid()}-" + (f"{tag}-" if tag else "")
+
+
+def make_temp_file(directory: str, suffix: str = "", tag: str = "") -> tuple[int, str]:
+    """mkstemp in `directory` under this process's temp prefix, after cleaning stale ones."""
+    os.makedirs(directory, exist_ok=True)
+    clean_stale_temps(directory)
+    return tempfile.mkstemp(prefix=temp_prefix(tag), suffix=suffix, dir=directory)
+
+
+def make_temp_dir(directory: str, tag: str = "") -> str:
+    """mkdtemp in `directory` under this process's temp prefix, after cleaning stale ones."""
+    os.makedirs(directory, exist_ok=True)
+    clean_stale_temps(directory)
+    return tempfile.mkdtemp(prefix=temp_prefix(tag), dir=directory)
 
 
 @contextlib.contextmanager
@@ -18,8 +85,7 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError("atomic_open writes whole files: mode 'w' or 'wb'")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    fd, tmp = make_temp_file(directory, suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -42,12 +108,10 @@ def build_folder_once(out: str, build, marker: str) -> str:
 
     `build(tmp)` fills a temporary folder beside `out`, which is then renamed into place, so a
     reader never sees a half-built folder; when two processes race, the first rename wins."""
-    import shutil
     if os.path.exists(os.path.join(out, marker)):
         return out
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=parent)
+    tmp = make_temp_dir(parent, tag=os.path.basename(out))
     try:
         build(tmp)
         try:

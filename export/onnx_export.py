@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from common.atomic import make_temp_dir, temp_prefix
 from common.description import ONNX_METADATA_KEY, ModelDescription, save_json_atomic
 
 LINF_EPS = 1e-12
@@ -401,7 +402,7 @@ def move_into_place(tmp_dir: str, out_dir: str) -> None:
         os.rmdir(out_dir)
     if os.path.exists(out_dir):
         parent, base = os.path.split(os.path.abspath(out_dir))
-        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=temp_prefix(f"{base}.old"), dir=parent)
         os.rmdir(old)
         os.rename(out_dir, old)
         try:
@@ -458,8 +459,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
     desc = combined_description(descs, run_dirs, feature_dim, logits_heads)
 
     parent, base = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    tmp_dir = make_temp_dir(parent, tag=base)
     try:
         model_path = os.path.join(tmp_dir, "model.onnx")
         log(f"export: {desc.architecture} -> ONNX (opset {opset})")

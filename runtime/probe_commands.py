@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 
 import click
@@ -307,9 +306,8 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
     check_probe_fits_model(estimator, pipe, probe_dir)
     top_k = min(top_k, len(estimator.classes_))
 
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    from common.atomic import make_temp_file
+    fd, tmp = make_temp_file(os.path.dirname(os.path.abspath(out)), suffix=".jsonl")
     errors: dict[int, str] = {}
     row = 0
     try:
