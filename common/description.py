@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,13 @@ from .atomic import atomic_open
 
 FORMAT_VERSION = 1
 ONNX_METADATA_KEY = "unirep.description"
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+class DescriptionError(ValueError):
+    """A model description that cannot be used; the message names the file when there is one."""
 
 
 @dataclass
@@ -34,8 +42,37 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        if not isinstance(d, dict):
+            raise DescriptionError(f"preprocessing must be an object, not {type(d).__name__}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        pre = cls(**known)
+        problem = pre.problem()
+        if problem:
+            raise DescriptionError(f"preprocessing: {problem}")
+        return pre
+
+    def problem(self) -> str | None:
+        """Why this transform cannot be applied (None when it can): a std of 0 or a non-finite
+        mean would turn every embedding into NaN while the images look fine."""
+        for name in ("input_size", "resize_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                return f"{name} must be a positive integer, not {v!r}"
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in v)):
+                return f"{name} must be 3 finite numbers (one per RGB channel), not {v!r}"
+        if any(x <= 0 for x in self.std):
+            return f"std must be positive for every channel, not {list(self.std)!r}"
+        if self.interpolation not in INTERPOLATIONS:
+            return f"interpolation must be one of {INTERPOLATIONS}, not {self.interpolation!r}"
+        b = self.background
+        if (not isinstance(b, (list, tuple)) or len(b) != 3 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in b)):
+            return f"background must be 3 integers in 0..255, not {b!r}"
+        return None
 
 
 @dataclass
@@ -88,17 +125,29 @@ class ModelDescription:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelDescription:
+        if not isinstance(d, dict):
+            raise DescriptionError(f"a model description is a JSON object, not "
+                                   f"{type(d).__name__}")
         d = copy.deepcopy(d)
         version = d.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int):
+            raise DescriptionError(f"format_version must be an integer, not {version!r}")
         if version > FORMAT_VERSION:
-            raise ValueError(
+            raise DescriptionError(
                 f"model description format {version} is newer than this toolkit understands "
                 f"({FORMAT_VERSION}); upgrade the toolkit")
         for required in ("architecture", "feature_dim", "preprocessing"):
             if required not in d:
-                raise ValueError(f"model description is missing '{required}'")
+                raise DescriptionError(f"model description is missing '{required}'")
+        fd = d["feature_dim"]
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 1:
+            raise DescriptionError(f"feature_dim must be a positive integer, not {fd!r}")
         d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
-        d["levels"] = [Level(**lv) for lv in d.get("levels", [])]
+        try:
+            d["levels"] = [Level(**lv) for lv in d.get("levels", [])]
+        except TypeError as e:
+            raise DescriptionError(f"levels must be objects with 'name' and 'classes' ({e})"
+                                   ) from e
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -115,8 +164,13 @@ class ModelDescription:
             path = os.path.join(path, "description.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no model description at {path}")
-        with open(path) as f:
-            return cls.from_json(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except DescriptionError as e:
+            raise DescriptionError(f"{path}: {e}") from e
+        except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise DescriptionError(f"{path}: not a valid model description ({e})") from e
 
     # -- helpers -------------------------------------------------------------------------
     def level_index(self, level: int | str) -> int:

@@ -109,8 +109,8 @@ def _load_probe_or_fail(probe_dir: str):
     from runtime.probes import load_probe
     try:
         return load_probe(probe_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise click.UsageError(f"cannot load probe {probe_dir}: {e}")
+    except (FileNotFoundError, ValueError, KeyError) as e:  # ProbeFileError is a ValueError
+        raise click.ClickException(f"cannot load probe {probe_dir}: {e}")
 
 
 def _plain(value):
@@ -320,11 +320,15 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
                 probabilities = np.zeros((len(batch), len(estimator.classes_)))
                 if ok.any():
                     probabilities[ok] = estimator.predict_proba(batch[ok])
+                # JSON has no NaN: a row whose probabilities are not finite becomes an error
+                finite = np.isfinite(probabilities).all(axis=1)
+                probabilities[~finite] = 0.0
                 order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
                 for j in range(len(batch)):
                     item_id, path = items[row + j]
-                    if not ok[j]:
-                        message = batch_errors.get(j, "embedding is not finite")
+                    if not ok[j] or not finite[j]:
+                        message = batch_errors.get(j, "embedding is not finite" if not ok[j]
+                                                   else "probe probabilities are not finite")
                         errors[row + j] = message.replace(path, item_id, 1)
                         record = {"id": item_id, "error": errors[row + j]}
                     else:
@@ -332,7 +336,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
                                 for c in order[j]]
                         record = {"id": item_id, "label": best[0][0], "score": best[0][1],
                                   "top_k": [list(pair) for pair in best]}
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
                 row += len(batch)
                 bar.update(len(batch))
             f.flush()
