@@ -1,7 +1,11 @@
 """`python cli.py train`: the click front end of `train.loop` (torch is imported only when run)."""
 from __future__ import annotations
 
+import math
+
 import click
+
+from common.checks import FiniteFloat, writable_output
 
 # Kept in sync with train.models.ARCHITECTURES (checked by the tests); listed here so that
 # `--help` does not import torch. An architecture registered later still works by name.
@@ -31,15 +35,19 @@ def _parse_weights(ctx, param, value):
     if not value:
         return None
     try:
-        return [float(v) for v in value.split(",")]
+        weights = [float(v) for v in value.split(",")]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 1,0.5")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise click.BadParameter(f"{value!r}: weights must be finite, >= 0 and not all 0")
+    return weights
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--data", required=True, help="Folder (nested folders = label levels; train/ and "
               "test/ = splits) or built-in: fashion-mnist, mnist, digits, emoji[:styles=...].")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=writable_output("folder"), help="Run folder to write.")
 @click.option("--method", type=click.Choice(["specific", "generic", "multilevel", "finer", "fsft"]),
               default="specific", show_default=True, help="Source problem; see above.")
 @click.option("--level", default=None, help="generic: level number (0 = coarsest) or name "
@@ -55,42 +63,47 @@ def _parse_weights(ctx, param, value):
               help="Levels from a CSV: fine label, then its ancestors from parent up.")
 @click.option("--group-by-clustering", default=None, type=click.Path(), metavar="RUN_DIR",
               help="Add a level of K groups by K-means of RUN_DIR's class prototypes.")
-@click.option("--k", default=10, show_default=True, help="Groups for --group-by-clustering.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(2), help="Groups for --group-by-clustering.")
 @click.option("--finer-mode", type=click.Choice(["kmeans", "auto"]), default="kmeans",
               show_default=True, help="finer: K-means with --finer-k per class, or automatic "
               "split-then-merge (no K).")
-@click.option("--finer-k", default=4, show_default=True, help="finer: clusters per class.")
-@click.option("--finer-min-size", default=20, show_default=True,
+@click.option("--finer-k", default=4, show_default=True, type=click.IntRange(2), help="finer: clusters per class.")
+@click.option("--finer-min-size", default=20, show_default=True, type=click.IntRange(1),
               help="finer: smallest pseudo-class kept (images).")
-@click.option("--alpha", default=0.1, show_default=True, help="fsft: lr factor of kept layers.")
-@click.option("--reinit", default=2, show_default=True,
+@click.option("--alpha", default=0.1, show_default=True, type=FiniteFloat(0), help="fsft: lr factor of kept layers.")
+@click.option("--reinit", default=2, show_default=True, type=click.IntRange(0),
               help="fsft: number of last backbone blocks re-initialised.")
-@click.option("--epochs", default=10, show_default=True,
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(0),
               help="0 writes seeded random weights (the random-features control).")
-@click.option("--batch-size", default=64, show_default=True, help="Per process.")
-@click.option("--lr", default=None, type=float, help="Peak learning rate [sgd 0.05, adamw 1e-3].")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
+              help="Per process.")
+@click.option("--lr", default=None, type=FiniteFloat(0, min_open=True),
+              help="Peak learning rate [sgd 0.05, adamw 1e-3].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--momentum", default=0.9, show_default=True)
-@click.option("--weight-decay", default=None, type=float, help="[sgd 5e-4, adamw 0.05]")
+@click.option("--momentum", default=0.9, show_default=True, type=FiniteFloat(0, 1, max_open=True))
+@click.option("--weight-decay", default=None, type=FiniteFloat(0), help="[sgd 5e-4, adamw 0.05]")
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine",
               show_default=True, help="step: x0.1 at 50% and 75% of the epochs.")
-@click.option("--warmup-epochs", default=1.0, show_default=True, help="Linear warm-up.")
-@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=FiniteFloat(0), help="Linear warm-up.")
+@click.option("--label-smoothing", default=0.0, show_default=True,
+              type=FiniteFloat(0, 1, max_open=True))
 @click.option("--loss-weights", callback=_parse_weights, default=None, metavar="W,...",
               help="multilevel: one weight per level, coarsest first [all 1].")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--input-size", default=None, type=int, help="Pixels [architecture's default].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--input-size", default=None, type=click.IntRange(8, 4096), help="Pixels [architecture's default].")
 @click.option("--hflip/--no-hflip", default=True, show_default=True,
               help="Random horizontal flips (turn off for digits, text).")
 @click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard",
               show_default=True, help="strong: bigger crops, rotation, colour and greyscale; "
               "for classes with only a few images each (e.g. emoji).")
 @click.option("--val-fraction", default=0.1, show_default=True,
+              type=FiniteFloat(0, 1, max_open=True),
               help="Hold-out for evaluation when the data has no test split.")
-@click.option("--per-class", default=None, type=int, help="At most N images per class and split "
+@click.option("--per-class", default=None, type=click.IntRange(1), help="At most N images per class and split "
               "(quick runs).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--threads", default=None, type=int, help="CPU threads for torch [torch's default].")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="DataLoader worker processes.")
+@click.option("--threads", default=None, type=click.IntRange(1, 1024), help="CPU threads for torch [torch's default].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none",
@@ -101,7 +114,7 @@ def _parse_weights(ctx, param, value):
               "same options; ends with the same weights as an uninterrupted run.")
 @click.option("--strict-images", is_flag=True, help="Stop at the first unreadable image instead "
               "of skipping (and counting) it.")
-@click.option("--cache-gb", default=2.0, show_default=True,
+@click.option("--cache-gb", default=2.0, show_default=True, type=FiniteFloat(0),
               help="Decode images once into memory when they fit in this size.")
 def train(threads, **options):
     """Train a backbone and write a run folder (model.pt, description.json, checkpoint.pt,

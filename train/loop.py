@@ -608,6 +608,19 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
     return Plan(cfg, dist, problem, train_set, eval_set, model, optimizer, desc, skipped)
 
 
+# Options naming files or folders: `./run`, `run/` and `/abs/run` are the same run folder.
+PATH_OPTIONS = {"out", "data", "from_run", "mapping", "group_by_clustering"}
+
+
+def _same_option(key: str, saved, now) -> bool:
+    if saved == now:
+        return True
+    if key in PATH_OPTIONS and isinstance(saved, str) and isinstance(now, str) \
+            and os.path.exists(now):
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return False
+
+
 def _check_resumable(cfg: TrainConfig) -> None:
     path = os.path.join(cfg.out, CONFIG_FILE)
     if not os.path.exists(os.path.join(cfg.out, CHECKPOINT)) or not os.path.exists(path):
@@ -615,7 +628,8 @@ def _check_resumable(cfg: TrainConfig) -> None:
     with open(path) as f:
         saved = json.load(f)
     now = cfg.to_dict()
-    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    differ = [k for k in now if k not in RESUME_MAY_DIFFER
+              and not _same_option(k, saved.get(k), now[k])]
     if differ:
         raise ValueError("--resume with other options than the interrupted run: " + ", ".join(
             f"{k}={now[k]!r} (was {saved.get(k)!r})" for k in differ))
