@@ -79,3 +79,15 @@ def writable_output(kind: str = "folder"):
                                      ctx, param)
         return value
     return callback
+
+
+def data_spec(ctx, param, value):
+    """A click callback checking a DATA option (folder or built-in spec) before any work:
+    `mnist:per_class=abc` fails here, not after a model was built."""
+    if value is None:
+        return value
+    from .data import spec_problem
+    problem = spec_problem(value)
+    if problem:
+        raise click.BadParameter(f"{value}: {problem}", ctx, param)
+    return value

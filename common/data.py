@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,10 +26,13 @@ import numpy as np
 
 from .atomic import build_folder_once
 from .description import Level, save_json_atomic
-from .images import is_image_file
+from .files import iter_image_files
 
 SPLIT_NAMES = ("train", "test")
 MANIFEST = "manifest.json"
+
+
+log = logging.getLogger("unirep.data")
 
 
 class DataError(ValueError):
@@ -44,6 +48,7 @@ class ImageDataset:
     splits: dict[str, list[tuple[str, int]]]  # split -> [(path, leaf class index)]
     empty_dirs: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # unreadable folders, link loops, ...
 
     @property
     def leaf_classes(self) -> list[str]:
@@ -75,28 +80,63 @@ class ImageDataset:
     def summary(self) -> str:
         sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.splits.items())
         lv = " > ".join(f"{l.name} ({len(l.classes)})" for l in self.levels)
-        return f"{self.name}: {sizes} images; levels {lv}"
+        line = f"{self.name}: {sizes} images; levels {lv}"
+        if self.problems:
+            line += f"; {len(self.problems)} problem(s) while scanning (first: {self.problems[0]})"
+        return line
 
 
 # ---------------------------------------------------------------------------------------------
 # ImageFolder scanning
 
-def _scan_split(split_root: str) -> tuple[dict[str, list[str]], list[str]]:
-    """Map leaf folder (relative path) -> sorted image paths; also list empty leaf folders."""
-    leaves: dict[str, list[str]] = {}
+def _scan_split(split_root: str, problems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Map leaf folder (relative path) -> sorted image paths, with the shared walker (links
+    followed once: a loop cannot yield an image twice); unreadable folders and loops are
+    logged and added to `problems`. Also lists empty leaf folders."""
+    def report(path: str, message: str) -> None:
+        log.warning("%s: %s", path, message)
+        problems.append(f"{path}: {message}")
+
     empty: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(split_root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, split_root)
-        images = sorted(f for f in filenames if is_image_file(f) and not f.startswith("."))
+
+    def note_folder(folder: str, n_images: int, n_subfolders: int) -> None:
+        rel = os.path.relpath(folder, split_root)
+        if rel != "." and not n_images and not n_subfolders:
+            empty.append(rel.replace(os.sep, "/"))
+
+    leaves: dict[str, list[str]] = {}
+    for path in iter_image_files(split_root, on_error=report, follow_links=True,
+                                 on_folder=note_folder):
+        rel = os.path.relpath(os.path.dirname(path), split_root)
         if rel == ".":
             continue  # files at the root have no class; ignored
-        rel = rel.replace(os.sep, "/")
-        if images:
-            leaves[rel] = [os.path.join(dirpath, f) for f in images]
-        elif not dirnames:
-            empty.append(rel)
+        leaves.setdefault(rel.replace(os.sep, "/"), []).append(path)
     return leaves, empty
+
+
+def _drop_shared_files(per_split: dict[str, dict[str, list[str]]], problems: list[str]) -> None:
+    """A file reachable from both train/ and test/ (through a link) stays in test only, so the
+    test split is never seen in training."""
+    if set(per_split) != set(SPLIT_NAMES):
+        return
+    def identity(path: str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+    in_test = {identity(p) for paths in per_split["test"].values() for p in paths} - {None}
+    for leaf, paths in list(per_split["train"].items()):
+        kept = [p for p in paths if identity(p) not in in_test]
+        for p in paths:
+            if identity(p) in in_test:
+                message = "also in the test split (a link); kept in test only"
+                log.warning("%s: %s", p, message)
+                problems.append(f"{p}: {message}")
+        if kept:
+            per_split["train"][leaf] = kept
+        else:
+            del per_split["train"][leaf]
 
 
 def scan_imagefolder(root: str, name: str | None = None) -> ImageDataset:
@@ -111,11 +151,12 @@ def scan_imagefolder(root: str, name: str | None = None) -> ImageDataset:
                    if os.path.isdir(os.path.join(root, s))}
     if set(split_roots) != set(SPLIT_NAMES):
         split_roots = {"all": root}
-    per_split, empty = {}, []
+    per_split, empty, problems = {}, [], []
     for split, sroot in split_roots.items():
-        leaves, e = _scan_split(sroot)
+        leaves, e = _scan_split(sroot, problems)
         per_split[split] = leaves
         empty += [f"{split}/{x}" if split != "all" else x for x in e]
+    _drop_shared_files(per_split, problems)
     leaf_names = sorted({leaf for leaves in per_split.values() for leaf in leaves})
     if not leaf_names:
         raise DataError(
@@ -136,7 +177,7 @@ def scan_imagefolder(root: str, name: str | None = None) -> ImageDataset:
     splits = {split: [(p, leaf_index[leaf]) for leaf in sorted(leaves) for p in leaves[leaf]]
               for split, leaves in per_split.items()}
     return ImageDataset(name or manifest.get("name") or os.path.basename(root), root, levels,
-                        leaf_to_level, splits, empty, manifest)
+                        leaf_to_level, splits, empty, manifest, problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +196,49 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         k, v = item.split("=", 1)
         options[k.strip()] = v.strip()
     return name.strip(), options
+
+
+def _positive_int(value: str) -> bool:
+    return value.isdigit() and int(value) >= 1
+
+
+# The options each built-in understands, and a check of each value (what it must be, if not).
+BUILTIN_OPTIONS: dict[str, dict[str, tuple]] = {
+    "fashion-mnist": {"per_class": (_positive_int, "a positive integer")},
+    "mnist": {"per_class": (_positive_int, "a positive integer")},
+    "digits": {"per_class": (_positive_int, "a positive integer")},
+    "emoji": {
+        "per_class": (_positive_int, "a positive integer"),
+        "skin": (str.isdigit, "an integer >= 0"),
+        "styles": (lambda v: bool(v) and all(s in ("google", "twitter") for s in v.split("+")),
+                   "google, twitter or google+twitter"),
+        "test_styles": (lambda v: all(s in ("google", "twitter") for s in v.split("+") if s),
+                        "google, twitter or google+twitter"),
+    },
+}
+
+
+def spec_problem(spec: str) -> str | None:
+    """Why DATA `spec` cannot name a dataset (None when it can), without building anything:
+    a folder must exist; a built-in must be known and its options well formed."""
+    if os.path.isdir(spec):
+        return None
+    if os.sep in spec or spec.startswith("."):
+        return "folder not found"
+    try:
+        name, opts = parse_spec(spec)
+    except DataError as e:
+        return str(e)
+    if name not in BUILTIN_OPTIONS:
+        return f"neither a folder nor a built-in dataset (built-ins: {', '.join(BUILTIN_OPTIONS)})"
+    known = BUILTIN_OPTIONS[name]
+    for key, value in opts.items():
+        if key not in known:
+            return f"unknown option {key!r} for {name}; it takes {', '.join(sorted(known))}"
+        check, what = known[key]
+        if not check(value):
+            return f"option {key}={value!r} must be {what}"
+    return None
 
 
 def _slug(text: str) -> str:
@@ -342,9 +426,9 @@ BUILTINS = {
 def materialise_builtin(spec: str) -> str:
     """Write a built-in dataset once as an ImageFolder under the cache; return its folder."""
     name, opts = parse_spec(spec)
-    if name not in BUILTINS:
-        raise DataError(f"{spec!r} is neither a folder nor a built-in dataset "
-                        f"(built-ins: {', '.join(BUILTINS)})")
+    problem = spec_problem(spec)
+    if problem:
+        raise DataError(f"{spec!r}: {problem}")
     key = name + ("-" + "-".join(f"{k}={v}" for k, v in sorted(opts.items())) if opts else "")
 
     def build(tmp: str) -> None:

@@ -23,13 +23,16 @@ def _warn(path: str, message: str) -> None:
 
 
 def iter_image_files(root: str, *, on_error: OnError | None = None,
-                     follow_links: bool = True) -> Iterator[str]:
+                     follow_links: bool = True,
+                     on_folder: Callable[[str, int, int], None] | None = None) -> Iterator[str]:
     """Image files under `root`, depth first, each directory's entries in sorted order.
 
     Hidden entries (a leading '.') are skipped. Links to folders are followed once: a folder
     reached again through a link (same device and inode as one already on the walk) is skipped
     and reported, so a link loop ends and no file is yielded twice through it. `on_error(path,
-    message)` hears about unreadable folders and skipped loops (default: a logged warning)."""
+    message)` hears about unreadable folders and skipped loops (default: a logged warning);
+    `on_folder(folder, n_images, n_subfolders)`, when given, hears about every folder listed
+    (e.g. to report empty class folders without listing anything twice)."""
     report = on_error or _warn
     seen: set[tuple[int, int]] = set()
 
@@ -48,11 +51,16 @@ def iter_image_files(root: str, *, on_error: OnError | None = None,
         except OSError as e:
             report(folder, f"folder cannot be read ({e.strerror or e}); its images are skipped")
             return
+        kinds = []
         for entry in entries:
             try:
-                is_dir = entry.is_dir(follow_symlinks=follow_links)
+                kinds.append(entry.is_dir(follow_symlinks=follow_links))
             except OSError:
-                is_dir = False
+                kinds.append(False)
+        if on_folder is not None:
+            on_folder(folder, sum(not d and is_image_file(e.name) for e, d in zip(entries, kinds)),
+                      sum(kinds))
+        for entry, is_dir in zip(entries, kinds):
             if is_dir:
                 k = key(entry.path)
                 if k is None:

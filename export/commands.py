@@ -6,10 +6,13 @@ import os
 
 import click
 
+from common.checks import data_spec, writable_output
+
 
 @click.command("export")
 @click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR ...]")
 @click.option("--out", "-o", "out_dir", required=True, metavar="MODEL_DIR",
+              callback=writable_output("folder"),
               help="Folder to write (model.onnx, description.json, export.json, ...).")
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
               help="onnx (always written: the bridge) and/or caffe2 (init_net.pb, predict_net.pb, "
@@ -20,12 +23,12 @@ import click
 @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (float32 in/out).")
 @click.option("--int8", is_flag=True,
               help="Also write model.int8.onnx (static QDQ); needs --calib.")
-@click.option("--calib", metavar="DATA", default=None,
+@click.option("--calib", metavar="DATA", default=None, callback=data_spec,
               help="Real images to calibrate --int8 and to measure the probe-accuracy change "
                    "(a folder or a built-in, e.g. fashion-mnist:per_class=30).")
-@click.option("--opset", type=int, default=18, show_default=True,
+@click.option("--opset", type=click.IntRange(17, 30), default=18, show_default=True,
               help="ONNX opset (17 or newer; 18+ uses the dynamo exporter).")
-@click.option("--check-data", metavar="DATA", default=None,
+@click.option("--check-data", metavar="DATA", default=None, callback=data_spec,
               help="Images for the parity check when the runs' training data is not "
                    "available here.")
 @click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,

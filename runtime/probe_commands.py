@@ -12,6 +12,8 @@ import time
 
 import click
 
+from common.checks import data_spec, writable_output
+
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
 
@@ -132,11 +134,11 @@ def probe():
 
 @probe.command("fit")
 @click.argument("model_dir", type=click.Path(exists=True))
-@click.option("--data", required=True,
+@click.option("--data", required=True, callback=data_spec,
               help="A folder (nested folders are label levels; train/ and test/ are splits) or "
                    "a built-in: fashion-mnist, mnist, digits, emoji[:...], any with per_class=N.")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
-              help="Probe folder to write (probe.npz + probe.json).")
+              callback=writable_output("folder"), help="Probe folder to write (probe.npz + probe.json).")
 @click.option("--kind", type=click.Choice(KINDS), default="logreg", show_default=True,
               help="logreg: multinomial logistic regression; svm: one-vs-rest linear SVM; "
                    "ncm: nearest class mean (cosine); knn: k nearest neighbours (cosine).")
@@ -149,7 +151,8 @@ def probe():
               help="Label level: number (0 = coarsest) or name; default the leaf level.")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True,
               help="Hold-out of the training images used to choose C / k / temperature.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the hold-out split.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the hold-out split.")
 @_pipeline_options
 def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, batch_size,
         threads, variant, exact_decode):
@@ -272,6 +275,7 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, bat
 @click.argument("probe_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False),
+              callback=writable_output("file"),
               help="Predictions file (.jsonl): one JSON object per input image, in order.")
 @click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
               help="How many (label, probability) pairs to list per image.")
@@ -356,7 +360,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
 @click.argument("model_dir", type=click.Path(exists=True))
 @click.argument("probe_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False),
-              help="The fused ONNX model to write.")
+              callback=writable_output("file"), help="The fused ONNX model to write.")
 @click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which exported model file to fuse the probe into.")
 def fuse(model_dir, probe_dir, out, variant):

@@ -5,7 +5,7 @@ import math
 
 import click
 
-from common.checks import FiniteFloat, writable_output
+from common.checks import FiniteFloat, data_spec, writable_output
 
 # Kept in sync with train.models.ARCHITECTURES (checked by the tests); listed here so that
 # `--help` does not import torch. An architecture registered later still works by name.
@@ -44,7 +44,7 @@ def _parse_weights(ctx, param, value):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--data", required=True, help="Folder (nested folders = label levels; train/ and "
+@click.option("--data", required=True, callback=data_spec, help="Folder (nested folders = label levels; train/ and "
               "test/ = splits) or built-in: fashion-mnist, mnist, digits, emoji[:styles=...].")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               callback=writable_output("folder"), help="Run folder to write.")
