@@ -71,7 +71,7 @@ def check_pixels(size: tuple[int, int], name: str) -> None:
     w, h = int(size[0]), int(size[1])
     if w * h > limit:
         raise ImageDecodeError(
-            f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {limit:,}; "
+            f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of {limit:,} pixels; "
             f"set {MAX_PIXELS_ENV} to a larger number to accept it")
 
 

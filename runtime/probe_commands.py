@@ -12,7 +12,7 @@ import time
 
 import click
 
-from common.checks import data_spec, writable_output
+from common.checks import FiniteFloat, data_spec, writable_output
 
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
@@ -142,7 +142,7 @@ def probe():
 @click.option("--kind", type=click.Choice(KINDS), default="logreg", show_default=True,
               help="logreg: multinomial logistic regression; svm: one-vs-rest linear SVM; "
                    "ncm: nearest class mean (cosine); knn: k nearest neighbours (cosine).")
-@click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--C", "C", type=FiniteFloat(0, min_open=True), default=None,
               help="Inverse regularisation for logreg/svm (default: chosen on a validation "
                    "split from a log-spaced sweep, then refit on train+val).")
 @click.option("--k", "k", type=click.IntRange(1), default=None,

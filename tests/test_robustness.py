@@ -19,7 +19,7 @@ from PIL import Image
 import cli
 from common.atomic import atomic_open, clean_stale_temps, make_temp_dir
 from common.checks import check_output, output_problem
-from common.data import DataError, load_dataset, scan_imagefolder, spec_problem
+from common.data import load_dataset, scan_imagefolder, spec_problem
 from common.description import DescriptionError, ModelDescription, Preprocessing
 from common.images import ImageDecodeError, open_image, preprocess, resize_and_crop
 from runtime import decode
