@@ -103,7 +103,7 @@ def check_probe_fits_model(probe, pipe, probe_dir: str) -> None:
     from runtime.probes import model_mismatch
     problem = model_mismatch(probe, pipe.description_)
     if problem:
-        raise click.ClickException(f"probe {probe_dir} does not match model {pipe.model_path_}: "
+        raise click.UsageError(f"probe {probe_dir} does not match model {pipe.model_path_}: "
                                f"{problem}")
 
 
