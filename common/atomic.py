@@ -40,7 +40,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temps(directory: str) -> list[str]:
     """Remove temporaries (files or folders named `.tmp-PID-...`) left in `directory` by
     processes that no longer run; returns the paths removed. Never raises."""
-    removed = []
+    removed: list[str] = []
     try:
         with os.scandir(directory) as it:
             entries = [e for e in it if _TEMP_NAME.match(e.name)]

@@ -151,7 +151,9 @@ def scan_imagefolder(root: str, name: str | None = None) -> ImageDataset:
                    if os.path.isdir(os.path.join(root, s))}
     if set(split_roots) != set(SPLIT_NAMES):
         split_roots = {"all": root}
-    per_split, empty, problems = {}, [], []
+    per_split: dict[str, dict[str, list[str]]] = {}
+    empty: list[str] = []
+    problems: list[str] = []
     for split, sroot in split_roots.items():
         leaves, e = _scan_split(sroot, problems)
         per_split[split] = leaves

@@ -325,7 +325,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
                 if ok.any():
                     probabilities[ok] = estimator.predict_proba(batch[ok])
                 # JSON has no NaN: a row whose probabilities are not finite becomes an error
-                finite = np.isfinite(probabilities).all(axis=1)
+                finite = np.asarray(np.isfinite(probabilities).all(axis=1))
                 probabilities[~finite] = 0.0
                 order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
                 for j in range(len(batch)):

@@ -670,7 +670,7 @@ def _probe_from_doc(doc: dict, path: str) -> Probe:
     if doc["kind"] not in PROBES:
         raise ProbeFileError(f"{path}: unknown probe kind {doc['kind']!r}; known: "
                              f"{sorted(PROBES)}")
-    cls = PROBES[doc["kind"]]
+    cls: type[Probe] = PROBES[doc["kind"]]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     params = {k: v for k, v in doc["params"].items() if k in accepted}
     try:
@@ -744,7 +744,7 @@ def load_probe(path_dir: str) -> Probe:
     doc = read_probe_json(path_dir)
     probe = _probe_from_doc(doc, os.path.join(path_dir, "probe.json"))
     npz = os.path.join(path_dir, "probe.npz")
-    cls = type(probe)
+    cls: type[Probe] = type(probe)
     try:
         with np.load(npz, allow_pickle=False) as arrays:
             unexpected = sorted(set(arrays.files) - set(cls._array_attrs))
