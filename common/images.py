@@ -159,7 +159,7 @@ def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
         else:
             raise ImageDecodeError(
                 f"{_describe(src)}: unsupported input type; give a path, bytes, a PIL image "
-                "or an HxW / HxWxC uint8 array")
+                "or an HxW / HxWxC uint8 or uint16 array")
         check_pixels(img.size, _describe(src))  # on the header: nothing decoded yet
         img.load()
         img = ImageOps.exif_transpose(img) if not isinstance(src, np.ndarray) else img
