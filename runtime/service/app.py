@@ -209,7 +209,7 @@ def build_app(service: Service):
         parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH.lower()))
         items = model.items_from_request(parsed)
         results = await service.embed(items)
-        failed = [r.error for r in results if r.error]
+        failed = [f"item {i}: {r.error}" for i, r in enumerate(results) if r.error]
         if failed and len(failed) == len(results):
             raise HTTPError(400, "; ".join(failed[:3]) + (f" (and {len(failed) - 3} more)"
                                                           if len(failed) > 3 else ""))
@@ -258,7 +258,8 @@ def build_app(service: Service):
         outputs = model.outputs(results)
         rows: list[dict[str, Any]] = []
         for i, (name, r) in enumerate(zip(names, results)):
-            row: dict[str, Any] = {"file": name, "error": r.error or None}
+            row: dict[str, Any] = {"file": name,
+                                   "error": f"{name}: {r.error}" if r.error else None}
             row["embedding"] = None if r.error else [float(v) for v in r.vector]
             if model.probes_ and not r.error:
                 row["probes"] = {p.name: {

@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
 
 
 class QueueFull(RuntimeError):

@@ -59,8 +59,7 @@ def serve(model_dir, probe_specs, name, host, port, device, max_batch, max_delay
 
     SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits.
     """
-    from .model import ProbeMismatch, ServedModel, load_probes, model_description, \
-        parse_probe_specs
+    from .model import ProbeMismatch, ServedModel, load_probes, model_description, parse_probe_specs
 
     try:
         probes = parse_probe_specs(list(probe_specs))

@@ -6,10 +6,13 @@ is decoded, which is the CPU pipeline's interleaved schedule with the batcher as
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+_CAUSE = re.compile(r"^#\d+: ")
 
 
 @dataclass
@@ -46,7 +49,10 @@ class EmbedAdapter:
 
     def embed(self, items: list[Any]) -> Embedded:
         result = self.pipeline_.embed(items)
-        return Embedded(result.vectors, dict(result.errors))
+        # the pipeline names an in-memory item by its place in this batch ('#7: cause'), which
+        # means nothing to the client whose request was one part of the batch: keep the cause
+        errors = {i: _CAUSE.sub("", message, count=1) for i, message in result.errors.items()}
+        return Embedded(result.vectors, errors)
 
     def close(self) -> None:
         self.pipeline_.close()

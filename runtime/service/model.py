@@ -195,7 +195,8 @@ class ServedModel:
         out: dict[str, np.ndarray] = {
             "embedding": (np.stack([r.vector for r in results]).astype(np.float32, copy=False)
                           if n else np.empty((0, dim), np.float32)),
-            "error": _bytes_array([r.error for r in results]),
+            "error": _bytes_array([f"item {i}: {r.error}" if r.error else ""
+                                   for i, r in enumerate(results)]),
         }
         for p in self.probes_:
             k = min(self.top_k, len(p.classes))
