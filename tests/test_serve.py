@@ -541,3 +541,51 @@ def test_export_refuses_triton_options_without_the_format(fmnist_small):
     from export.commands import export
     result = CliRunner().invoke(export, ["run", "--out", "m", "--triton-repo", "r"])
     assert result.exit_code == 2 and "--format triton" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Serve
+
+
+@pytest.mark.slow
+def test_ray_serve_deployment_with_two_replicas(model_dir, images, library):
+    import httpx
+    import ray
+    from ray import serve
+
+    from runtime.service.ray_serve import deployment
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = deployment(replicas=2, num_cpus=1).bind(model_dir, name="cnn", workers=1,
+                                                        max_batch=8, device="cpu")
+        serve.run(app, name="unirep", route_prefix="/", blocking=False)
+        deadline = time.monotonic() + 240
+        while True:  # serve.run returns when the replicas are up; the proxy may lag a little
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(_url(port, "/v2/health/ready"), timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "Ray Serve app not ready in time"
+            time.sleep(0.5)
+        status = serve.status().applications["unirep"].deployments["unirep"]
+        assert status.replica_states.get("RUNNING") == 2
+        expected = library.embed(images[:8]).vectors
+
+        def one(k):
+            doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(images[k]).decode()]}]}
+            r = httpx.post(_url(port, "/v2/models/cnn/infer"), json=doc, timeout=60)
+            assert r.status_code == 200, r.text
+            (emb,) = [o for o in r.json()["outputs"] if o["name"] == "embedding"]
+            return k, np.array(emb["data"], np.float32)
+
+        with ThreadPoolExecutor(8) as pool:
+            for k, row in pool.map(one, range(8)):
+                np.testing.assert_allclose(row, expected[k], rtol=1e-5, atol=1e-6)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
