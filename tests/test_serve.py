@@ -589,3 +589,13 @@ def test_ray_serve_deployment_with_two_replicas(model_dir, images, library):
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+
+
+def test_service_modules_stay_off_the_light_import_paths():
+    """`import runtime`, the pipeline and the serve command's module import no web stack."""
+    code = ("import sys, runtime, cli, runtime.service.commands, runtime.service.protocol, "
+            "runtime.service.batcher\nfrom runtime import FeaturePipeline\n"
+            "heavy = [m for m in ('starlette', 'fastapi', 'uvicorn', 'prometheus_client', "
+            "'tritonclient', 'ray', 'httpx', 'multipart') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
