@@ -57,6 +57,7 @@ class Service:
 
     def load(self) -> None:
         """Load and warm the model, then open the batcher (ready from then on)."""
+        self._started = True  # a caller that loads first (Ray replicas): startup must not reload
         self.model.load()
         self.batcher = Batcher(self._run_batch, max_batch=self.max_batch,
                                max_delay_s=self.max_delay_ms / 1000, max_queue=self.max_queue,
