@@ -23,6 +23,7 @@ COMMANDS = {
     "embed": ("runtime.commands", "embed", "Embed images with an exported model (onnxruntime)."),
     "probe": ("runtime.probe_commands", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
     "evaluate": ("runtime.evaluate", "evaluate", "Measure universality: linear probes on many targets, mNRG."),
+    "serve": ("runtime.service.commands", "serve", "Serve a model over HTTP (KServe v2 protocol), batched."),
     "bench": ("benchmarks.commands", "bench", "Benchmark the runtime against PyTorch, side by side."),
 }
 

@@ -15,8 +15,15 @@ from common.checks import data_spec, writable_output
               callback=writable_output("folder"),
               help="Folder to write (model.onnx, description.json, export.json, ...).")
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
-              help="onnx (always written: the bridge) and/or caffe2 (init_net.pb, predict_net.pb, "
-                   "value_info.json, proven with a NumPy executor). Repeat for several.")
+              help="onnx (always written: the bridge), caffe2 (init_net.pb, predict_net.pb, "
+                   "value_info.json, proven with a NumPy executor) and/or triton (a Triton "
+                   "model repository, see --triton-repo). Repeat for several.")
+@click.option("--triton-repo", metavar="REPO", default=None,
+              help="With --format triton: the repository to write REPO/NAME/config.pbtxt and "
+                   "REPO/NAME/1/model.onnx into (default: MODEL_DIR/triton; NAME: MODEL_DIR's "
+                   "folder name).")
+@click.option("--triton-max-batch", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="With --format triton: max_batch_size (dynamic batching up to it).")
 @click.option("--logits", is_flag=True,
               help="Also output logits_<head> for every trained head (logits_<run>_<head> for "
                    "combinations).")
@@ -34,7 +41,7 @@ from common.checks import data_spec, writable_output
 @click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
               help="How many real images the parity checks use.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
-def export(run_dirs, out_dir, formats, logits, fp16, int8, calib, opset, check_data,
+def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, logits, fp16, int8, calib, opset, check_data,
            parity_images, overwrite):
     """Export trained runs to ONNX (and Caffe2), proving parity with PyTorch on real images.
 
@@ -48,15 +55,21 @@ def export(run_dirs, out_dir, formats, logits, fp16, int8, calib, opset, check_d
       python cli.py export runs/spe --out models/spe
       python cli.py export runs/spe runs/gen --out models/combo --format caffe2
       python cli.py export runs/spe --out models/spe --fp16 --int8 --calib fashion-mnist
+      python cli.py export runs/spe --out models/spe --format triton --triton-repo triton-repo
 
     The model is written to a temporary folder beside MODEL_DIR and renamed into place only
     when every check passed: an interrupted or failed export leaves nothing half-written.
     """
-    known = {"onnx", "caffe2"}
+    known = {"onnx", "caffe2", "triton"}
     formats = tuple(f.lower() for f in formats)
     unknown = [f for f in formats if f not in known]
     if unknown:
-        raise click.UsageError(f"unknown --format {', '.join(unknown)}; choose from onnx, caffe2")
+        raise click.UsageError(f"unknown --format {', '.join(unknown)}; choose from onnx, caffe2, "
+                               "triton")
+    triton = "triton" in formats
+    formats = tuple(f for f in formats if f != "triton")
+    if triton_repo and not triton:
+        raise click.UsageError("--triton-repo is only used with --format triton")
     if int8 and not calib:
         raise click.UsageError("--int8 needs --calib DATA: real images to calibrate the "
                                "activation ranges (e.g. --calib fashion-mnist:per_class=30)")
@@ -71,6 +84,12 @@ def export(run_dirs, out_dir, formats, logits, fp16, int8, calib, opset, check_d
     except ExportError as e:
         raise click.UsageError(str(e)) from e
     click.echo(summary_lines(out_dir, report))
+    if triton:
+        from .triton import write_triton_repository
+        folder = write_triton_repository(out_dir, triton_repo or os.path.join(out_dir, "triton"),
+                                         max_batch_size=triton_max_batch, overwrite=True)
+        click.echo(f"  triton: {folder} (config.pbtxt, 1/model.onnx with the uint8 front); "
+                   f"serve with: tritonserver --model-repository {os.path.dirname(folder)}")
 
 
 def summary_lines(out_dir: str, report: dict) -> str:

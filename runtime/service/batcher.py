@@ -1,0 +1,138 @@
+"""Dynamic batching: requests from many clients run together, up to a size or a delay.
+
+    batcher = Batcher(run_batch, max_batch=32, max_delay_s=0.002, max_queue=256, workers=2)
+    future = batcher.submit(items)      # concurrent.futures.Future of the items' results
+    batcher.close()                     # finishes what is queued, then stops the workers
+
+`run_batch(items) -> results` (aligned with items) runs in the batcher's worker threads, never
+in the caller's (the web server's event loop). One worker at a time gathers a batch: it waits
+for the oldest request's `max_delay_s` to pass or for `max_batch` items, takes whole requests
+(a request larger than max_batch runs alone), then runs the batch while the next worker gathers
+the next one. A request whose future was cancelled before its batch started (a client that
+timed out) is dropped. `submit` raises QueueFull when `max_queue` requests already wait.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+
+
+class QueueFull(RuntimeError):
+    """The queue holds max_queue requests; the caller should retry later (HTTP 503)."""
+
+
+class Closed(RuntimeError):
+    """The batcher is shutting down and takes no new requests."""
+
+
+class _Request:
+    __slots__ = ("items", "future", "arrived")
+
+    def __init__(self, items: list, future: Future, arrived: float):
+        self.items, self.future, self.arrived = items, future, arrived
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[list], list], *, max_batch: int = 32,
+                 max_delay_s: float = 0.002, max_queue: int = 256, workers: int = 2,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0:
+            raise ValueError("max_batch, max_queue and workers must be >= 1, max_delay_s >= 0")
+        self.run_batch, self.max_batch, self.max_delay_s = run_batch, max_batch, max_delay_s
+        self.max_queue, self.on_batch = max_queue, on_batch
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._gather = threading.Lock()  # one worker gathers at a time
+        self._closed = False
+        self.busy_ = 0
+        self._threads = [threading.Thread(target=self._work, name=f"unirep-batch-{i}",
+                                          daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def depth_(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._queue)
+
+    def submit(self, items: list) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise Closed("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue "
+                                f"{self.max_queue})")
+            self._queue.append(_Request(list(items), future, time.monotonic()))
+            self._cond.notify_all()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish the queued ones, join the workers."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    # -- workers -----------------------------------------------------------------------------
+    def _take(self) -> list[_Request] | None:
+        """Wait for a batch's worth of requests (or the delay); None when closed and empty."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].arrived + self.max_delay_s
+            while not self._closed:
+                pending = sum(len(r.items) for r in self._queue)
+                left = deadline - time.monotonic()
+                if pending >= self.max_batch or left <= 0:
+                    break
+                self._cond.wait(left)
+            taken: list[_Request] = []
+            count = 0
+            while self._queue:
+                n = len(self._queue[0].items)
+                if taken and count + n > self.max_batch:
+                    break
+                request = self._queue.popleft()
+                if not request.future.set_running_or_notify_cancel():
+                    continue  # its client gave up before the batch started
+                taken.append(request)
+                count += n
+            return taken
+
+    def _work(self) -> None:
+        while True:
+            with self._gather:
+                taken = self._take()
+            if taken is None:
+                return
+            if not taken:
+                continue
+            items = [x for r in taken for x in r.items]
+            start = time.perf_counter()
+            with self._cond:
+                self.busy_ += 1
+            try:
+                results = self.run_batch(items)
+                if len(results) != len(items):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for "
+                                       f"{len(items)} items")
+            except BaseException as e:  # the batch fails, never the worker (nor the server)
+                for r in taken:
+                    r.future.set_exception(e)
+                continue
+            finally:
+                with self._cond:
+                    self.busy_ -= 1
+            if self.on_batch is not None:
+                self.on_batch(len(items), time.perf_counter() - start)
+            offset = 0
+            for r in taken:
+                r.future.set_result(results[offset:offset + len(r.items)])
+                offset += len(r.items)
