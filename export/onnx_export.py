@@ -95,7 +95,7 @@ def output_names_for(descs: list[ModelDescription], logits: bool) -> tuple[list[
     if not logits:
         return names, heads
     for i, desc in enumerate(descs):
-        for j, head in enumerate(desc.heads):
+        for head in desc.heads:
             base = f"logits_{sanitise(head['name'])}" if len(descs) == 1 else \
                 f"logits_{i}_{sanitise(head['name'])}"
             name, k = base, 2
