@@ -62,6 +62,8 @@ def _parse_weights(ctx, param, value):
 @click.option("--finer-k", default=4, show_default=True, help="finer: clusters per class.")
 @click.option("--finer-min-size", default=20, show_default=True,
               help="finer: smallest pseudo-class kept (images).")
+@click.option("--allow-unsplit", is_flag=True, help="finer: train even when no class is big "
+              "enough to split (the network is then the specific one); refused without it.")
 @click.option("--alpha", default=0.1, show_default=True, help="fsft: lr factor of kept layers.")
 @click.option("--reinit", default=2, show_default=True,
               help="fsft: number of last backbone blocks re-initialised.")
