@@ -11,6 +11,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# Tests that use these fixtures export a model first: slow, in whatever module they are.
+SLOW_FIXTURES = {"exported_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def fmnist_small():
     """Fashion-MNIST, 2 levels (generic > specific), 20 train + 20 test images per class."""

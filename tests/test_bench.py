@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # runs the benchmark end to end
+
 
 @pytest.fixture(scope="module")
 def model_dir(exported_model, fmnist_small, tmp_path_factory):

@@ -206,6 +206,7 @@ def test_fsft_errors():
         fsft.fsft_param_groups(model, reinit=1, alpha=-1, lr=0.01, seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,n_blocks", [("resnet18", 5), ("mobilenet_v3_small", 14),
                                            ("efficientnet_lite0", 18)])
 def test_backbone_blocks_cover_every_parameter(arch, n_blocks):
@@ -218,6 +219,7 @@ def test_backbone_blocks_cover_every_parameter(arch, n_blocks):
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
 
+@pytest.mark.slow
 def test_efficientnet_lite0_shape_and_training_step():
     assert "efficientnet_lite0" in ARCHITECTURES
     pre = default_preprocessing("efficientnet_lite0")
@@ -244,6 +246,7 @@ def _photos():
             os.path.join(images, "china.jpg"), os.path.join(images, "flower.jpg")]
 
 
+@pytest.mark.slow
 def test_pretrained_efficientnet_classifies_real_photos():
     from common.images import preprocess
     from train.pretrained import imagenet_classifier, load_pretrained

@@ -17,6 +17,8 @@ from common.images import preprocess as reference_preprocess
 from tests.conftest import ROOT
 from tests.no_torch import BLOCK_TORCH
 
+pytestmark = pytest.mark.slow  # an exported model and real sessions in every test
+
 # ---------------------------------------------------------------------------------------------
 # fixtures: a real exported small CNN, and JPEGs made from real photos
 

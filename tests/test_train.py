@@ -17,6 +17,8 @@ from train.loop import CHECKPOINT, TrainConfig, prepare, train
 from train.models import load_run
 from train.runs import untrained_run
 
+pytestmark = pytest.mark.slow  # every test trains (or starts the CLI)
+
 TINY = dict(input_size=16, arch_kwargs={"width": 4, "feature_dim": 32}, batch_size=32,
             warmup_epochs=0.0)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
