@@ -117,6 +117,7 @@ def train(threads, **options):
       multilevel  one backbone, one softmax head per level, weighted CE (--loss-weights)
       finer       split each class into pseudo-classes with --from RUN's features
                   (--finer-mode kmeans --finer-k K, or auto --finer-min-size N) (FiNet)
+                  refused when no class is big enough to split (--allow-unsplit)
       fsft        Focused Self Fine-Tuning of --from RUN on its own problem: last
                   --reinit N blocks re-initialised, kept layers at lr x --alpha
 
