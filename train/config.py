@@ -11,7 +11,7 @@ METRICS = "metrics.jsonl"
 RESUME_MAY_DIFFER = {"resume", "device", "workers", "compile", "cache_gb", "allow_unsplit"}
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only, like every public constructor: options are always named
 class TrainConfig:
     """Everything a run depends on. Saved to RUN_DIR/train_config.json and in the checkpoint."""
 
