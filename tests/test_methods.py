@@ -90,6 +90,7 @@ def test_mapping_errors(tmp_path, fmnist):
 
 # ----------------------------------------------------------------------------- features, groups
 
+@pytest.mark.slow  # features of real images through a run
 def test_extract_features_keeps_rows_aligned_with_nan_for_corrupt(tmp_path, fmnist, random_run):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -102,6 +103,7 @@ def test_extract_features_keeps_rows_aligned_with_nan_for_corrupt(tmp_path, fmni
     np.testing.assert_allclose(again, feats[[0, 2, 3]], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # features of real images through a run
 def test_cluster_groups(fmnist, random_run):
     grouped = levels.cluster_groups(random_run, fmnist, k=3, seed=0)
     assert [lv.name for lv in grouped.levels] == ["cluster3", "specific"]
@@ -121,6 +123,7 @@ def test_cluster_groups(fmnist, random_run):
 
 # ----------------------------------------------------------------------------- FiNet
 
+@pytest.mark.slow  # features of real images through a run
 @pytest.mark.parametrize("mode", ["kmeans", "auto"])
 def test_finer_labels(fmnist, random_run, mode):
     labels, names = levels.finer_labels(random_run, fmnist, "train", mode=mode, k=3, min_size=6)
