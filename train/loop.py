@@ -4,10 +4,11 @@
     train(cfg)                 # = fit(prepare(cfg))
 
 `prepare` does everything that can fail because of the user's input (data, levels, `--from`
-runs, corrupt images) before any training starts; `fit` runs the epochs. What differs between
-methods (heads, labels, initial weights, parameter groups) is in `train.methods`; the parts are in
-`config`, `problem` (labels and splits), `imagesets`, `optim`, `reproducible` and `metrics`. The same code runs on
-CPU, on one GPU (AMP, channels_last, torch.compile) and on many (torchrun + DDP).
+runs, corrupt images) before any training starts; `fit` runs the epochs. The same code runs on
+CPU, on one GPU (AMP, channels_last, torch.compile) and on many (torchrun + DDP). What differs
+between methods (heads, labels, initial weights, parameter groups) is in `train.methods`; the
+parts the loop uses are `config`, `problem` (labels and splits), `imagesets`, `optim`,
+`reproducible` (RNG state) and `metrics`.
 
 Reproducibility: the data order is a function of (seed, epoch) (DistributedSampler), each
 image's augmentation a function of (seed, epoch, index) whatever the number of workers, and the
