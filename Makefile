@@ -1,5 +1,5 @@
 # Quick start: `make demo` (train -> export -> probes, < 10 min on 2 cores) and `make test`.
-.PHONY: setup demo test bench study clean
+.PHONY: setup demo test test-fast lint bench study clean
 PY := .venv/bin/python
 
 setup:
@@ -10,6 +10,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The tests not marked slow: under a minute, for the edit-test loop.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Style and types (settings in pyproject.toml; mypy checks common/ and runtime/).
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 bench: setup
 	bash scripts/bench_runtime.sh

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Subcommands live with their stage and are imported only when used, so `--help` is instant
 # and the runtime commands work without torch installed.
 COMMANDS = {
-    "train": ("train.commands", "train", "Train a backbone on a dataset (methods: specific, generic, multilevel, finer, fsft)."),
+    "train": ("train.commands", "train",
+              "Train a backbone on a dataset (methods: specific, generic, multilevel, finer, fsft)."),
     "export": ("export.commands", "export", "Export trained runs to ONNX (and Caffe2), with proven parity."),
     "inspect": ("export.commands", "inspect", "Show an exported model: description, I/O, formats, parity, sizes."),
     "embed": ("runtime.commands", "embed", "Embed images with an exported model (onnxruntime)."),

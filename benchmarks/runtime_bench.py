@@ -405,7 +405,7 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
                     Config("ours_end_to_end_int8", "ours end-to-end int8",
                            lambda: ours_end_to_end(q8, paths), [])]
     speed = time_round_robin(configs, repeats)
-    del arrays
+    arrays = None  # frees the decoded images (the lambdas above read this variable when called)
     report["speed"] = speed
     rate = {k: v["images_per_s"] for k, v in speed.items()}
     ratios = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .caffe2 import arg_value, load_net
+from .caffe2_proto import arg_value, load_net
 
 __all__ = ["run_caffe2", "run_nets", "Workspace", "OPERATORS"]
 

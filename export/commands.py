@@ -123,7 +123,7 @@ def describe_model_dir(model_dir: str) -> str:
     """The text `inspect` prints (onnx only; no torch, no onnxruntime)."""
     from common.description import ModelDescription
 
-    from .onnx_export import graph_io, read_description_metadata
+    from .onnx_files import graph_io, read_description_metadata
 
     model_path = os.path.join(model_dir, "model.onnx")
     if not os.path.isdir(model_dir):

@@ -12,7 +12,6 @@ normalised (x / max|x|), then all are concatenated (MuCaLe-Net, SpeFiNet, MulDiP
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,17 @@ from datetime import datetime, timezone
 import numpy as np
 
 from common.atomic import make_temp_dir, temp_prefix
-from common.description import ONNX_METADATA_KEY, ModelDescription, save_json_atomic
+from common.description import ModelDescription, save_json_atomic
+
+from . import parity as parity_mod
+from . import variants as variants_mod
+from .onnx_files import (  # ExportError is also imported from here by callers
+    ExportError,
+    count_ops,
+    file_info,
+    graph_io,
+    set_description_metadata,
+)
 
 LINF_EPS = 1e-12
 # Preprocessing fields that must agree for runs to share one input tensor.
@@ -34,10 +43,6 @@ SHARED_PREPROCESSING = ("input_size", "resize_size", "mean", "std", "background"
 MIN_OPSET = 17
 DYNAMO_MIN_OPSET = 18
 EXPORT_FORMAT_VERSION = 1
-
-
-class ExportError(ValueError):
-    """The export cannot go ahead or failed its checks; the message says why and what to do."""
 
 
 def log(message: str) -> None:
@@ -96,7 +101,7 @@ def output_names_for(descs: list[ModelDescription], logits: bool) -> tuple[list[
     if not logits:
         return names, heads
     for i, desc in enumerate(descs):
-        for j, head in enumerate(desc.heads):
+        for head in desc.heads:
             base = f"logits_{sanitise(head['name'])}" if len(descs) == 1 else \
                 f"logits_{i}_{sanitise(head['name'])}"
             name, k = base, 2
@@ -294,41 +299,6 @@ def ort_basic_optimise(src: str, dst: str) -> dict:
             os.unlink(dst)
 
 
-def set_description_metadata(model, desc_dict: dict) -> None:
-    props = [p for p in model.metadata_props if p.key != ONNX_METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(props)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(desc_dict)
-
-
-def read_description_metadata(path: str) -> dict:
-    """The description embedded in an ONNX file (without loading the weights)."""
-    import onnx
-    model = onnx.load(path, load_external_data=False)
-    for p in model.metadata_props:
-        if p.key == ONNX_METADATA_KEY:
-            return json.loads(p.value)
-    raise ExportError(f"{path}: no '{ONNX_METADATA_KEY}' metadata; not exported by this toolkit")
-
-
-def count_ops(path_or_model) -> dict:
-    import onnx
-    model = onnx.load(path_or_model) if isinstance(path_or_model, str) else path_or_model
-    counts: dict[str, int] = {}
-    for n in model.graph.node:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def file_info(path: str) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
 def write_onnx(module, example, path: str, output_names: list[str], opset: int) -> dict:
     """Export, fold BatchNorm, check, optimise (portable), name every node. Returns a report."""
     import onnx
@@ -361,20 +331,6 @@ def write_onnx(module, example, path: str, output_names: list[str], opset: int) 
     report["nodes"] = len(model.graph.node)
     report["ops"] = count_ops(model)
     return report
-
-
-def graph_io(path: str) -> dict:
-    """{'inputs': {name: [dims]}, 'outputs': {...}} with symbolic dims as strings."""
-    import onnx
-    model = onnx.load(path, load_external_data=False)
-
-    def dims(value):
-        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-
-    def dtype(value):
-        return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
-    return {"inputs": {v.name: {"shape": dims(v), "dtype": dtype(v)} for v in model.graph.input},
-            "outputs": {v.name: {"shape": dims(v), "dtype": dtype(v)} for v in model.graph.output}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +385,6 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
     """
     import torch
 
-    from . import parity as parity_mod
 
     started = time.perf_counter()
     run_dirs = list(run_dirs)
@@ -484,7 +439,6 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
 
         variants = {}
         if fp16 or int8_calib:
-            from . import variants as variants_mod
             variants = variants_mod.make_variants(
                 model_path, tmp_dir, desc_dict, descs, images, fp16=fp16, int8_calib=int8_calib,
                 check_data=check_data, variant_images=variant_images, calib_images=calib_images)
@@ -541,7 +495,6 @@ def caffe2_modules():
 
 def export_caffe2(model_path: str, out_dir: str, images: np.ndarray) -> dict:
     """Convert the fp32 ONNX graph to Caffe2 nets and prove them against onnxruntime."""
-    from . import parity as parity_mod
     caffe2, caffe2_exec = caffe2_modules()
     log("export: Caffe2 conversion and parity (NumPy executor vs onnxruntime)")
     t0 = time.perf_counter()

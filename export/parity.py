@@ -13,6 +13,8 @@ import numpy as np
 
 from common.description import ModelDescription, Preprocessing
 
+from .onnx_files import ExportError
+
 BATCH_SIZES = (1, 7)
 # fp32 graphs from either exporter match eager PyTorch to ~1e-6 relative; these bounds leave
 # room for reordered reductions while catching any real mistake (a wrong op, a missed fold).
@@ -20,7 +22,6 @@ FP32_RTOL, FP32_ATOL, FP32_MIN_COSINE = 1e-3, 1e-5, 0.9999
 
 
 def _error(message: str) -> Exception:
-    from .onnx_export import ExportError
     return ExportError(message)
 
 

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from .onnx_files import ExportError, file_info, set_description_metadata
 from .parity import (
     cosine_rows,
     decode_images,
@@ -55,7 +56,6 @@ def tail_nodes(model, output: str = "embedding") -> list[str]:
 def _finish(model, path: str, desc_dict: dict, variant: str) -> None:
     import onnx
 
-    from .onnx_export import set_description_metadata
     set_description_metadata(model, dict(desc_dict, extra=dict(desc_dict.get("extra") or {},
                                                                 variant=variant)))
     onnx.checker.check_model(model)
@@ -189,7 +189,6 @@ def make_variants(model_path: str, out_dir: str, desc_dict: dict, descs, parity_
                   fp16: bool = False, int8_calib: str | None = None, check_data: str | None = None,
                   variant_images: int = 300, calib_images: int = 200) -> dict:
     """Write the asked variants beside `model_path` and return their export.json entries."""
-    from .onnx_export import ExportError, file_info
     pre = descs[0].preprocessing
     if int8_calib:
         spec = int8_calib

@@ -81,10 +81,11 @@ def main() -> None:
         procs.start()
         rates = {"threads": [], "processes": []}
         for _ in range(args.repeats):
-            for key, run in (("threads", lambda: with_threads(threads, files, pre,
-                                                               args.batch_size, n)),
-                             ("processes", lambda: with_processes(procs, files,
-                                                                  args.batch_size, n))):
+            # default arguments bind this iteration's pools and worker count
+            for key, run in (("threads", lambda t=threads, n=n: with_threads(t, files, pre,
+                                                                             args.batch_size, n)),
+                             ("processes", lambda p=procs, n=n: with_processes(p, files,
+                                                                               args.batch_size, n))):
                 t0 = time.perf_counter()
                 count = run()
                 rates[key].append(count / (time.perf_counter() - t0))

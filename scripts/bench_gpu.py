@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     mo, ee = report["model_only"], report["end_to_end"]
     best_ort = max(mo[f"ort_{k}"]["images_per_s"] for k in ("graph", "plain"))
     print(f"{args.arch} {variant} batch {bs} on {report['gpu'] or 'CPU'} ({cores} CPU cores)")
-    for key, row in list(mo.items()) + [(k, v) for k, v in ee.items() if isinstance(v, dict)]:
+    for _key, row in list(mo.items()) + [(k, v) for k, v in ee.items() if isinstance(v, dict)]:
         print(f"  {row['label']:<52} {row['images_per_s']:>9.1f} images/s")
     print(f"  model-only ORT / torch: {best_ort / mo['torch']['images_per_s']:.2f}x;  "
           f"end-to-end ours / recipe: {ee['ours']['images_per_s'] / ee['recipe']['images_per_s']:.2f}x;"

@@ -9,18 +9,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # runs the benchmark end to end
+
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, fmnist_small):
-    """small_cnn with seeded random weights, exported fp32 only (bench --int8 adds int8)."""
-    from export.onnx_export import export_runs
-    from train.runs import untrained_run
-
-    base = tmp_path_factory.mktemp("bench")
-    run = str(base / "run")
-    untrained_run("small_cnn", run)
-    out = str(base / "model")
-    export_runs([run], out, parity_images=4, check_data=fmnist_small)
+def model_dir(exported_model, fmnist_small, tmp_path_factory):
+    """small_cnn with seeded random weights, exported fp32 only; a copy, as bench --int8 adds
+    model.int8.onnx to it."""
+    out = str(tmp_path_factory.mktemp("bench") / "model")
+    shutil.copytree(exported_model(fmnist_small), out)
     return out
 
 

@@ -164,6 +164,7 @@ def _check_decoded(out_dir, onnx_path, x_shape, outputs):
     return predict_net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_architecture_converts_and_matches_onnxruntime(arch, dynamo, images, tmp_path):
@@ -190,6 +191,7 @@ def test_architecture_converts_and_matches_onnxruntime(arch, dynamo, images, tmp
         f"{k} max|diff| {d:.2e} (scale {s:.2e}) cos {c:.7f}" for k, (d, s, c) in figures.items()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
 def test_combined_graph_converts_and_matches_onnxruntime(dynamo, images, tmp_path):
     from train.models import create_backbone

@@ -155,48 +155,11 @@ def test_split_errors(nested_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # End to end, with real ONNX models exported from untrained small CNNs
 
-def _export_fixture(run_dir: str, model_dir: str) -> None:
-    """MODEL_DIR with model.onnx (output `embedding`, dynamic batch, description in the metadata)
-    and description.json, as export writes them."""
-    import onnx
-    import torch
-
-    from train.models import load_run
-
-    network, desc = load_run(run_dir)
-
-    class Features(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.network = network
-
-        def forward(self, x):
-            return self.network.forward_features(x)
-
-    size = desc.preprocessing.input_size
-    os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, "model.onnx")
-    torch.onnx.export(Features().eval(), torch.zeros(2, 3, size, size), path, dynamo=False,
-                      input_names=["input"], output_names=["embedding"], opset_version=17,
-                      dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
-    model = onnx.load(path)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "unirep.description", desc.to_json()
-    onnx.save(model, path)
-    desc.save(os.path.join(model_dir, "description.json"))
-
-
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
-    from train.runs import untrained_run
-    base = tmp_path_factory.mktemp("models")
-    dirs = []
-    for name, seed, kwargs in (("narrow", 0, {"width": 8, "feature_dim": 48}),
-                               ("wide", 1, {"width": 12, "feature_dim": 96})):
-        untrained_run("small_cnn", str(base / "runs" / name), seed=seed, **kwargs)
-        _export_fixture(str(base / "runs" / name), str(base / name))
-        dirs.append(str(base / name))
-    return dirs
+def two_models(exported_model, digits_small):
+    """Two small CNNs of different widths with seeded random weights, really exported."""
+    return [exported_model(digits_small, name="narrow", seed=0, width=8, feature_dim=48),
+            exported_model(digits_small, name="wide", seed=1, width=12, feature_dim=96)]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from export.onnx_export import ExportError, export_runs, fold_batchnorm
 from train.models import load_run
 from train.runs import untrained_run
 
+pytestmark = pytest.mark.slow  # exports real models and proves parity
+
 try:
     import export.caffe2
     import export.caffe2_exec  # noqa: F401

@@ -90,6 +90,7 @@ def test_mapping_errors(tmp_path, fmnist):
 
 # ----------------------------------------------------------------------------- features, groups
 
+@pytest.mark.slow  # features of real images through a run
 def test_extract_features_keeps_rows_aligned_with_nan_for_corrupt(tmp_path, fmnist, random_run):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -102,6 +103,7 @@ def test_extract_features_keeps_rows_aligned_with_nan_for_corrupt(tmp_path, fmni
     np.testing.assert_allclose(again, feats[[0, 2, 3]], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # features of real images through a run
 def test_cluster_groups(fmnist, random_run):
     grouped = levels.cluster_groups(random_run, fmnist, k=3, seed=0)
     assert [lv.name for lv in grouped.levels] == ["cluster3", "specific"]
@@ -121,6 +123,7 @@ def test_cluster_groups(fmnist, random_run):
 
 # ----------------------------------------------------------------------------- FiNet
 
+@pytest.mark.slow  # features of real images through a run
 @pytest.mark.parametrize("mode", ["kmeans", "auto"])
 def test_finer_labels(fmnist, random_run, mode):
     labels, names = levels.finer_labels(random_run, fmnist, "train", mode=mode, k=3, min_size=6)
@@ -206,6 +209,7 @@ def test_fsft_errors():
         fsft.fsft_param_groups(model, reinit=1, alpha=-1, lr=0.01, seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,n_blocks", [("resnet18", 5), ("mobilenet_v3_small", 14),
                                            ("efficientnet_lite0", 18)])
 def test_backbone_blocks_cover_every_parameter(arch, n_blocks):
@@ -218,6 +222,7 @@ def test_backbone_blocks_cover_every_parameter(arch, n_blocks):
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
 
+@pytest.mark.slow
 def test_efficientnet_lite0_shape_and_training_step():
     assert "efficientnet_lite0" in ARCHITECTURES
     pre = default_preprocessing("efficientnet_lite0")
@@ -244,6 +249,7 @@ def _photos():
             os.path.join(images, "china.jpg"), os.path.join(images, "flower.jpg")]
 
 
+@pytest.mark.slow
 def test_pretrained_efficientnet_classifies_real_photos():
     from common.images import preprocess
     from train.pretrained import imagenet_classifier, load_pretrained

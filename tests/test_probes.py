@@ -43,17 +43,10 @@ def digits_pixels():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, digits_small):
+def model_dir(exported_model, digits_small):
     """small_cnn with seeded random weights, exported by the export stage (ONNX + description)."""
-    from export.onnx_export import export_runs
-    from train.runs import untrained_run
-
-    base = tmp_path_factory.mktemp("probes")
-    untrained_run("small_cnn", str(base / "run"), heads=[("digit", [str(d) for d in range(10)])],
-                  input_size=16, width=8, feature_dim=32)
-    export_runs([str(base / "run")], str(base / "model"), check_data=digits_small,
-                parity_images=4)
-    return str(base / "model")
+    return exported_model(digits_small, heads=[("digit", [str(d) for d in range(10)])],
+                          input_size=16, width=8, feature_dim=32)
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,16 @@ from common.images import preprocess as reference_preprocess
 from tests.conftest import ROOT
 from tests.no_torch import BLOCK_TORCH
 
+pytestmark = pytest.mark.slow  # an exported model and real sessions in every test
+
 # ---------------------------------------------------------------------------------------------
 # fixtures: a real exported small CNN, and JPEGs made from real photos
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, fmnist_small):
+def model_dir(exported_model, fmnist_small):
     """small_cnn (seeded random weights) exported by the export stage, with fp16 and int8."""
-    from export.onnx_export import export_runs
-    from train.runs import untrained_run
-
-    base = tmp_path_factory.mktemp("rt")
-    run = str(base / "run")
-    untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
-    out = str(base / "model")
-    export_runs([run], out, parity_images=4, check_data=fmnist_small, fp16=True,
-                int8_calib=fmnist_small, variant_images=40, calib_images=20)
-    return out
+    return exported_model(fmnist_small, heads=[("specific", [f"c{i}" for i in range(10)])],
+                          fp16=True, int8=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The training loop and `train` command on small real data (Fashion-MNIST, tiny inputs)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from common.images import ImageDecodeError, preprocess
 from tests.conftest import ROOT
 from train.loop import CHECKPOINT, TrainConfig, prepare, train
 from train.models import load_run
+from train.runs import untrained_run
+
+pytestmark = pytest.mark.slow  # every test trains (or starts the CLI)
 
 TINY = dict(input_size=16, arch_kwargs={"width": 4, "feature_dim": 32}, batch_size=32,
             warmup_epochs=0.0)
@@ -268,7 +272,7 @@ def specific_run(tmp_path_factory, fmnist_small):
     return train(cfg(fmnist_small, out, epochs=2, lr=0.1))
 
 
-def test_finer_from_run(fmnist_small, specific_run, tmp_path):
+def test_finer_from_run(fmnist_small, specific_run, tmp_path, capsys):
     pytest.importorskip("train.levels")
     run = train(cfg(fmnist_small, tmp_path / "fin", method="finer", from_run=specific_run,
                     finer_k=2, finer_min_size=5))
@@ -276,9 +280,41 @@ def test_finer_from_run(fmnist_small, specific_run, tmp_path):
     head = desc.heads[0]
     assert head["level"] is None and head["name"] == "specific-finer"
     assert 10 < len(head["classes"]) <= 20 and head["classes"][0].startswith("bag/bag#")
+    # the log says how many classes were split, and it agrees with the head's classes
+    said = re.search(r"finer: (\d+) of 10 classes split, into (\d+) pseudo-classes \((\d+) classes",
+                     capsys.readouterr().err)
+    assert said, "no finer split report"
+    n_split, n_pseudo, total = map(int, said.groups())
+    leaves = [name.rsplit("#", 1)[0] for name in head["classes"]]
+    split_leaves = {leaf for leaf in leaves if leaves.count(leaf) > 1}
+    assert n_split == len(split_leaves) >= 1 and total == len(leaves)
+    assert n_pseudo == sum(leaves.count(leaf) for leaf in split_leaves)
     assert desc.method_args["from"] == os.path.abspath(specific_run)
     m = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
     assert 0 <= m["eval_acc"]["specific-finer"] <= 1  # scored on the leaf labels
+
+
+def test_finer_refuses_when_no_class_can_be_split(tmp_path, capsys):
+    """Classes of 5 images cannot give pseudo-classes of >= 3: the run would equal the specific
+    one, so it is refused with the reason and what to do, unless --allow-unsplit."""
+    pytest.importorskip("train.levels")
+    from common.data import load_dataset
+    tiny = "digits:per_class=5"
+    source = str(tmp_path / "src")
+    untrained_run("small_cnn", source, heads=[("digit", load_dataset(tiny).leaf_classes)],
+                  input_size=16, width=4, feature_dim=32)
+    options = dict(method="finer", from_run=source, finer_k=2, finer_min_size=3, val_fraction=0)
+    with pytest.raises(ValueError) as refused:
+        prepare(cfg(tiny, tmp_path / "fin", **options))
+    message = str(refused.value)
+    assert "\n" not in message and "no class of" in message and "was split" in message
+    assert "largest class has 5 training images" in message and "--finer-min-size 3" in message
+    assert "--allow-unsplit" in message and "at most 2" in message
+    assert "finer: 0 of 10 classes split, into 0 pseudo-classes" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "fin")  # refused before anything was written
+
+    plan = prepare(cfg(tiny, tmp_path / "fin", allow_unsplit=True, **options))
+    assert plan.problem.heads[0]["classes"] == [f"{c}#0" for c in plan.problem.dataset.leaf_classes]
 
 
 def test_fsft_from_run(fmnist_small, specific_run, tmp_path):

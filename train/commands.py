@@ -70,6 +70,8 @@ def _parse_weights(ctx, param, value):
 @click.option("--finer-k", default=4, show_default=True, type=click.IntRange(2), help="finer: clusters per class.")
 @click.option("--finer-min-size", default=20, show_default=True, type=click.IntRange(1),
               help="finer: smallest pseudo-class kept (images).")
+@click.option("--allow-unsplit", is_flag=True, help="finer: train even when no class is big "
+              "enough to split (the network is then the specific one); refused without it.")
 @click.option("--alpha", default=0.1, show_default=True, type=FiniteFloat(0), help="fsft: lr factor of kept layers.")
 @click.option("--reinit", default=2, show_default=True, type=click.IntRange(0),
               help="fsft: number of last backbone blocks re-initialised.")
@@ -128,6 +130,7 @@ def train(threads, **options):
       multilevel  one backbone, one softmax head per level, weighted CE (--loss-weights)
       finer       split each class into pseudo-classes with --from RUN's features
                   (--finer-mode kmeans --finer-k K, or auto --finer-min-size N) (FiNet)
+                  refused when no class is big enough to split (--allow-unsplit)
       fsft        Focused Self Fine-Tuning of --from RUN on its own problem: last
                   --reinit N blocks re-initialised, kept layers at lr x --alpha
 
