@@ -5,8 +5,9 @@ The driver reads the Source and writes the shards exactly as the local engine do
 bytes) rows go through `ray.data.from_items(...).map_batches(EmbedActor, concurrency=N,
 num_cpus=C, num_gpus=G)`, where each actor holds one FeaturePipeline for its life. Rows carry
 their position in the input stream, so Ray's order does not matter and a task retried after an
-actor died cannot duplicate a row. Actors are restarted (max_restarts) and their tasks retried
-(max_task_retries) when a worker process dies.
+actor died cannot duplicate a row. A dead actor is restarted and its tasks retried: Ray Data's actor pool
+sets max_restarts=-1 and max_task_retries=-1 unless told otherwise (Ray 2.60; passing them to
+map_batches is deprecated there).
 
 On a cluster (`ray start --head` on one node, `ray start --address HEAD:6379` on the others,
 then `--address auto` on the head or `ray://HEAD:10001` elsewhere) every node needs this
@@ -50,12 +51,10 @@ class RayEngine:
     def __init__(self, model_dir: str, pipeline: dict, *, address: str | None = None,
                  actors: int | None = None, cpus_per_actor: float = 1.0,
                  gpus_per_actor: float = 0.0, num_cpus: int | None = None,
-                 max_restarts: int = 4, max_task_retries: int = 4,
                  window_items: int = 100_000, window_bytes: int = 512 << 20):
         import ray
         self.model_dir = model_dir
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
-        self.max_restarts, self.max_task_retries = max_restarts, max_task_retries
         self.window_items, self.window_bytes = window_items, window_bytes
         self._started = False
         if not ray.is_initialized():
@@ -120,16 +119,16 @@ class RayEngine:
 
     def __call__(self, stream: Iterator[tuple[int, str, Any]]) -> Iterator[Batch]:
         import ray
-        from ray.data import DataContext
+        from ray.data import ActorPoolStrategy, DataContext
         DataContext.get_current().enable_progress_bars = False
         for rows in self._windows(stream):
             ds = ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows)))
             ds = ds.map_batches(
                 EmbedActor, fn_constructor_kwargs={"model_dir": self.model_dir,
                                                    "pipeline": self.pipeline},
-                batch_size=self.batch_size, batch_format="numpy", concurrency=self.actors,
-                num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor or None,
-                max_restarts=self.max_restarts, max_task_retries=self.max_task_retries)
+                batch_size=self.batch_size, batch_format="numpy",
+                compute=ActorPoolStrategy(size=self.actors),
+                num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor or None)
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 errors = {j: str(e) for j, e in enumerate(out["error"]) if e}
                 yield [int(s) for s in out["seq"]], np.asarray(out["embedding"]), errors

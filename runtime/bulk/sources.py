@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class Source:
 
 def _file_signature(path: str) -> dict:
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a pipe: only its name; the shards' ids are checked
+        return {"path": os.path.abspath(path), "stream": True}
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -356,7 +359,7 @@ def open_source(inputs: Iterable[str], *, column: str | None = None,
         elif os.path.isfile(arg) and lower.endswith(TABLE_SUFFIXES):
             flush()
             parts.append(TableSource(arg, column=column, id_column=id_column, root=root))
-        elif os.path.isfile(arg) and lower.endswith(TAR_SUFFIXES):
+        elif lower.endswith(TAR_SUFFIXES) and os.path.exists(arg):  # a file or a pipe
             flush()
             parts.append(TarSource(arg))
         else:
