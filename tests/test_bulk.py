@@ -279,8 +279,6 @@ def test_ray_engine_survives_a_killed_actor(model_dir, pipe, digit_paths, tmp_pa
     """Two actors on a local Ray instance; one is SIGKILLed after the first shard is written.
     Ray restarts it and retries its tasks, and the output still has every input once."""
     pytest.importorskip("ray")
-    from ray.util.state import list_actors
-
     from runtime.bulk.cli import model_identity
     from runtime.bulk.job import run_job
     from runtime.bulk.ray_engine import RayEngine
@@ -289,22 +287,20 @@ def test_ray_engine_survives_a_killed_actor(model_dir, pipe, digit_paths, tmp_pa
     model, _ = model_identity(model_dir, "fp32")
     source = ItemsSource([(p, p) for p in digit_paths], "digits")
     killed = []
-
-    def kill_one(index):
-        if killed:
-            return
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                 if "EmbedActor" in a.class_name]
-        assert alive, "no EmbedActor alive while the job runs"
-        os.kill(alive[0].pid, signal.SIGKILL)
-        killed.append(alive[0].pid)
-
     out = str(tmp_path / "out")
     with RayEngine(model_dir, {"device": "cpu", "batch_size": 4}, actors=2, num_cpus=2,
                    cpus_per_actor=1) as engine:
+        def kill_one(index):
+            if not killed:  # an actor process that has returned rows, so surely alive
+                pid = min(engine.actor_pids_)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
         summary = run_job(source, out, engine, dim=model["dim"], model=model, shard_size=8,
                           on_shard=kill_one)
     assert killed
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed[0], 0)
     assert summary.total == 300 and summary.failed == 0
     ids, vectors, errors, _ = read_output(out)
     assert ids == digit_paths and len(set(ids)) == 300 and errors == {}

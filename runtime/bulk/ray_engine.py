@@ -41,7 +41,8 @@ class EmbedActor:
         items = [bytes(d) if len(d) else str(p) for p, d in zip(batch["path"], batch["data"])]
         vectors, errors = embed_items(self.pipe, ids, items)
         return {"seq": np.asarray(batch["seq"], np.int64), "embedding": vectors,
-                "error": np.array([errors.get(i, "") for i in range(len(ids))], dtype=object)}
+                "error": np.array([errors.get(i, "") for i in range(len(ids))], dtype=object),
+                "pid": np.full(len(ids), os.getpid(), np.int64)}
 
 
 class RayEngine:
@@ -57,6 +58,7 @@ class RayEngine:
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.window_items, self.window_bytes = window_items, window_bytes
         self._started = False
+        self.actor_pids_: set[int] = set()  # every actor process that returned rows
         if not ray.is_initialized():
             ray.init(address=address, num_cpus=num_cpus if address is None else None,
                      include_dashboard=False, log_to_driver=False,
@@ -131,4 +133,5 @@ class RayEngine:
                 num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor or None)
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 errors = {j: str(e) for j, e in enumerate(out["error"]) if e}
+                self.actor_pids_.update(int(p) for p in np.unique(out["pid"]))
                 yield [int(s) for s in out["seq"]], np.asarray(out["embedding"]), errors
