@@ -15,7 +15,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,9 @@ from .sources import BadItem, Source
 # (seqs, vectors, {index in batch: message}) as an engine returns them
 Batch = tuple[list[int], np.ndarray, dict[int, str]]
 Engine = Callable[[Iterator[tuple[int, str, Any]]], Iterable[Batch]]
+
+
+MAX_WRITES_QUEUED = 2
 
 
 class JobError(RuntimeError):
@@ -110,6 +115,7 @@ class Summary:
     shards_skipped: int = 0
     images_skipped: int = 0
     total: int = 0           # rows in the whole output
+    first_rows_s: float | None = None  # until the engine's first rows (its start-up)
 
     @property
     def rate(self) -> float:
@@ -118,8 +124,11 @@ class Summary:
     def line(self, engine: str, out_dir: str) -> str:
         resumed = (f"; resumed: {self.shards_skipped} complete shards "
                    f"({self.images_skipped} images) skipped" if self.shards_skipped else "")
+        startup = (f", first rows after {self.first_rows_s:.1f} s"
+                   if self.first_rows_s is not None else "")
         return (f"{engine}: embedded {self.images - self.failed}/{self.images} images, "
-                f"{self.failed} failed, in {self.seconds:.1f} s ({self.rate:.1f} img/s); "
+                f"{self.failed} failed, in {self.seconds:.1f} s ({self.rate:.1f} img/s"
+                f"{startup}); "
                 f"{self.shards_written} shards written{resumed}; {self.total} rows in "
                 f"{out_dir}")
 
@@ -196,36 +205,50 @@ def run_job(source: Source, out_dir: str, engine: Engine, *, dim: int, model: di
                 shard.closed = True
         summary.total = pos + 1
 
+    def persist(shard: _Shard) -> None:
+        """Probe columns, the shard file, then the manifest (in the writer thread)."""
+        n = len(shard.ids)
+        vectors = shard.vectors[:n]
+        extra: dict[str, list] = {}
+        for probe in probes:
+            extra.update(probe.columns(vectors))
+        name = write_shard(out_dir, shard.index, shard_table(shard.ids, vectors, shard.errors,
+                                                              extra))
+        manifest["shards"][str(shard.index)] = {
+            "file": name, "rows": n, "errors": len(shard.errors),
+            "first_id": shard.ids[0], "last_id": shard.ids[-1]}
+        save_manifest(out_dir, manifest)
+        summary.shards_written += 1
+        summary.images += n
+        summary.failed += len(shard.errors)
+        if on_shard:
+            on_shard(shard.index)
+
+    # One writer thread: shards are written (and fsynced) while the engine embeds the next
+    # ones, in index order, with at most MAX_WRITES_QUEUED waiting, so memory stays bounded.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-writer")
+    writes: deque = deque()
+
     def flush() -> None:
-        """Write every shard, in index order, whose rows are all back."""
+        """Hand every shard whose rows are all back to the writer, in index order."""
         while True:
             with lock:
                 ready = [s for s in shards.values() if s.closed and s.waiting == 0]
                 if not ready:
-                    return
+                    break
                 shard = min(ready, key=lambda s: s.index)
                 del shards[shard.index]
-            n = len(shard.ids)
-            vectors = shard.vectors[:n]
-            extra: dict[str, list] = {}
-            for probe in probes:
-                extra.update(probe.columns(vectors))
-            table = shard_table(shard.ids, vectors, shard.errors, extra)
-            name = write_shard(out_dir, shard.index, table)
-            manifest["shards"][str(shard.index)] = {
-                "file": name, "rows": n, "errors": len(shard.errors),
-                "first_id": shard.ids[0], "last_id": shard.ids[-1]}
-            save_manifest(out_dir, manifest)
-            summary.shards_written += 1
-            summary.images += n
-            summary.failed += len(shard.errors)
-            if on_shard:
-                on_shard(shard.index)
+            writes.append(writer.submit(persist, shard))
+        while writes and (writes[0].done() or len(writes) > MAX_WRITES_QUEUED):
+            writes.popleft().result()  # raises a write error here, in the job's thread
 
+    import pyarrow.parquet  # noqa: F401  (imported before the clock starts: it takes a while)
     start = time.perf_counter()
     try:
         with bar:
             for seqs, vectors, errors in engine(stream()):
+                if summary.first_rows_s is None:
+                    summary.first_rows_s = time.perf_counter() - start
                 with lock:
                     for j, seq in enumerate(seqs):
                         got = where.pop(seq, None)
@@ -240,11 +263,14 @@ def run_job(source: Source, out_dir: str, engine: Engine, *, dim: int, model: di
                 flush()
                 bar.update(len(seqs) + bad)
             flush()
+            while writes:
+                writes.popleft().result()
             bar.update(unreadable[0] - unreadable[1])
             if where:  # an engine that lost rows must not leave a silently short output
                 raise JobError(f"{len(where)} images never came back from the engine; "
                                f"rerun the same command to resume")
     finally:
+        writer.shutdown(wait=True)
         summary.seconds = time.perf_counter() - start
     manifest["finished"] = True
     manifest["rows"] = summary.total

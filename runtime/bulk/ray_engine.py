@@ -75,6 +75,13 @@ class RayEngine:
         self.pipeline = dict(pipeline)
         if self.pipeline.get("threads") is None:
             self.pipeline["threads"] = max(1, int(cpus_per_actor))
+        if cpus_per_actor < 2 and gpus_per_actor == 0:
+            # one core per actor: decode a batch, then run it (a decode thread beside the model
+            # thread would put two busy threads on the core, which costs about what decoding
+            # does; the same reason the local pipeline interleaves its CPU workers)
+            for key, value in (("prefetch", 0), ("decode_threads", 1)):
+                if self.pipeline.get(key) is None:
+                    self.pipeline[key] = value
         if gpus_per_actor == 0 and self.pipeline.get("device", "auto") == "auto":
             self.pipeline["device"] = "cpu"
         self.batch_size = int(self.pipeline.get("batch_size", 32))
