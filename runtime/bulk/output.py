@@ -121,7 +121,9 @@ def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], di
     if manifest is None:
         raise OutputError(f"{out_dir}: no {MANIFEST}; not a bulk job's output")
     ids: list[str] = []
-    blocks, errors, extra = [], {}, {}
+    blocks: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    extra: dict[str, list] = {}
     for key in sorted(manifest["shards"], key=int):
         table = pq.read_table(os.path.join(out_dir, manifest["shards"][key]["file"]))
         dim = table.schema.field("embedding").type.list_size

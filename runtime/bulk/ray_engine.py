@@ -131,8 +131,8 @@ class RayEngine:
         from ray.data import ActorPoolStrategy, DataContext
         DataContext.get_current().enable_progress_bars = False
         for rows in self._windows(stream):
-            ds = ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows)))
-            ds = ds.map_batches(
+            items = ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows)))
+            ds = items.map_batches(
                 EmbedActor, fn_constructor_kwargs={"model_dir": self.model_dir,
                                                    "pipeline": self.pipeline},
                 batch_size=self.batch_size, batch_format="numpy",
