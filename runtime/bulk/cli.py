@@ -97,6 +97,12 @@ def load_probes(probe_dirs, description) -> list:
     return probes
 
 
+def _require(module: str, extra: str, what: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise click.UsageError(f"{what} needs {module}: pip install 'unirep[{extra}]'")
+
+
 def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
              shard_size: int, overwrite: bool, column, id_column, root, engine: str,
              address, actors, cpus_per_actor: float, gpus_per_actor: float) -> None:
@@ -108,6 +114,9 @@ def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
 
     if out.lower().endswith((".npy", ".jsonl", ".json", ".parquet")):
         raise click.UsageError(f"--out {out}: a folder is expected for sharded output")
+    _require("pyarrow", "bulk", "a folder --out (Parquet shards)")
+    if engine == "ray":
+        _require("ray", "ray", "--engine ray")
     model, description = model_identity(model_dir, pipeline.get("variant", "fp32"))
     probes = load_probes(probe_dirs, description)
     try:
