@@ -81,10 +81,12 @@ def test_folder_to_shards_equals_library_rows(model_dir, pipe, digits_small, dig
     # another job into the same folder is refused, and --overwrite replaces it
     other = _embed(model_dir, digit_paths[0], "--out", out, "--shard-size", "64")
     assert other.exit_code != 0 and "another job's shards" in other.output
+    with open(os.path.join(out, "keep.parquet"), "wb") as f:  # not ours: left alone
+        f.write(b"user data")
     replaced = _embed(model_dir, digit_paths[0], "--out", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert read_output(out)[0] == [digit_paths[0]]
-    assert sorted(os.listdir(out)) == [MANIFEST, "shard-000000.parquet"]
+    assert sorted(os.listdir(out)) == ["keep.parquet", MANIFEST, "shard-000000.parquet"]
 
 
 def _tar_bytes(paths, prefix="s"):

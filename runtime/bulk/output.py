@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from common.atomic import atomic_open
 
 MANIFEST = "manifest.json"
 FORMAT = "unirep-bulk/1"
+SHARD_FILE = re.compile(r"shard-\d{6,}\.parquet")
 
 
 class OutputError(ValueError):
@@ -91,7 +93,8 @@ def prepare(out_dir: str, job: dict, *, overwrite: bool) -> dict:
     """The manifest to continue: the existing one when it is the same job, else a new one.
 
     Leftovers of a killed run (temporary files, shards the manifest does not list) are
-    removed; another job's folder is refused unless `overwrite`."""
+    removed, and nothing else: other files in the folder are left alone. Another job's folder
+    is refused unless `overwrite`."""
     os.makedirs(out_dir, exist_ok=True)
     old = load_manifest(out_dir) if not overwrite else None
     if old is not None:
@@ -101,13 +104,14 @@ def prepare(out_dir: str, job: dict, *, overwrite: bool) -> dict:
                               f"--overwrite to replace them, or choose another --out")
         manifest = old
     else:
-        if not overwrite and any(n.endswith(".parquet") for n in os.listdir(out_dir)):
+        if not overwrite and any(SHARD_FILE.fullmatch(n) for n in os.listdir(out_dir)):
             raise OutputError(f"{out_dir} holds Parquet files but no manifest; pass "
                               f"--overwrite to replace them, or choose another --out")
         manifest = {"format": FORMAT, **job, "shards": {}, "finished": False, "rows": None}
     listed = {info["file"] for info in manifest["shards"].values()}
-    for name in os.listdir(out_dir):
-        stale = name.startswith(".tmp-") or (name.endswith(".parquet") and name not in listed)
+    for name in os.listdir(out_dir):  # only our own names: the folder may hold other files
+        stale = ((name.startswith(".tmp-") and name.endswith((".parquet", ".json")))
+                 or (SHARD_FILE.fullmatch(name) is not None and name not in listed))
         if stale:
             os.unlink(os.path.join(out_dir, name))
     save_manifest(out_dir, manifest)
