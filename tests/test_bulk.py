@@ -307,3 +307,21 @@ def test_ray_engine_survives_a_killed_actor(model_dir, pipe, digit_paths, tmp_pa
     ids, vectors, errors, _ = read_output(out)
     assert ids == digit_paths and len(set(ids)) == 300 and errors == {}
     np.testing.assert_allclose(vectors, pipe.embed(digit_paths).vectors, rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_inputs_that_changed_under_it(model_dir, digit_paths, tmp_path):
+    """Same folder path, but a file renamed: the complete shards no longer hold these inputs,
+    so the rerun stops with a one-line error instead of mixing two corpora."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, path in enumerate(digit_paths[:40]):
+        shutil.copy(path, folder / f"{i:04d}.png")
+    out = str(tmp_path / "out")
+    first = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
+    assert first.exit_code == 0, first.output
+    os.rename(folder / "0000.png", folder / "0000b.png")
+    again = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
+    assert again.exit_code == 1
+    assert "shard 0 was written from other inputs" in again.output
+    assert "--overwrite" in again.output
+    assert read_output(out)[0][0] == str(folder / "0000.png")  # nothing was rewritten
