@@ -97,7 +97,8 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     models = list(report["models"])
     modes = ["npy", "parquet", "ray"]
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, 4.5 * len(models)), 4.2),
+                             squeeze=False)
     for ax, name in zip(axes[0], models):
         runs = report["models"][name]["runs"]
         values = [runs[m]["steady_images_per_s"] if m != "npy" else runs[m]["images_per_s"]
@@ -111,8 +112,8 @@ def plot(report: dict, path: str) -> None:
         ax.set_title(f"{name}, {report['count']} JPEGs")
         ax.set_ylabel("images/s (shards, Ray: after start-up)")
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"bulk embedding on {report['machine']['cores']} cores: single process (.npy), "
-                 f"Parquet shards, Ray ({report['actors']} actors)", fontsize=9)
+    fig.suptitle(f"bulk embedding on {report['machine']['cores']} cores\nnpy: one process; "
+                 f"parquet: resumable shards; ray: {report['actors']} actors", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
