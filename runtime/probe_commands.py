@@ -304,9 +304,10 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
     """
     if not out.endswith(".jsonl"):
         from runtime.bulk.cli import run_bulk
-        return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), pipeline=dict(
-            device=device, threads=threads, batch_size=batch_size, variant=variant,
-            fast_decode=not exact_decode), **bulk)
+        pipeline = dict(device=device, threads=threads, batch_size=batch_size,
+                        variant=variant, fast_decode=not exact_decode)
+        return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
+                        pipeline=pipeline, **bulk)
     import numpy as np
     from tqdm import tqdm
 

@@ -104,6 +104,7 @@ def _require(module: str, extra: str, what: str) -> None:
 
 
 def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
+             file_suffix: str = ".npy",
              shard_size: int, overwrite: bool, column, id_column, root, engine: str,
              address, actors, cpus_per_actor: float, gpus_per_actor: float) -> None:
     """Run a sharded job into folder `out` and print its summary (the CLI's bulk branch)."""
@@ -112,8 +113,9 @@ def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
     from runtime.bulk.sources import SourceError, open_source
     from runtime.commands import collect_items
 
-    if out.lower().endswith((".npy", ".jsonl", ".json", ".parquet")):
-        raise click.UsageError(f"--out {out}: a folder is expected for sharded output")
+    if os.path.splitext(os.path.normpath(out))[1] and not os.path.isdir(out):
+        raise click.UsageError(f"--out {out}: the output file must end in {file_suffix}, or "
+                               f"name a folder (no suffix) for resumable Parquet shards")
     _require("pyarrow", "bulk", "a folder --out (Parquet shards)")
     if engine == "ray":
         _require("ray", "ray", "--engine ray")
