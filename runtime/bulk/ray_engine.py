@@ -62,7 +62,8 @@ class RayEngine:
         if not ray.is_initialized():
             ray.init(address=address, num_cpus=num_cpus if address is None else None,
                      include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}})
             self._started = True
         resources = ray.cluster_resources()
         if actors is None:
