@@ -37,8 +37,10 @@ def output_problem(path: str, kind: str = "folder") -> str | None:
     folder is wanted, or the reverse), then the nearest existing ancestor, which must be a
     folder we can create files in (tried with a temporary file: os.access says yes to root on
     a read-only mount)."""
+    if kind == "file or folder":  # a name with a suffix is a file, anything else a folder
+        kind = "file" if os.path.splitext(path.rstrip("/" + os.sep))[1] else "folder"
     if kind not in ("folder", "file"):
-        raise ValueError(f"kind must be 'folder' or 'file', not {kind!r}")
+        raise ValueError(f"kind must be 'folder', 'file' or 'file or folder', not {kind!r}")
     path = os.path.abspath(path)
     if os.path.exists(path):
         if kind == "folder" and not os.path.isdir(path):

@@ -10,6 +10,8 @@ import time
 
 import click
 
+from runtime.bulk.cli import bulk_options
+
 MAX_ERRORS_SHOWN = 50
 
 
@@ -80,8 +82,9 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
 @click.command("embed")
 @click.argument("model_dir", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-              help="Features file to write (.npy); ids go to FEATURES.ids.json beside it.")
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="FEATURES.npy (ids go to FEATURES.ids.json beside it), or a folder: "
+                   "resumable Parquet shards + manifest.json (see Bulk jobs below).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
               default="auto", show_default=True,
               help="Execution provider; auto tries TensorRT, then CUDA, then the CPU.")
@@ -99,8 +102,12 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs exactly like training (PIL) instead of the faster "
                    "libjpeg-turbo path (which differs by about one grey level).")
+@click.option("--probe", "probe_dirs", multiple=True, type=click.Path(exists=True,
+              file_okay=False), help="Folder output: add <probe>_label and <probe>_score "
+                                     "columns from this fitted probe (repeatable).")
+@bulk_options
 def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, decode_processes,
-          variant, exact_decode):
+          variant, exact_decode, probe_dirs, **bulk):
     """Embed images with an exported model (onnxruntime; no torch needed).
 
     \b
@@ -117,11 +124,27 @@ def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, d
     image failed.
 
     \b
-    Example:
+    Bulk jobs: when --out is a folder, rows go to OUT/shard-NNNNNN.parquet (columns id,
+    embedding, error; probe columns with --probe) and OUT/manifest.json lists the complete
+    shards. Rerunning the same command after a crash resumes; another job's folder is refused
+    (--overwrite replaces it). INPUT may then also be a Parquet/CSV table (--column) or
+    WebDataset tar shards; --engine ray runs the job on Ray Data.
+
+    \b
+    Examples:
       python cli.py embed models/spe photos/ --out features.npy --batch-size 64
+      python cli.py embed models/spe /data/photos catalog.parquet --out feats/ --shard-size 5000
+      python cli.py embed models/spe shards/*.tar --out feats/ --engine ray --address auto
     """
     if not out.endswith(".npy"):
-        raise click.UsageError(f"--out {out}: the features file must end in .npy")
+        from runtime.bulk.cli import run_bulk
+        return run_bulk(model_dir, inputs, out, probe_dirs=probe_dirs, pipeline=dict(
+            device=device, threads=threads, decode_threads=decode_threads,
+            batch_size=batch_size, variant=variant, fast_decode=not exact_decode,
+            decode_processes=decode_processes), **bulk)
+    if probe_dirs:
+        raise click.UsageError("--probe needs a folder --out (Parquet shards); for a .npy "
+                               "use `probe predict`")
     import numpy as np
     from tqdm import tqdm
 

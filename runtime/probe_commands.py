@@ -13,6 +13,7 @@ import time
 import click
 
 from common.checks import FiniteFloat, data_spec, writable_output
+from runtime.bulk.cli import bulk_options
 
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
@@ -274,14 +275,17 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, bat
 @click.argument("model_dir", type=click.Path(exists=True))
 @click.argument("probe_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False),
-              callback=writable_output("file"),
-              help="Predictions file (.jsonl): one JSON object per input image, in order.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(),
+              callback=writable_output("file or folder"),
+              help="Predictions file (.jsonl): one JSON object per input image, in order; or "
+                   "a folder: resumable Parquet shards with embedding, <probe>_label and "
+                   "<probe>_score columns (as `embed --probe`).")
 @click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
               help="How many (label, probability) pairs to list per image.")
 @_pipeline_options
+@bulk_options
 def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, threads, variant,
-            exact_decode):
+            exact_decode, **bulk):
     """Predict labels for images with a fitted probe on MODEL_DIR's embeddings.
 
     \b
@@ -292,11 +296,20 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
     Writes one line per image, aligned with the inputs:
       {"id": ..., "label": ..., "score": p, "top_k": [[label, p], ...]}
     or, for an image that cannot be read, {"id": ..., "error": "why"}.
+    When --out is not a .jsonl file it is a folder of resumable Parquet shards (see
+    `embed --help`, Bulk jobs); tables, tar shards and --engine ray work there too.
 
     \b
-    Example:
+    Examples:
       python cli.py probe predict models/spe probes/mnist photos/ --out preds.jsonl --top-k 3
+      python cli.py probe predict models/spe probes/mnist photos/ --out preds/ --shard-size 5000
     """
+    if not out.endswith(".jsonl"):
+        from runtime.bulk.cli import run_bulk
+        pipeline = dict(device=device, threads=threads, batch_size=batch_size,
+                        variant=variant, fast_decode=not exact_decode)
+        return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
+                        pipeline=pipeline, **bulk)
     import numpy as np
     from tqdm import tqdm
 

@@ -1,0 +1,327 @@
+"""Bulk jobs (runtime/bulk): Parquet shards + manifest, resume after kill -9, tables, WebDataset
+tars, paths that try to leave their folder, probe columns, and the Ray Data engine with an actor
+killed. Real digits images, a real exported small CNN, real onnxruntime sessions."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from common.files import iter_image_files
+from runtime.bulk.output import MANIFEST, read_output
+from tests.conftest import ROOT
+
+pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, fmnist_small):
+    """small_cnn (seeded random weights) exported by the export stage."""
+    from export.onnx_export import export_runs
+    from train.runs import untrained_run
+
+    base = tmp_path_factory.mktemp("bulk")
+    run = str(base / "run")
+    untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
+    out = str(base / "model")
+    export_runs([run], out, parity_images=4, check_data=fmnist_small)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from runtime import FeaturePipeline
+    with FeaturePipeline(model_dir, device="cpu", batch_size=8) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def digit_paths(digits_small):
+    """300 real digits PNGs, in the order a folder walk gives them."""
+    paths = list(iter_image_files(digits_small))
+    assert len(paths) == 300
+    return paths
+
+
+def _embed(model_dir, *args):
+    result = CliRunner().invoke(cli.main, ["embed", model_dir, *args, "--device", "cpu",
+                                           "--batch-size", "8"])
+    return result
+
+
+def test_folder_to_shards_equals_library_rows(model_dir, pipe, digits_small, digit_paths,
+                                              tmp_path):
+    out = str(tmp_path / "feats")
+    result = _embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
+    assert result.exit_code == 0, result.output
+    manifest = json.load(open(os.path.join(out, MANIFEST)))
+    assert manifest["finished"] and manifest["rows"] == 300 and manifest["shard_size"] == 64
+    assert [s["rows"] for _, s in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))
+            ] == [64, 64, 64, 64, 44]
+    assert manifest["model"]["dim"] == pipe.feature_dim_
+    ids, vectors, errors, _ = read_output(out)
+    assert ids == digit_paths and errors == {}
+    expected = pipe.embed(digit_paths)
+    np.testing.assert_allclose(vectors, expected.vectors, rtol=0, atol=1e-6)
+    assert "300 rows" in result.output and "5 shards written" in result.output
+
+    # the same command again: nothing to do, and it says it resumed
+    again = _embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
+    assert again.exit_code == 0 and "skipped 5 complete shards (300 images)" in again.output
+    # another job into the same folder is refused, and --overwrite replaces it
+    other = _embed(model_dir, digit_paths[0], "--out", out, "--shard-size", "64")
+    assert other.exit_code != 0 and "another job's shards" in other.output
+    with open(os.path.join(out, "keep.parquet"), "wb") as f:  # not ours: left alone
+        f.write(b"user data")
+    replaced = _embed(model_dir, digit_paths[0], "--out", out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert read_output(out)[0] == [digit_paths[0]]
+    assert sorted(os.listdir(out)) == ["keep.parquet", MANIFEST, "shard-000000.parquet"]
+
+
+def _tar_bytes(paths, prefix="s"):
+    """A WebDataset tar in memory (key NNNN: NNNN.png + NNNN.cls) and each sample's offset."""
+    buf = io.BytesIO()
+    offsets = []
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, path in enumerate(paths):
+            offsets.append(buf.tell())
+            for name, data in ((f"{prefix}/{i:04d}.png", _png_bytes(path)),
+                               (f"{prefix}/{i:04d}.cls", str(i % 10).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), offsets
+
+
+def _feed_pipe(fifo, data, stop=None):
+    """Write `data` into the named pipe `fifo` from a thread; with `stop` (an Event), keep the
+    pipe open after writing until it is set, as a slow producer would."""
+    def run():
+        try:
+            with open(fifo, "wb") as f:
+                f.write(data)
+                f.flush()
+                if stop is not None:
+                    stop.wait(120)
+        except BrokenPipeError:  # the reader was killed
+            pass
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_kill_9_then_resume(model_dir, pipe, digit_paths, tmp_path):
+    """A job killed with SIGKILL mid-way resumes: every input exactly once, in input order.
+
+    The 200 images come as a WebDataset tar on a named pipe whose writer stops after 100
+    samples, so the job has written some shards of 16 and waits for more when it is killed;
+    the rerun gets the whole tar again and must skip the complete shards."""
+    data, offsets = _tar_bytes(digit_paths[:200])
+    fifo = str(tmp_path / "stream.tar")
+    os.mkfifo(fifo)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "embed", model_dir, fifo,
+           "--out", out, "--shard-size", "16", "--batch-size", "8", "--device", "cpu"]
+    stop = threading.Event()
+    writer = _feed_pipe(fifo, data[:offsets[100]], stop)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        complete = 0
+        while time.monotonic() < deadline and proc.poll() is None and complete < 1:
+            time.sleep(0.05)
+            try:
+                complete = len(json.load(open(os.path.join(out, MANIFEST)))["shards"])
+            except (OSError, ValueError):
+                complete = 0
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert complete >= 1
+        time.sleep(0.5)  # let it drain what it has and wait on the pipe
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+        writer.join(30)
+    assert proc.returncode == -signal.SIGKILL
+    written = json.load(open(os.path.join(out, MANIFEST)))
+    assert not written["finished"] and 1 <= len(written["shards"]) <= 6
+
+    writer = _feed_pipe(fifo, data)
+    try:
+        rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        writer.join(30)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    skipped = len(written["shards"])
+    assert f"resumed {out}: skipped {skipped} complete shards ({16 * skipped} images)" \
+        in rerun.stderr
+    ids, vectors, errors, _ = read_output(out)
+    expected_ids = [f"stream.tar/s/{i:04d}" for i in range(200)]
+    assert ids == expected_ids and len(set(ids)) == 200 and errors == {}
+    expected = pipe.embed([_png_bytes(p) for p in digit_paths[:200]]).vectors
+    np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-6)
+
+
+def _png_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_webdataset_tar_input(model_dir, pipe, digit_paths, tmp_path):
+    tar_path = tmp_path / "shard-0001.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(20):
+            add(f"s/{i:04d}.png", _png_bytes(digit_paths[i]))
+            add(f"s/{i:04d}.cls", str(i % 10).encode())
+        add("../evil.png", _png_bytes(digit_paths[0]))   # escapes: refused, not read
+        add("s/label-only.cls", b"3")                    # no image in this sample
+    out = str(tmp_path / "out")
+    result = _embed(model_dir, str(tar_path), "--out", out, "--shard-size", "8")
+    assert result.exit_code == 0, result.output
+    ids, vectors, errors, _ = read_output(out)
+    assert ids == [f"shard-0001.tar/s/{i:04d}" for i in range(20)] + [
+        "shard-0001.tar/../evil", "shard-0001.tar/s/label-only"]
+    assert sorted(errors) == [20, 21]
+    assert "leaves the archive" in errors[20] and "no image member" in errors[21]
+    assert np.isnan(vectors[20:]).all()
+    expected = pipe.embed([_png_bytes(p) for p in digit_paths[:20]]).vectors
+    np.testing.assert_allclose(vectors[:20], expected, rtol=0, atol=1e-6)
+
+
+def test_parquet_bytes_column_input(model_dir, pipe, digit_paths, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = [_png_bytes(p) for p in digit_paths[:30]] + [b"not an image", None]
+    keys = [f"img{i}" for i in range(32)]
+    pq.write_table(pa.table({"key": keys, "jpg": pa.array(data, pa.binary())}),
+                   tmp_path / "t.parquet")
+    out = str(tmp_path / "out")
+    result = _embed(model_dir, str(tmp_path / "t.parquet"), "--out", out, "--shard-size", "10")
+    assert result.exit_code == 0, result.output
+    ids, vectors, errors, _ = read_output(out)
+    assert ids == keys and sorted(errors) == [30, 31]
+    assert errors[30].startswith("img30") and "null" in errors[31]
+    expected = pipe.embed(data[:30]).vectors
+    np.testing.assert_allclose(vectors[:30], expected, rtol=0, atol=1e-6)
+
+
+def test_csv_path_column_refuses_escaping_paths(model_dir, pipe, digit_paths, tmp_path):
+    """Relative paths are read from the table's folder; absolute ones and ones that climb out
+    of it fail their row only (the policy in runtime/bulk/sources.py)."""
+    table_dir = tmp_path / "catalog"
+    (table_dir / "img").mkdir(parents=True)
+    rows = []
+    for i, path in enumerate(digit_paths[:12]):
+        shutil.copy(path, table_dir / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{i % 10}")
+    outside = tmp_path / "outside.png"
+    shutil.copy(digit_paths[12], outside)
+    rows += [f"{outside},1", "../outside.png,2", "img/missing.png,3"]
+    (table_dir / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    result = _embed(model_dir, str(table_dir / "list.csv"), "--out", out)
+    assert result.exit_code == 0, result.output
+    ids, vectors, errors, _ = read_output(out)
+    assert ids == [r.split(",")[0] for r in rows]
+    assert sorted(errors) == [12, 13, 14]
+    assert "absolute path" in errors[12] and "leaves" in errors[13]
+    assert "missing.png" in errors[14]
+    expected = pipe.embed([str(table_dir / "img" / f"{i}.png") for i in range(12)]).vectors
+    np.testing.assert_allclose(vectors[:12], expected, rtol=0, atol=1e-6)
+    # a named column that is not there: a clear usage error, nothing written
+    bad = _embed(model_dir, str(table_dir / "list.csv"), "--out", str(tmp_path / "o2"),
+                 "--column", "file")
+    assert bad.exit_code == 2 and "no column 'file'" in bad.output
+
+
+def test_probe_predict_to_shards(model_dir, pipe, digits_small, digit_paths, tmp_path):
+    from common.data import load_dataset
+    from runtime.probes import LogisticRegressionProbe, save_probe
+    data = load_dataset(digits_small)
+    train = pipe.embed(data.paths("train"))
+    probe = LogisticRegressionProbe(C=1.0).fit(train.vectors, data.labels("train"))
+    probe_dir = str(tmp_path / "digits")
+    save_probe(probe, probe_dir)
+    out = str(tmp_path / "preds")
+    result = CliRunner().invoke(cli.main, ["probe", "predict", model_dir, probe_dir,
+                                           digits_small, "--out", out, "--device", "cpu",
+                                           "--shard-size", "100"])
+    assert result.exit_code == 0, result.output
+    ids, vectors, errors, extra = read_output(out)
+    assert ids == digit_paths and errors == {}
+    assert sorted(extra) == ["digits_label", "digits_score"]
+    expected = pipe.embed(digit_paths).vectors
+    assert extra["digits_label"] == [str(c) for c in probe.predict(expected)]
+    np.testing.assert_allclose(extra["digits_score"],
+                               probe.predict_proba(expected).max(axis=1), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_engine_survives_a_killed_actor(model_dir, pipe, digit_paths, tmp_path):
+    """Two actors on a local Ray instance; one is SIGKILLed after the first shard is written.
+    Ray restarts it and retries its tasks, and the output still has every input once."""
+    pytest.importorskip("ray")
+    from runtime.bulk.cli import model_identity
+    from runtime.bulk.job import run_job
+    from runtime.bulk.ray_engine import RayEngine
+    from runtime.bulk.sources import ItemsSource
+
+    model, _ = model_identity(model_dir, "fp32")
+    source = ItemsSource([(p, p) for p in digit_paths], "digits")
+    killed = []
+    out = str(tmp_path / "out")
+    with RayEngine(model_dir, {"device": "cpu", "batch_size": 4}, actors=2, num_cpus=2,
+                   cpus_per_actor=1) as engine:
+        def kill_one(index):
+            if not killed:  # an actor process that has returned rows, so surely alive
+                pid = min(engine.actor_pids_)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        summary = run_job(source, out, engine, dim=model["dim"], model=model, shard_size=8,
+                          on_shard=kill_one)
+    assert killed
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed[0], 0)
+    assert summary.total == 300 and summary.failed == 0
+    ids, vectors, errors, _ = read_output(out)
+    assert ids == digit_paths and len(set(ids)) == 300 and errors == {}
+    np.testing.assert_allclose(vectors, pipe.embed(digit_paths).vectors, rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_inputs_that_changed_under_it(model_dir, digit_paths, tmp_path):
+    """Same folder path, but a file renamed: the complete shards no longer hold these inputs,
+    so the rerun stops with a one-line error instead of mixing two corpora."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, path in enumerate(digit_paths[:40]):
+        shutil.copy(path, folder / f"{i:04d}.png")
+    out = str(tmp_path / "out")
+    first = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
+    assert first.exit_code == 0, first.output
+    os.rename(folder / "0000.png", folder / "0000b.png")
+    again = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
+    assert again.exit_code == 1
+    assert "shard 0 was written from other inputs" in again.output
+    assert "--overwrite" in again.output
+    assert read_output(out)[0][0] == str(folder / "0000.png")  # nothing was rewritten
