@@ -286,6 +286,10 @@ class FeaturePipeline:
     16-core GPU machine 15 decode threads gave 1,355 images/s against a model that takes
     6,488. Default: on a GPU with 4 or more decode workers, that many processes; else 0
     (threads). PIL images and arrays are always decoded by threads.
+    decode: "cpu" (default) or "gpu": JPEGs decoded by nvImageCodec and resized by CUDA
+    kernels into the batch the model reads on the device (runtime.gpu); other items take the
+    CPU's exact transform; without a GPU, cupy or nvImageCodec a warning says why and the
+    CPU decodes (decode_backend_, decode_fallback_reason_).
 
     After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
     preprocessing_, feature_dim_, input_shape_ (the float model input, 3xSxS, as embed_arrays
@@ -307,7 +311,7 @@ class FeaturePipeline:
                  device_id: int = 0, cache_optimized: bool = False,
                  cache_dir: str | None = None, output: str = "embedding",
                  normalize_in_model: bool = True, stream_workers: int | None = None,
-                 decode_processes: int | None = None):
+                 decode_processes: int | None = None, decode: str = "cpu"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model_dir, self.device, self.threads, self.decode_threads = (
@@ -435,6 +439,14 @@ class FeaturePipeline:
             self._max_parts = max(self._max_parts, self.stream_workers_)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # decode="gpu": nvImageCodec + resize kernels feeding the session through IOBinding
+        # (runtime.gpu, imported only when asked for); falls back here with a warning
+        self.decode_backend_, self.decode_fallback_reason_, self._gpu = "cpu", "", None
+        if decode != "cpu":
+            from .gpu.adapter import attach, resolve_decode
+            resolve_decode(decode)
+            self._gpu = attach(self)
+            self.decode_backend_ = "gpu" if self._gpu is not None else "cpu"
 
     # -- lifecycle -------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -731,6 +743,9 @@ class FeaturePipeline:
         Decoding of the next `prefetch` batches overlaps the model call on the current one; at
         most prefetch + 1 batches are held (interleaved CPU streams: max(stream_workers_,
         prefetch + 1)), whatever the length of the input stream."""
+        if self._gpu is not None:
+            yield from self._gpu.iter_batches(inputs)
+            return
         inline = is_single_input(inputs) and not (
             isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs))
         stream = iter_inputs(inputs)
