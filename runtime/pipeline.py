@@ -339,7 +339,8 @@ class FeaturePipeline:
             bucket_list.append(batch_size)
         wants_gpu = device != "cpu" and not (device == "auto" and P.cuda_device_count()[0] == 0)
         intra, decode = default_threads(cores, wants_gpu, threads, decode_threads)
-        common_args = dict(device_id=device_id, fp16=variant == "fp16", cache_dir=cache_dir,
+        common_args = dict(device_id=device_id, fp16=variant == "fp16", int8=variant == "int8",
+                           cache_dir=cache_dir,
                            cuda_graph=cuda_graph, input_chw=(3, size, size) if size else None,
                            batch_sizes=(1, batch_size, bucket_list[-1]),
                            cache_optimized=cache_optimized)
