@@ -1,12 +1,13 @@
 """A labelled real target as JPEG files, for fidelity checks of JPEG decode paths.
 
 The built-in datasets are PNGs, which GPU JPEG decoding never sees; `labelled_jpegs` writes
-a seeded, class-balanced subset of one (default Fashion-MNIST's test split) as JPEGs, upscaled
+a seeded, class-balanced subset of one (default Fashion-MNIST, 40 images a class from the
+20 + 20 a class the tests materialise) as JPEGs, upscaled
 to `size` px with Pillow's bicubic filter so the resize to the model's input really
 downsamples, as it does for photos. Grey images stay grey JPEGs (that decode path is exercised
 too). Built once under $UNIREP_CACHE/jpeg-targets and reused.
 
-    paths, labels = labelled_jpegs("fashion-mnist", per_class=50, size=160)
+    paths, labels = labelled_jpegs("fashion-mnist:per_class=20", per_class=40, size=160)
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ MANIFEST = "target.json"
 
 def _build(tmp: str, spec: str, split: str, per_class: int, size: int, quality: int) -> None:
     data = load_dataset(spec)
-    paths, labels = data.paths(split), data.labels(split)
+    splits = list(data.splits) if split == "all" else [split]
+    paths = [p for s in splits for p in data.paths(s)]
+    labels = np.concatenate([data.labels(s) for s in splits])
     rng = np.random.default_rng(0)
     chosen = []
     for c in np.unique(labels):
@@ -43,7 +46,8 @@ def _build(tmp: str, spec: str, split: str, per_class: int, size: int, quality: 
         json.dump({"spec": spec, "split": split, "items": rows}, f)
 
 
-def labelled_jpegs(spec: str = "fashion-mnist", *, split: str = "test", per_class: int = 50,
+def labelled_jpegs(spec: str = "fashion-mnist:per_class=20", *, split: str = "all",
+                   per_class: int = 40,
                    size: int = 160, quality: int = 90) -> tuple[list[str], np.ndarray]:
     """(JPEG paths, integer labels) of the target, built on first use."""
     key = f"{spec.replace(':', '_').replace('=', '-')}-{split}-n{per_class}-s{size}-q{quality}"

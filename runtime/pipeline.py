@@ -314,6 +314,7 @@ class FeaturePipeline:
                  decode_processes: int | None = None, decode: str = "cpu"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.decode = decode  # the name `decode` is reused below for the decode worker count
         self.model_dir, self.device, self.threads, self.decode_threads = (
             model_dir, device, threads, decode_threads)
         self.batch_size, self.variant, self.fast_decode = batch_size, variant, fast_decode
@@ -443,9 +444,9 @@ class FeaturePipeline:
         # decode="gpu": nvImageCodec + resize kernels feeding the session through IOBinding
         # (runtime.gpu, imported only when asked for); falls back here with a warning
         self.decode_backend_, self.decode_fallback_reason_, self._gpu = "cpu", "", None
-        if decode != "cpu":
+        if self.decode != "cpu":
             from .gpu.adapter import attach, resolve_decode
-            resolve_decode(decode)
+            resolve_decode(self.decode)
             self._gpu = attach(self)
             self.decode_backend_ = "gpu" if self._gpu is not None else "cpu"
 
