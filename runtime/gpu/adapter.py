@@ -115,7 +115,7 @@ class GpuBatches:
                     f"{item_id}: {message}")
             if len(failed) < len(part):
                 self.session.run_with_iobinding(binding, run_options)
-                out = np.asarray(y.numpy()[:len(part)], np.float32)
+                out = np.asarray(binding.copy_outputs_to_cpu()[0][:len(part)], np.float32)
                 ok = [k for k in range(len(part)) if k not in failed]
                 vectors[[start + k for k in ok]] = out[ok]
         return ids, vectors, errors

@@ -102,9 +102,13 @@ class GpuDecoder:
                 backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
                             nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY),
                             nvimgcodec.Backend(nvimgcodec.BackendKind.HYBRID_CPU_GPU)]
-                self.decoder = nvimgcodec.Decoder(device_id=device_id, backends=backends)
+                # libjpeg-turbo (the reference's decoder) upsamples chroma smoothly by default;
+                # nvImageCodec's JPEG decoders do so only when asked
+                self.decoder = nvimgcodec.Decoder(device_id=device_id, backends=backends,
+                                                  options=":fancy_upsampling=1")
             except Exception as e:  # older releases: the library's own default choice
-                log.info("nvImageCodec backends not selectable (%s); using its defaults", e)
+                log.info("nvImageCodec backends/options not selectable (%s); using its "
+                         "defaults", e)
                 self.decoder = nvimgcodec.Decoder()
             self.params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB,
                                                   allow_any_depth=False,
