@@ -449,6 +449,8 @@ class FeaturePipeline:
             resolve_decode(self.decode)
             self._gpu = attach(self)
             self.decode_backend_ = "gpu" if self._gpu is not None else "cpu"
+            if self._gpu is not None:  # no CPU decode workers to start
+                self.decode_processes_ = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def __repr__(self) -> str:
