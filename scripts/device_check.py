@@ -12,8 +12,8 @@ Stages (each time-boxed; a failure is recorded in the JSON and the next stage st
   end_to_end  JPEG files -> embeddings: GPU decode, decode processes, decode threads, and the
               PyTorch recipe (ImageFolder + DataLoader with one worker per core)
   fidelity    GPU decode and the fast CPU decode against the exact CPU transform on a
-              labelled JPEG target (cosine mean/min, probe accuracy change; bound 0.999 and
-              0.2 point)
+              labelled JPEG target (digits, 1,797 images; cosine mean/min, probe accuracy
+              change; bound 0.999 and 0.2 point)
   alignment   a corrupt item (and grey, progressive, CMYK, EXIF-rotated JPEGs) in a GPU batch
 Results: docs/gpu/device-check-ARCH.json and .log (and copies under $OUT when set).
 
@@ -448,8 +448,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                         help="export and time the INT8 (QDQ) variant for TensorRT")
-    parser.add_argument("--target", default="fashion-mnist:per_class=100",
-                        help="labelled built-in (or folder) for fidelity; train+test are used")
+    parser.add_argument("--target", default="digits",
+                        help="labelled built-in (or folder) for fidelity, train+test used; "
+                             "digits ships inside scikit-learn, so it exists on a machine with "
+                             "no network and no dataset cache")
     parser.add_argument("--target-per-class", type=int, default=200,
                         help="images a class (half fit the probe, half score it: 1,000 test "
                              "images make one image 0.1 point)")
