@@ -298,3 +298,31 @@ def test_gpu_decode_fidelity_and_alignment(model_dir, jpegs):
     alone = gpu.embed([jpegs[0], jpegs[1]])
     assert list(mixed.errors) == [1] and np.isnan(mixed.vectors[1]).all()
     np.testing.assert_allclose(mixed.vectors[[0, 2]], alone.vectors, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the device check script
+
+@pytest.mark.slow
+def test_device_check_dry_run_skips_gpu_stages_and_runs_the_rest(tmp_path):
+    import json
+    if GPU_OK:
+        pytest.skip("a GPU is present: the dry run is for CPU machines")
+    out = tmp_path / "docs"
+    env = dict(os.environ, OUT=str(tmp_path / "copied"))
+    done = subprocess.run(
+        [sys.executable, "scripts/device_check.py", "--arch", "small_cnn", "--images", "16",
+         "--batch-size", "8", "--repeats", "1", "--no-int8", "--target-per-class", "6",
+         "--target-size", "48", "--work", str(tmp_path / "work"), "--out-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "device-check-small_cnn.json").read_text())
+    stages = report["stages"]
+    assert [k for k, v in stages.items() if v["status"] == "ok"] == [
+        "env", "model", "model_only", "end_to_end", "fidelity"]
+    for name in ("kernels", "alignment", "tensorrt"):
+        assert stages[name]["status"] == "skipped" and stages[name]["reason"]
+    assert stages["fidelity"]["gpu_decode"]["reason"] == "no CUDA device"
+    assert stages["fidelity"]["fast_cpu_decode"]["cosine_mean"] > 0.999
+    assert stages["end_to_end"]["figures"]["decode_threads"]["images"] == 16
+    assert (tmp_path / "copied" / "device-check-small_cnn.log").exists()
