@@ -50,6 +50,8 @@ def attach(pipe) -> GpuBatches | None:
             decoder = GpuDecoder(pipe.preprocessing_, device_id=pipe.device_id)
         except GpuUnavailable as e:
             why = str(e)
+        except Exception as e:  # a library that imports but does not start (driver, API)
+            why = f"GPU decoder failed to start ({type(e).__name__}: {e})"
         else:
             return GpuBatches(pipe, decoder)
     warnings.warn(f"GPU decoding asked for but not available: {why}; decoding on the CPU",

@@ -113,7 +113,8 @@ class GpuDecoder:
             self.params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB,
                                                   allow_any_depth=False,
                                                   apply_exif_orientation=True)
-        self.stats = {"gpu": 0, "cpu": 0, "failed": 0}
+        # items decoded on the GPU / on the CPU / failed; "gpu_error" when the GPU path broke
+        self.stats: dict = {"gpu": 0, "cpu": 0, "failed": 0}
 
     def new_batch(self, n: int):
         s = self.pre.input_size
@@ -140,7 +141,14 @@ class GpuDecoder:
                 cpu.append(k)
         with cupy.cuda.Device(self.device_id), self.stream:
             if jpeg_data:
-                cpu += self._decode_jpegs(jpeg_rows, jpeg_data, out)
+                try:
+                    cpu += self._decode_jpegs(jpeg_rows, jpeg_data, out)
+                except Exception as e:  # kernels or decoder broken: the CPU keeps rows coming
+                    if "gpu_error" not in self.stats:
+                        log.warning("GPU decoding failed (%s: %s); decoding on the CPU",
+                                    type(e).__name__, e)
+                    self.stats["gpu_error"] = f"{type(e).__name__}: {e}"
+                    cpu += jpeg_rows
             for k in sorted(cpu):
                 try:
                     crop = load_crop(items[k], self.pre, fast=False)
