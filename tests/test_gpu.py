@@ -36,15 +36,16 @@ needs_gpu = pytest.mark.skipif(not GPU_OK, reason=f"needs a CUDA device, cupy an
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, fmnist_small):
-    """small_cnn (seeded random weights) exported by the export stage."""
+def model_dir(tmp_path_factory, digits_small):
+    """small_cnn (seeded random weights) exported by the export stage (digits: they ship with
+    scikit-learn, so this also runs on a GPU machine without the dataset cache)."""
     from export.onnx_export import export_runs
     from train.runs import untrained_run
     base = tmp_path_factory.mktemp("gpu")
     run = str(base / "run")
     untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
     out = str(base / "model")
-    export_runs([run], out, parity_images=4, check_data=fmnist_small)
+    export_runs([run], out, parity_images=4, check_data=digits_small)
     return out
 
 
@@ -239,7 +240,7 @@ def test_fidelity_of_the_fast_cpu_decode_against_the_exact_path(model_dir):
     from benchmarks.jpeg_target import labelled_jpegs
     from runtime import FeaturePipeline
     from runtime.gpu.fidelity import compare, measure_fidelity
-    items, labels = labelled_jpegs("fashion-mnist:per_class=20", per_class=40, size=160)
+    items, labels = labelled_jpegs("digits", per_class=40, size=160)
     assert len(items) == 400 and len(np.unique(labels)) == 10
     exact = FeaturePipeline(model_dir, device="cpu", fast_decode=False)
     fast = FeaturePipeline(model_dir, device="cpu", fast_decode=True)
@@ -247,7 +248,7 @@ def test_fidelity_of_the_fast_cpu_decode_against_the_exact_path(model_dir):
     assert report["images"] == 400 and report["failed_candidate"] == 0
     assert 0.999 < report["cosine_mean"] <= 1.0 + 1e-9
     assert report["cosine_min"] <= report["cosine_mean"]
-    assert 0.3 < report["accuracy_reference"] < 1.0  # a real target, far above 10% chance
+    assert report["accuracy_reference"] > 0.3  # a real target, far above 10% chance
     same = measure_fidelity(exact, exact, items[:100], labels[:100])
     assert same["cosine_min"] > 0.999999 and same["accuracy_change_points"] == 0.0
     assert same["within_bound"]
@@ -290,7 +291,7 @@ def test_gpu_decode_fidelity_and_alignment(model_dir, jpegs):
     gpu = FeaturePipeline(model_dir, device="cuda", batch_size=32, decode="gpu")
     assert gpu.decode_backend_ == "gpu"
     exact = FeaturePipeline(model_dir, device="cuda", batch_size=32, fast_decode=False)
-    items, labels = labelled_jpegs("fashion-mnist:per_class=20", per_class=40, size=160)
+    items, labels = labelled_jpegs("digits", per_class=40, size=160)
     report = measure_fidelity(gpu, exact, items, labels)
     assert report["cosine_mean"] >= 0.999
     assert abs(report["accuracy_change_points"]) <= 0.5  # 200 test images: 1 image = 0.5
