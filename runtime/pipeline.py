@@ -286,6 +286,10 @@ class FeaturePipeline:
     16-core GPU machine 15 decode threads gave 1,355 images/s against a model that takes
     6,488. Default: on a GPU with 4 or more decode workers, that many processes; else 0
     (threads). PIL images and arrays are always decoded by threads.
+    decode: "cpu" (default) or "gpu": JPEGs decoded by nvImageCodec and resized by CUDA
+    kernels into the batch the model reads on the device (runtime.gpu); other items take the
+    CPU's exact transform; without a GPU, cupy or nvImageCodec a warning says why and the
+    CPU decodes (decode_backend_, decode_fallback_reason_).
 
     After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
     preprocessing_, feature_dim_, input_shape_ (the float model input, 3xSxS, as embed_arrays
@@ -307,9 +311,10 @@ class FeaturePipeline:
                  device_id: int = 0, cache_optimized: bool = False,
                  cache_dir: str | None = None, output: str = "embedding",
                  normalize_in_model: bool = True, stream_workers: int | None = None,
-                 decode_processes: int | None = None):
+                 decode_processes: int | None = None, decode: str = "cpu"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.decode = decode  # the name `decode` is reused below for the decode worker count
         self.model_dir, self.device, self.threads, self.decode_threads = (
             model_dir, device, threads, decode_threads)
         self.batch_size, self.variant, self.fast_decode = batch_size, variant, fast_decode
@@ -335,7 +340,8 @@ class FeaturePipeline:
             bucket_list.append(batch_size)
         wants_gpu = device != "cpu" and not (device == "auto" and P.cuda_device_count()[0] == 0)
         intra, decode = default_threads(cores, wants_gpu, threads, decode_threads)
-        common_args = dict(device_id=device_id, fp16=variant == "fp16", cache_dir=cache_dir,
+        common_args = dict(device_id=device_id, fp16=variant == "fp16", int8=variant == "int8",
+                           cache_dir=cache_dir,
                            cuda_graph=cuda_graph, input_chw=(3, size, size) if size else None,
                            batch_sizes=(1, batch_size, bucket_list[-1]),
                            cache_optimized=cache_optimized)
@@ -435,6 +441,16 @@ class FeaturePipeline:
             self._max_parts = max(self._max_parts, self.stream_workers_)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # decode="gpu": nvImageCodec + resize kernels feeding the session through IOBinding
+        # (runtime.gpu, imported only when asked for); falls back here with a warning
+        self.decode_backend_, self.decode_fallback_reason_, self._gpu = "cpu", "", None
+        if self.decode != "cpu":
+            from .gpu.adapter import attach, resolve_decode
+            resolve_decode(self.decode)
+            self._gpu = attach(self)
+            self.decode_backend_ = "gpu" if self._gpu is not None else "cpu"
+            if self._gpu is not None:  # no CPU decode workers to start
+                self.decode_processes_ = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -731,6 +747,9 @@ class FeaturePipeline:
         Decoding of the next `prefetch` batches overlaps the model call on the current one; at
         most prefetch + 1 batches are held (interleaved CPU streams: max(stream_workers_,
         prefetch + 1)), whatever the length of the input stream."""
+        if self._gpu is not None:
+            yield from self._gpu.iter_batches(inputs)
+            return
         inline = is_single_input(inputs) and not (
             isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs))
         stream = iter_inputs(inputs)

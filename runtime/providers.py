@@ -96,19 +96,17 @@ def session_options(threads: int, optimized_model_path: str | None = None
 def provider_options(provider: str, *, device_id: int = 0, fp16: bool = False,
                      cache_dir: str | None = None, cuda_graph: bool = False,
                      input_name: str = "image", input_chw: tuple[int, int, int] | None = None,
-                     batch_sizes: tuple[int, int, int] | None = None) -> dict:
+                     batch_sizes: tuple[int, int, int] | None = None, int8: bool = False
+                     ) -> dict:
     """Options for one provider. `batch_sizes` = (min, opt, max) for TensorRT's profile, so one
     engine serves every batch-size bucket instead of rebuilding per shape."""
     if provider == CUDA:
         return {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
                 "do_copy_in_default_stream": "1", "enable_cuda_graph": "1" if cuda_graph else "0"}
     if provider == TENSORRT:
-        opts = {"device_id": str(device_id), "trt_fp16_enable": str(bool(fp16)),
-                "trt_cuda_graph_enable": str(bool(cuda_graph))}
-        if cache_dir:
-            os.makedirs(cache_dir, exist_ok=True)
-            opts.update({"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache_dir,
-                         "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache_dir})
+        from .gpu.tensorrt import tensorrt_options
+        opts = tensorrt_options(cache_dir, fp16=fp16, int8=int8, device_id=device_id,
+                                cuda_graph=cuda_graph)
         if input_chw and batch_sizes:
             shape = "x".join(str(d) for d in input_chw)
             lo, opt, hi = batch_sizes
@@ -175,7 +173,7 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
                    cuda_graph: bool = False, input_chw: tuple[int, int, int] | None = None,
                    batch_sizes: tuple[int, int, int] | None = None, input_name: str = "image",
                    cache_optimized: bool = False, model: bytes | None = None,
-                   cache_tag: str = "") -> SessionInfo:
+                   cache_tag: str = "", int8: bool = False) -> SessionInfo:
     """Open `model_path` on `device` (auto|cpu|cuda|tensorrt) and report what it really got.
 
     `model`: the serialised graph to run instead of the file's own (a rewritten form of it, such
@@ -194,6 +192,12 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
     reasons = [f"this onnxruntime build has no {p} (install onnxruntime-gpu)"
                for p in requested if p not in available]
     chain = [p for p in requested if p in available]
+    if TENSORRT in chain:  # the pip wheels' libnvinfer is on no search path: load it first
+        from .gpu.tensorrt import preload_tensorrt
+        trt_ok, trt_why = preload_tensorrt()
+        if not trt_ok:
+            chain.remove(TENSORRT)
+            reasons.append(f"TensorRT: {trt_why}")
     expected_cpu = False
     if any(p in GPU_PROVIDERS for p in chain):
         count, why = cuda_device_count()
@@ -206,7 +210,7 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
     cache_dir = cache_dir or default_cache_dir(model_path)
     options = [provider_options(p, device_id=device_id, fp16=fp16, cache_dir=os.path.join(
         cache_dir, "tensorrt"), cuda_graph=cuda_graph, input_name=input_name,
-        input_chw=input_chw, batch_sizes=batch_sizes) for p in chain]
+        input_chw=input_chw, batch_sizes=batch_sizes, int8=int8) for p in chain]
 
     optimized, source = None, (model if model is not None else model_path)
     if cache_optimized and chain == [CPU]:
@@ -229,7 +233,7 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
             reasons.append(f"CUDA graphs unavailable for this model ({e})")
             options = [provider_options(p, device_id=device_id, fp16=fp16, cache_dir=os.path.join(
                 cache_dir, "tensorrt"), input_name=input_name, input_chw=input_chw,
-                batch_sizes=batch_sizes) for p in chain]
+                batch_sizes=batch_sizes, int8=int8) for p in chain]
             try:
                 session, ep_error = _new_session(source, session_options(threads), chain, options)
             except Exception as e2:
@@ -244,7 +248,7 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
 
     provider = session.get_providers()[0]
     fell_back = provider != requested[0]
-    if provider in GPU_PROVIDERS and provider != requested[0]:
+    if provider in GPU_PROVIDERS and provider != requested[0] and requested[0] in chain:
         reasons.append(f"{requested[0]} could not take the model (see onnxruntime's log)")
     if fell_back and provider == CPU and not reasons:
         reasons.append("onnxruntime could not start the GPU provider (see its log above: "

@@ -140,7 +140,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent("""
     from common.description import Preprocessing
     from common.images import preprocess
     from runtime.decode import load_crop
-    import train.loop  # the training data layer's decoder (imports torch: before the baseline)
+    import train.imagesets  # the training data layer's decoder (imports torch: before the baseline)
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -159,7 +159,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent("""
             assert load_crop(data, pre, fast=fast).shape == (224, 224, 3)
         assert preprocess(data, pre).shape == (3, 224, 224)
         open(sys.argv[2], "wb").write(data)
-        assert train.loop._decode(sys.argv[2], pre).shape == (224, 224, 3)
+        assert train.imagesets._decode(sys.argv[2], pre).shape == (224, 224, 3)
     print(status("VmHWM:") - before)
 """)
 
