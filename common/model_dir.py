@@ -1,0 +1,221 @@
+"""The model folder: the one place that knows its file names and reads its description.
+
+    MODEL_DIR/model.onnx            fp32 model (input `image`, output `embedding`, `logits_*`)
+    MODEL_DIR/model.fp16.onnx       optional variants
+    MODEL_DIR/model.int8.onnx
+    MODEL_DIR/init_net.pb, predict_net.pb, value_info.json   optional Caffe2 nets
+    MODEL_DIR/description.json      the model description (also in the ONNX metadata)
+    MODEL_DIR/export.json           how it was made: parity figures, variants, sizes
+
+`ModelDir(path)` checks that the folder exists, resolves a variant to its file, reads and
+validates the description once (`.description`), and `check_model(variant)` proves that an
+ONNX file parses, keeps its external data inside the folder and matches the description.
+Every problem is a `ModelError` whose message is one line naming the file and what to do.
+Export writes with these names; runtime, evaluate, fuse and inspect read through this class.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from typing import Any
+
+from common.description import ONNX_METADATA_KEY, ModelDescription
+
+MODEL_FILE = "model.onnx"
+VARIANT_FILES = {"fp32": MODEL_FILE, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+DESCRIPTION_FILE = "description.json"
+EXPORT_REPORT_FILE = "export.json"
+CAFFE2_INIT_NET = "init_net.pb"
+CAFFE2_PREDICT_NET = "predict_net.pb"
+CAFFE2_VALUE_INFO = "value_info.json"
+CAFFE2_FILES = (CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, CAFFE2_VALUE_INFO)
+EXPORT_HINT = "make one with `python cli.py export RUN_DIR --out MODEL_DIR`"
+
+
+class ModelError(ValueError):
+    """An exported model folder or one of its files is missing, corrupt or inconsistent."""
+
+
+def variant_file(variant: str) -> str:
+    """File name of `variant` (fp32 | fp16 | int8)."""
+    if variant not in VARIANT_FILES:
+        raise ModelError(f"unknown variant {variant!r}; choose from {', '.join(VARIANT_FILES)}")
+    return VARIANT_FILES[variant]
+
+
+class ModelDir:
+    """An exported model folder (or one .onnx file, whose folder is then the model folder).
+
+    `must_exist=False` is for writers (export), which name files in a folder still being made."""
+
+    def __init__(self, path: str | os.PathLike, *, must_exist: bool = True):
+        path = os.fspath(path)
+        self.model_file_: str | None = None  # a .onnx file given instead of the folder
+        if os.path.isfile(path):
+            if not path.lower().endswith(".onnx"):
+                raise ModelError(f"{path}: is a file, not a model folder; give the folder "
+                                 f"holding {MODEL_FILE} ({EXPORT_HINT})")
+            self.model_file_ = path
+            path = os.path.dirname(os.path.abspath(path))
+        elif must_exist and not os.path.isdir(path):
+            raise ModelError(f"{path}: no such model folder ({EXPORT_HINT})")
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"ModelDir({self.path!r})"
+
+    def file(self, name: str) -> str:
+        """Path of one of the folder's files (named by the constants of this module)."""
+        return os.path.join(self.path, name)
+
+    def variants(self) -> list[str]:
+        """The variants whose files exist here, fp32 first."""
+        return [v for v, f in VARIANT_FILES.items() if os.path.isfile(self.file(f))]
+
+    def model_path(self, variant: str = "fp32") -> str:
+        """The ONNX file of `variant` (the file itself when one was given)."""
+        name = variant_file(variant)
+        if self.model_file_ is not None:
+            return self.model_file_
+        path = self.file(name)
+        if not os.path.isfile(path):
+            have = ", ".join(self.variants()) or "none"
+            hint = (EXPORT_HINT if variant == "fp32"
+                    else f"export it with `--{variant}`")
+            raise ModelError(f"{path}: missing (variant {variant!r}; variants here: {have}); "
+                             f"{hint}")
+        return path
+
+    def has_caffe2(self) -> bool:
+        return all(os.path.isfile(self.file(n)) for n in CAFFE2_FILES)
+
+    @cached_property
+    def description(self) -> ModelDescription:
+        """description.json, else the description in the fp32 model's metadata (read once)."""
+        path = self.file(DESCRIPTION_FILE)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return ModelDescription.from_json(f.read())
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+                raise ModelError(f"{path}: unreadable model description ({_one_line(e)}); "
+                                 "re-export the model") from e
+        model_path = self.model_file_ or self.file(MODEL_FILE)
+        text = _proto(model_path).get("metadata", {}).get(ONNX_METADATA_KEY)
+        if not text:
+            raise ModelError(f"{self.path}: no model description (neither {DESCRIPTION_FILE} "
+                             f"nor '{ONNX_METADATA_KEY}' metadata in {model_path}); "
+                             "re-export the model")
+        try:
+            return ModelDescription.from_json(text)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ModelError(f"{model_path}: unreadable '{ONNX_METADATA_KEY}' metadata "
+                             f"({_one_line(e)}); re-export the model") from e
+
+    def export_report(self) -> dict:
+        """export.json's content ({} when the folder has none)."""
+        path = self.file(EXPORT_REPORT_FILE)
+        if not os.path.exists(path):
+            return {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelError(f"{path}: unreadable export report ({_one_line(e)})") from e
+        if not isinstance(report, dict):
+            raise ModelError(f"{path}: the export report is not a JSON object; re-export")
+        return report
+
+    def check_model(self, variant: str = "fp32") -> dict:
+        """Parse the variant's ONNX file (without its weights), check that its external data
+        stays inside the folder and that it matches the description. Returns the graph's
+        {'inputs': {name: {'shape', 'dtype'}}, 'outputs': {...}}."""
+        path = self.model_path(variant)
+        info = _proto(path)
+        check_graph_matches(path, info, self.description)
+        return {"inputs": info["inputs"], "outputs": info["outputs"]}
+
+
+def check_graph_matches(path: str, info: dict, desc: ModelDescription) -> None:
+    """The description must fit the graph: image size, embedding width, head outputs."""
+    inputs, outputs = info["inputs"], info["outputs"]
+    if not inputs:
+        raise ModelError(f"{path}: the model has no input; re-export it")
+    shape = next(iter(inputs.values()))["shape"]
+    size = desc.preprocessing.input_size
+    if len(shape) == 4:
+        spatial = [d for d in shape[1:] if isinstance(d, int) and d not in (0, 3)]
+        if spatial and any(d != size for d in spatial):
+            raise ModelError(f"{path}: the model takes {shape[1:]} images but the description "
+                             f"says {size} px; the description does not belong to this model")
+    if "embedding" in outputs:
+        dims = outputs["embedding"]["shape"]
+        if dims and isinstance(dims[-1], int) and dims[-1] and dims[-1] != desc.feature_dim:
+            raise ModelError(f"{path}: the model gives {dims[-1]}-d embeddings but the "
+                             f"description says {desc.feature_dim}; the description does not "
+                             "belong to this model")
+    for head in desc.heads or []:
+        name = head.get("output") if isinstance(head, dict) else None
+        if name and name not in outputs:
+            raise ModelError(f"{path}: the description names output {name!r} but the model "
+                             f"has only {', '.join(outputs)}; re-export the model")
+
+
+def _proto(path: str) -> dict:
+    """Inputs, outputs and metadata of an ONNX file, parsed without its weights; external
+    data must name files inside the model's folder."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not a readable ONNX model ({_one_line(e)}); the file is "
+                         "truncated or corrupt: export it again") from e
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{path}: not a readable ONNX model (empty graph); the file is "
+                         "truncated or corrupt: export it again")
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for tensor in _tensors_with_data(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.isabs(location) or not target.startswith(folder + os.sep):
+            raise ModelError(f"{path}: external data of {tensor.name!r} points outside the "
+                             f"model folder ({location!r}); refusing to read it")
+
+    def dims(value: Any) -> list:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    def dtype(value: Any) -> str:
+        elem = value.type.tensor_type.elem_type
+        try:
+            return str(onnx.helper.tensor_dtype_to_np_dtype(elem).name)
+        except (KeyError, ValueError):
+            return str(elem)
+    initialisers = {t.name for t in model.graph.initializer}
+    return {"inputs": {v.name: {"shape": dims(v), "dtype": dtype(v)}
+                       for v in model.graph.input if v.name not in initialisers},
+            "outputs": {v.name: {"shape": dims(v), "dtype": dtype(v)}
+                        for v in model.graph.output},
+            "metadata": {p.key: p.value for p in model.metadata_props}}
+
+
+def _tensors_with_data(model: Any):
+    """Every initialiser, including those of sub-graphs (If/Loop bodies)."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.ByteSize():
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
