@@ -92,8 +92,17 @@ class ModelDir:
 
     @cached_property
     def description(self) -> ModelDescription:
-        """description.json, else the description in the fp32 model's metadata (read once)."""
+        """description.json, else the description in the fp32 model's metadata (read once).
+        For a .onnx file given by itself, its own metadata comes first (a fused model)."""
         path = self.file(DESCRIPTION_FILE)
+        if self.model_file_ is not None:
+            own = _proto(self.model_file_).get("metadata", {}).get(ONNX_METADATA_KEY)
+            if own:
+                try:
+                    return ModelDescription.from_json(own)
+                except (ValueError, TypeError, KeyError) as e:
+                    raise ModelError(f"{self.model_file_}: unreadable '{ONNX_METADATA_KEY}' "
+                                     f"metadata ({_one_line(e)}); re-export the model") from e
         if os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as f:

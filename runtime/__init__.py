@@ -14,7 +14,8 @@ import importlib
 _EXPORTS = {
     "FeaturePipeline": "pipeline", "EmbedResult": "pipeline", "VARIANTS": "pipeline",
     "iter_inputs": "pipeline", "iter_folder": "pipeline", "load_description": "pipeline",
-    "resolve_model": "pipeline",
+    "resolve_model": "pipeline", "Engine": "engine", "PipelineConfig": "resolve",
+    "resolve_pipeline_config": "resolve",
     "load_crop": "decode", "normalize_batch": "decode", "preprocess": "decode",
     "ProviderFallbackWarning": "providers", "available_cores": "providers",
     "cuda_device_count": "providers", "create_session": "providers",
