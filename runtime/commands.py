@@ -10,6 +10,8 @@ import time
 
 import click
 
+from .options import PipelineOptions, pipeline_options
+
 MAX_ERRORS_SHOWN = 50
 
 
@@ -22,7 +24,7 @@ def _list_file_items(path: str) -> list[tuple[str, str]]:
             lines = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise click.UsageError(f"{path}: cannot read the list of images ({e})")
-    from runtime.pipeline import iter_folder
+    from runtime.inputs import iter_folder
     items = []
     for line in lines:
         if line and not line.startswith("#"):
@@ -37,7 +39,7 @@ def _list_file_items(path: str) -> list[tuple[str, str]]:
 def collect_items(inputs: tuple[str, ...]) -> list[tuple[str, str]]:
     """(id, path) for every image named by INPUT arguments, in order."""
     from common.data import BUILTINS, DataError, load_dataset, parse_spec
-    from runtime.pipeline import iter_folder
+    from runtime.inputs import iter_folder
 
     items: list[tuple[str, str]] = []
     for arg in inputs:
@@ -82,25 +84,8 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Features file to write (.npy); ids go to FEATURES.ids.json beside it.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-              default="auto", show_default=True,
-              help="Execution provider; auto tries TensorRT, then CUDA, then the CPU.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Images per model call.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="onnxruntime threads (default: from the cores available).")
-@click.option("--decode-threads", type=click.IntRange(1), default=None,
-              help="Image decoding workers, overlapped with inference (default: from the cores).")
-@click.option("--decode-processes", type=click.IntRange(0), default=None,
-              help="Decode in N worker processes instead of threads (0: threads). Default: "
-                   "processes on a GPU with 4+ decode workers, where threads share one GIL.")
-@click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
-              show_default=True, help="Which exported model file to run.")
-@click.option("--exact-decode", is_flag=True,
-              help="Decode JPEGs exactly like training (PIL) instead of the faster "
-                   "libjpeg-turbo path (which differs by about one grey level).")
-def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, decode_processes,
-          variant, exact_decode):
+@pipeline_options(decode="fast")
+def embed(model_dir, inputs, out, pipeline: PipelineOptions):
     """Embed images with an exported model (onnxruntime; no torch needed).
 
     \b
@@ -126,16 +111,16 @@ def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, d
     from tqdm import tqdm
 
     from common.description import save_json_atomic
+    from common.model_dir import ModelError
     from runtime.pipeline import FeaturePipeline
 
     items = collect_items(inputs)
     if not items:
         raise click.UsageError("no images to embed: the inputs named none")
     try:
-        pipe = FeaturePipeline(model_dir, device=device, threads=threads,
-                               decode_threads=decode_threads, batch_size=batch_size,
-                               variant=variant, fast_decode=not exact_decode,
-                               decode_processes=decode_processes)
+        pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
+    except ModelError:  # one line, exit status 1, through cli.py's handler
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e))
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from common.description import ModelDescription
+from common.description import ONNX_METADATA_KEY, ModelDescription
 from common.model_dir import VARIANT_FILES as VARIANTS
 from common.model_dir import ModelDir
 
@@ -54,9 +54,13 @@ def resolve_model(model_dir: str, variant: str = "fp32") -> str:
     return ModelDir(model_dir).model_path(variant)
 
 
-def load_description(model_path: str) -> ModelDescription:
-    """The model description of a model folder or ONNX file (description.json, else the ONNX
-    metadata), through common.model_dir."""
+def load_description(model_path: str, session: Any = None) -> ModelDescription:
+    """The model description: from an open session's ONNX metadata when given, else from the
+    model folder or ONNX file (description.json, else the metadata) through common.model_dir."""
+    if session is not None:
+        text = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+        if text:
+            return ModelDescription.from_json(text)
     return ModelDir(model_path).description
 
 
