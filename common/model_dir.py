@@ -37,6 +37,11 @@ class ModelError(ValueError):
     """An exported model folder or one of its files is missing, corrupt or inconsistent."""
 
 
+class MissingModelError(ModelError, FileNotFoundError):
+    """The model folder, or the file of a variant, does not exist (also a FileNotFoundError,
+    as callers that look for missing files expect)."""
+
+
 def variant_file(variant: str) -> str:
     """File name of `variant` (fp32 | fp16 | int8)."""
     if variant not in VARIANT_FILES:
@@ -59,7 +64,7 @@ class ModelDir:
             self.model_file_ = path
             path = os.path.dirname(os.path.abspath(path))
         elif must_exist and not os.path.isdir(path):
-            raise ModelError(f"{path}: no such model folder ({EXPORT_HINT})")
+            raise MissingModelError(f"{path}: no such model folder ({EXPORT_HINT})")
         self.path = path
 
     def __repr__(self) -> str:
@@ -83,8 +88,8 @@ class ModelDir:
             have = ", ".join(self.variants()) or "none"
             hint = (EXPORT_HINT if variant == "fp32"
                     else f"export it with `--{variant}`")
-            raise ModelError(f"{path}: missing (variant {variant!r}; variants here: {have}); "
-                             f"{hint}")
+            raise MissingModelError(f"{self.path}: no {name} for variant {variant!r} "
+                                    f"(variants here: {have}); {hint}")
         return path
 
     def has_caffe2(self) -> bool:
