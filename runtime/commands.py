@@ -80,7 +80,7 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
 
 
 @click.command("embed")
-@click.argument("model_dir", type=click.Path(exists=True))
+@click.argument("model_dir")  # checked by common.model_dir, which says what is wrong
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Features file to write (.npy); ids go to FEATURES.ids.json beside it.")
