@@ -94,6 +94,33 @@ class Engine:
     feature_dim, input_shape (3xSxS), batch_shape, batch_dtype, normalize_in_model,
     on_gpu, cuda_graph (really enabled), buckets (GPU batch sizes, else None), input_size."""
 
+    model_path: str
+    variant: str
+    description: ModelDescription
+    preprocessing: Preprocessing
+    provider: str
+    fell_back: bool
+    fallback_reason: str | None
+    optimized_model: str | None
+    threads: int
+    session: Any
+    input_name: str
+    input_dtype: Any
+    output: str
+    output_dtype: Any
+    feature_dim: int
+    input_size: int
+    input_shape: tuple[int, int, int]
+    batch_shape: tuple[int, int, int]
+    batch_dtype: Any
+    normalize_in_model: bool
+    on_gpu: bool
+    cuda_graph: bool
+    buckets: list[int] | None
+    _front_args: dict[str, Any]
+    _common_args: dict[str, Any]
+    _device_id: int
+
     def __init__(self) -> None:  # use Engine.open
         self._float_session: Any = None
         self._float_runner: _DeviceRunner | None = None
@@ -120,7 +147,7 @@ class Engine:
         self.model_path = md.model_path(variant)
         self.description = md.description
         md.check_model(variant)  # parses, external data inside, matches the description
-        self.preprocessing: Preprocessing = self.description.preprocessing
+        self.preprocessing = self.description.preprocessing
         self.output, self.variant = output, variant
         size = self.preprocessing.input_size
         bucket_list = list(resolve_buckets(batch_size, buckets))
@@ -289,4 +316,4 @@ def _model_error(model_path: str, e: BaseException) -> ModelError:
                       "export it again")
 
 
-__all__ = ["Engine", "ModelDescription"]
+__all__ = ["Engine"]

@@ -123,7 +123,7 @@ class FeaturePipeline:
         self.device_id, self.cache_optimized, self.cache_dir, self.output = (
             device_id, cache_optimized, cache_dir, output)
         cores = P.available_cores()
-        plan = dict(cores=cores, batch_size=batch_size, prefetch=prefetch, threads=threads,
+        plan: dict[str, Any] = dict(cores=cores, batch_size=batch_size, prefetch=prefetch, threads=threads,
                     decode_threads=decode_threads, decode_processes=decode_processes,
                     stream_workers=stream_workers, buckets=buckets)
         wants_gpu = device != "cpu" and not (device == "auto" and P.cuda_device_count()[0] == 0)

@@ -378,7 +378,7 @@ class Interleaved(Schedule):
             return
         first = next(chunks, None)
         second = next(chunks, None) if first else None
-        if not second:  # one batch: every thread on it, for latency
+        if first is None or second is None:  # one batch: every thread on it, for latency
             if first:
                 yield from self.single.iter_batches(iter([first]))
             return
