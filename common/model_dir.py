@@ -199,6 +199,9 @@ def _proto(path: str) -> dict:
         if os.path.isabs(location) or not target.startswith(folder + os.sep):
             raise ModelError(f"{path}: external data of {tensor.name!r} points outside the "
                              f"model folder ({location!r}); refusing to read it")
+        if not os.path.isfile(target):
+            raise ModelError(f"{path}: external data file {location!r} of {tensor.name!r} is "
+                             "missing; copy it beside the model or export again")
 
     def dims(value: Any) -> list:
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
