@@ -215,7 +215,8 @@ class Engine:
         self.input_size = size
         self.input_shape = (3, size, size)
         self.batch_shape = (size, size, 3) if front else self.input_shape
-        self.batch_dtype = np.uint8 if front else self.input_dtype
+        # decoded batches are float32 without the front (cast to the model's type on the run)
+        self.batch_dtype = np.uint8 if front else np.float32
 
         self.cuda_graph = False
         self.buckets = None
@@ -226,7 +227,8 @@ class Engine:
             self.cuda_graph = cuda_graph and str(flag).lower() in ("1", "true")
             self._runner = _DeviceRunner(self.session, self.input_name, output,
                                          self.batch_shape, self.feature_dim, bucket_list,
-                                         device_id, self.cuda_graph, self.batch_dtype,
+                                         device_id, self.cuda_graph,
+                                         np.uint8 if front else self.input_dtype,
                                          self.output_dtype)
             if not front:
                 self._float_runner = self._runner
