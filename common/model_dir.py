@@ -66,6 +66,7 @@ class ModelDir:
         elif must_exist and not os.path.isdir(path):
             raise MissingModelError(f"{path}: no such model folder ({EXPORT_HINT})")
         self.path = path
+        self._infos: dict[str, dict] = {}
 
     def __repr__(self) -> str:
         return f"ModelDir({self.path!r})"
@@ -95,37 +96,47 @@ class ModelDir:
     def has_caffe2(self) -> bool:
         return all(os.path.isfile(self.file(n)) for n in CAFFE2_FILES)
 
+    def _info(self, path: str) -> dict:
+        """The parsed graph facts of one ONNX file (parsed once per ModelDir)."""
+        if path not in self._infos:
+            self._infos[path] = _proto(path)
+        return self._infos[path]
+
     @cached_property
     def description(self) -> ModelDescription:
-        """description.json, else the description in the fp32 model's metadata (read once).
-        For a .onnx file given by itself, its own metadata comes first (a fused model)."""
-        path = self.file(DESCRIPTION_FILE)
-        if self.model_file_ is not None:
-            own = _proto(self.model_file_).get("metadata", {}).get(ONNX_METADATA_KEY)
-            if own:
-                try:
-                    return ModelDescription.from_json(own)
-                except (ValueError, TypeError, KeyError) as e:
-                    raise ModelError(f"{self.model_file_}: unreadable '{ONNX_METADATA_KEY}' "
-                                     f"metadata ({_one_line(e)}); re-export the model") from e
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return ModelDescription.from_json(f.read())
-            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-                raise ModelError(f"{path}: unreadable model description ({_one_line(e)}); "
-                                 "re-export the model") from e
+        """The model description, read once: the fp32 model's own (its ONNX metadata, which
+        travels with the graph that runs), else description.json."""
         model_path = self.model_file_ or self.file(MODEL_FILE)
-        text = _proto(model_path).get("metadata", {}).get(ONNX_METADATA_KEY)
+        if os.path.isfile(model_path):
+            return self.model_description(None)
+        return self._description_json(model_path)
+
+    def model_description(self, variant: str | None = "fp32") -> ModelDescription:
+        """The description the variant's ONNX file carries in its metadata, else
+        description.json (None: the file given, or model.onnx)."""
+        path = (self.model_file_ or self.file(MODEL_FILE)) if variant is None else \
+            self.model_path(variant)
+        text = self._info(path)["metadata"].get(ONNX_METADATA_KEY)
         if not text:
+            return self._description_json(path)
+        try:
+            return ModelDescription.from_json(text)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ModelError(f"{path}: unreadable '{ONNX_METADATA_KEY}' metadata "
+                             f"({_one_line(e)}); re-export the model") from e
+
+    def _description_json(self, model_path: str) -> ModelDescription:
+        path = self.file(DESCRIPTION_FILE)
+        if not os.path.exists(path):
             raise ModelError(f"{self.path}: no model description (neither {DESCRIPTION_FILE} "
                              f"nor '{ONNX_METADATA_KEY}' metadata in {model_path}); "
                              "re-export the model")
         try:
-            return ModelDescription.from_json(text)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ModelError(f"{model_path}: unreadable '{ONNX_METADATA_KEY}' metadata "
-                             f"({_one_line(e)}); re-export the model") from e
+            with open(path, encoding="utf-8") as f:
+                return ModelDescription.from_json(f.read())
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+            raise ModelError(f"{path}: unreadable model description ({_one_line(e)}); "
+                             "re-export the model") from e
 
     def export_report(self) -> dict:
         """export.json's content ({} when the folder has none)."""
@@ -146,8 +157,11 @@ class ModelDir:
         stays inside the folder and that it matches the description. Returns the graph's
         {'inputs': {name: {'shape', 'dtype'}}, 'outputs': {...}}."""
         path = self.model_path(variant)
-        info = _proto(path)
-        check_graph_matches(path, info, self.description)
+        info = self._info(path)
+        desc = self.model_description(variant)
+        check_graph_matches(path, info, desc)
+        if desc is not self.description and os.path.exists(self.file(DESCRIPTION_FILE)):
+            check_graph_matches(path, info, self._description_json(path))
         return {"inputs": info["inputs"], "outputs": info["outputs"]}
 
 

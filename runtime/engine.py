@@ -145,7 +145,7 @@ class Engine:
         md = model if isinstance(model, ModelDir) else ModelDir(model)
         self = cls()
         self.model_path = md.model_path(variant)
-        self.description = md.description
+        self.description = md.model_description(variant)  # what the graph carries
         md.check_model(variant)  # parses, external data inside, matches the description
         self.preprocessing = self.description.preprocessing
         self.output, self.variant = output, variant
