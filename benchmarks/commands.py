@@ -57,8 +57,11 @@ def bench(model_dir, images, repeats, target, int8, limit, latency_images, out_p
             load_dataset(target)
         except (DataError, FileNotFoundError, OSError) as e:
             raise click.UsageError(f"--target {target}: {e}")
-    from common.model_dir import ModelDir
-    ModelDir(model_dir).check_model("fp32")  # a ModelError: one line through cli.py
+    from common.model_dir import ModelDir, ModelError
+    try:
+        ModelDir(model_dir).check_model("fp32")
+    except ModelError as e:
+        raise click.UsageError(str(e)) from e
     try:
         report = rb.run_benchmark(model_dir, images=images, batch_size=pipeline.batch_size,
                                   threads=pipeline.threads,
