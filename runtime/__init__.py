@@ -5,7 +5,7 @@ onnxruntime(-gpu), numpy and pillow. Names are imported on first use, so the CLI
 modules (`runtime.commands`, ...) load without pulling in onnxruntime.
 
     from runtime import FeaturePipeline, LogisticRegressionProbe
-    features = FeaturePipeline("models/spe").embed(["a.jpg", "photos/"]).vectors
+    features = FeaturePipeline("models/spe").embed(["a.jpg", "b.png"]).vectors  # or "photos/"
 """
 from __future__ import annotations
 
