@@ -64,7 +64,7 @@ class ModelDir:
             self.model_file_ = path
             path = os.path.dirname(os.path.abspath(path))
         elif must_exist and not os.path.isdir(path):
-            raise MissingModelError(f"{path}: no such model folder ({EXPORT_HINT})")
+            raise MissingModelError(f"{path}: model folder not found ({EXPORT_HINT})")
         self.path = path
         self._infos: dict[str, dict] = {}
 

@@ -229,7 +229,7 @@ def _broken_folders(model_dir, tmp_path):
     cases["garbage"] = (garbage, garbage / "model.onnx", "not a readable ONNX model")
     cases["file"] = (Path(model_dir, "description.json"), Path(model_dir, "description.json"),
                      "is a file, not a model folder")
-    cases["missing"] = (tmp_path / "nowhere", tmp_path / "nowhere", "no such model folder")
+    cases["missing"] = (tmp_path / "nowhere", tmp_path / "nowhere", "model folder not found")
     wrong = _copy(model_dir, tmp_path, "wrong_dim")
     desc = json.loads((wrong / "description.json").read_text())
     desc["feature_dim"] = 128
