@@ -113,7 +113,7 @@ def describe_model_dir(model_dir: str) -> str:
         desc = md.description
         report = md.export_report()
     except ModelError as e:
-        raise click.ClickException(str(e)) from e
+        raise click.UsageError(str(e)) from e
 
     out = [f"model: {os.path.abspath(model_dir)}"]
     if desc.components:
