@@ -113,7 +113,9 @@ def describe_model_dir(model_dir: str) -> str:
         desc = md.description
         report = md.export_report()
     except ModelError as e:
-        raise click.UsageError(str(e)) from e
+        error = click.ClickException(str(e))  # one line, no usage text
+        error.exit_code = 2  # as for the other bad arguments of this command
+        raise error from e
 
     out = [f"model: {os.path.abspath(model_dir)}"]
     if desc.components:
