@@ -5,6 +5,8 @@ import os
 
 import click
 
+from runtime.options import PipelineOptions, pipeline_options
+
 
 @click.command("bench")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
@@ -12,12 +14,6 @@ import click
               default=None, help="Folder of image files (class folders for torchvision's "
               "ImageFolder, or flat). Default: 512 real JPEG photos of 500x375, built once "
               "under $UNIREP_CACHE/bench-corpus.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="onnxruntime intra-op threads, and torch.set_num_threads (default: usable "
-              "cores).")
-@click.option("--decode-threads", type=click.IntRange(1), default=None,
-              help="Pipeline decode workers (default: the pipeline's own choice).")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Timed passes per configuration; figures are medians.")
 @click.option("--target", metavar="DATA", default="fashion-mnist:per_class=60",
@@ -28,14 +24,12 @@ import click
               "--no-int8: leave INT8 out. Default: INT8 if the file exists.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N images (quick runs).")
-@click.option("--exact-decode", is_flag=True,
-              help="Time the pipeline's exact reference decode (bit-identical to training's "
-              "evaluation transform) instead of the fast libjpeg-turbo one.")
 @click.option("--latency-images", type=click.IntRange(5), default=100, show_default=True)
+@pipeline_options(decode="fast", device=False, variant=False, decode_processes=False)
 @click.option("--out", "out_path", metavar="REPORT.json", default=None,
               help="Write all figures as JSON, and a bar chart beside it (REPORT.png).")
-def bench(model_dir, images, batch_size, threads, decode_threads, repeats, target, int8, limit,
-          exact_decode, latency_images, out_path):
+def bench(model_dir, images, repeats, target, int8, limit, latency_images, out_path,
+          pipeline: PipelineOptions):
     """Benchmark MODEL_DIR: onnxruntime against PyTorch eager, same model, batch and threads.
 
     \b
@@ -63,15 +57,18 @@ def bench(model_dir, images, batch_size, threads, decode_threads, repeats, targe
             load_dataset(target)
         except (DataError, FileNotFoundError, OSError) as e:
             raise click.UsageError(f"--target {target}: {e}")
-    if not os.path.exists(os.path.join(model_dir, "model.onnx")):
-        raise click.UsageError(f"{model_dir}: no model.onnx; make it with "
-                               "`python cli.py export RUN_DIR --out MODEL_DIR`")
+    from common.model_dir import ModelDir, ModelError
     try:
-        report = rb.run_benchmark(model_dir, images=images, batch_size=batch_size,
-                                  threads=threads, decode_threads=decode_threads,
+        ModelDir(model_dir).check_model("fp32")
+    except ModelError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        report = rb.run_benchmark(model_dir, images=images, batch_size=pipeline.batch_size,
+                                  threads=pipeline.threads,
+                                  decode_threads=pipeline.decode_threads,
                                   repeats=repeats, target=target, int8=int8, limit=limit,
                                   latency_images=latency_images,
-                                  fast_decode=not exact_decode)
+                                  fast_decode=pipeline.fast_decode)
     except FileNotFoundError as e:
         raise click.UsageError(str(e))
     click.echo(rb.format_report(report))

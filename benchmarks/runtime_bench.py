@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.atomic import atomic_open
+from common.model_dir import VARIANT_FILES
 
 FLOORS_NOTE = "floors set for resnet18 at 224 px, batch 32, on the 2-core CPU"
 TORCH_RECIPE_WORKERS = 2
@@ -292,16 +293,17 @@ def probe_accuracy(pipe, splits) -> tuple[float, object]:
 
 def make_int8(model_dir: str, calib_paths: list[str], pre) -> str:
     """Write MODEL_DIR/model.int8.onnx (static QDQ, like `export --int8`), atomically."""
-    from common.description import ModelDescription
+    from common.model_dir import ModelDir
     from export.parity import decode_images
     from export.variants import make_int8 as quantise
-    desc = ModelDescription.load(os.path.join(model_dir, "description.json"))
+    md = ModelDir(model_dir)
+    desc = md.description
     calib, _ = decode_images(calib_paths, pre, "calibration images")
-    out = os.path.join(model_dir, "model.int8.onnx")
+    out = md.file(VARIANT_FILES["int8"])
     fd, tmp = tempfile.mkstemp(prefix=".int8-", suffix=".onnx", dir=model_dir)
     os.close(fd)
     try:
-        quantise(os.path.join(model_dir, "model.onnx"), tmp, desc.to_dict(), calib)
+        quantise(md.model_path("fp32"), tmp, desc.to_dict(), calib)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -326,15 +328,16 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
     fast_decode=False times the pipeline's exact reference decode instead of the fast one."""
     import torch
 
-    from runtime.pipeline import load_description, resolve_model
+    from common.model_dir import ModelDir
     from runtime.providers import available_cores
 
     from .corpus import corpus_info, ensure_corpus
 
     threads = threads or available_cores()
     torch.set_num_threads(threads)
-    fp32_path = resolve_model(model_dir, "fp32")
-    desc = load_description(fp32_path)
+    md = ModelDir(model_dir)
+    md.check_model("fp32")  # a missing or corrupt model.onnx: one ModelError line
+    desc = md.description
     pre = desc.preprocessing
     report = {"model_dir": os.path.abspath(model_dir), "architecture": desc.architecture,
               "combination": desc.combination, "feature_dim": desc.feature_dim,
@@ -350,7 +353,7 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
                         "mean_kb": round(sum(os.path.getsize(p) for p in paths)
                                          / len(paths) / 1024, 1)}
 
-    int8_path = os.path.join(model_dir, "model.int8.onnx")
+    int8_path = md.file(VARIANT_FILES["int8"])
     if int8 and not os.path.exists(int8_path):
         log(f"bench: no model.int8.onnx; quantising with {min(calib_images, len(paths))} "
             "calibration images of the image folder")

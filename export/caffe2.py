@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from common.model_dir import CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, CAFFE2_VALUE_INFO
+
 from .caffe2_proto import (
     CAFFE2_PROTO_FIELDS,
     TENSOR_DATA_TYPES,
@@ -586,7 +588,7 @@ def convert_onnx_file(onnx_path: str, out_dir: str) -> dict:
     init_net, predict_net, value_info = onnx_to_caffe2(model)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in
-             (("init_net", "init_net.pb"), ("predict_net", "predict_net.pb"), ("value_info", "value_info.json"))}
+             (("init_net", CAFFE2_INIT_NET), ("predict_net", CAFFE2_PREDICT_NET), ("value_info", CAFFE2_VALUE_INFO))}
     init_bytes = save_net(init_net, paths["init_net"])
     predict_bytes = save_net(predict_net, paths["predict_net"])
     outputs = []
@@ -605,7 +607,7 @@ def convert_onnx_file(onnx_path: str, out_dir: str) -> dict:
     # key spells the same out, with the dynamic batch, outputs and layout.
     document = dict(value_info)
     document["_description"] = {"inputs": inputs, "outputs": outputs, "order": "NCHW",
-                                "init_net": "init_net.pb", "predict_net": "predict_net.pb"}
+                                "init_net": CAFFE2_INIT_NET, "predict_net": CAFFE2_PREDICT_NET}
     save_json_atomic(paths["value_info"], document)
     params = sum(int(np.prod(arg_value(a))) for op in init_net.op for a in op.arg if a.name == "shape")
     return {"ops": dict(collections.Counter(op.type for op in predict_net.op)),

@@ -121,27 +121,23 @@ def _size(n: int) -> str:
 
 def describe_model_dir(model_dir: str) -> str:
     """The text `inspect` prints (onnx only; no torch, no onnxruntime)."""
-    from common.description import ModelDescription
+    from common.model_dir import ModelDir, ModelError
 
-    from .onnx_files import graph_io, read_description_metadata
-
-    model_path = os.path.join(model_dir, "model.onnx")
-    if not os.path.isdir(model_dir):
-        raise click.UsageError(f"{model_dir}: folder not found")
-    if not os.path.exists(model_path):
-        raise click.UsageError(f"{model_dir}: no model.onnx; is this a folder written by `export`?")
-    desc_path = os.path.join(model_dir, "description.json")
     try:
-        if os.path.exists(desc_path):
-            desc = ModelDescription.load(desc_path)
-        else:
-            desc = ModelDescription.from_dict(read_description_metadata(model_path))
-    except Exception as e:
-        raise click.UsageError(f"{model_dir}: unreadable model description ({e})") from e
-    report = {}
-    if os.path.exists(os.path.join(model_dir, "export.json")):
-        with open(os.path.join(model_dir, "export.json")) as f:
-            report = json.load(f)
+        md = ModelDir(model_dir)
+        if md.model_file_ is not None:
+            raise ModelError(f"{model_dir}: is a file, not a model folder; give the folder "
+                             "written by `export`")
+        # every variant must load and match the description before any figure is printed
+        ios = {v: md.check_model(v) for v in md.variants()}
+        if "fp32" not in ios:
+            md.model_path("fp32")  # raises: names the missing model.onnx
+        desc = md.description
+        report = md.export_report()
+    except ModelError as e:
+        error = click.ClickException(str(e))  # one line, no usage text
+        error.exit_code = 2  # as for the other bad arguments of this command
+        raise error from e
 
     out = [f"model: {os.path.abspath(model_dir)}"]
     if desc.components:
@@ -168,23 +164,15 @@ def describe_model_dir(model_dir: str) -> str:
     out.append(f"preprocessing: RGB (alpha over {tuple(p.background)}), resize shorter side to "
                f"{p.resize_size} ({p.interpolation}), centre crop {p.input_size}, "
                f"/255, mean {p.mean}, std {p.std}")
-    variant_files = {"model.onnx": "fp32", "model.fp16.onnx": "fp16", "model.int8.onnx": "int8"}
-    for filename, label in variant_files.items():
-        path = os.path.join(model_dir, filename)
-        if not os.path.exists(path):
-            continue
-        io = graph_io(path)
-        out.append(f"{filename} ({label}):")
+    for variant, io in ios.items():
+        out.append(f"{os.path.basename(md.model_path(variant))} ({variant}):")
         for kind in ("inputs", "outputs"):
             for name, spec in io[kind].items():
                 shape = "x".join(str(d) for d in spec["shape"])
                 out.append(f"  {kind[:-1]:6s} {name}: {spec['dtype']} [{shape}]")
-    formats = ["onnx"] + (["caffe2"] if os.path.exists(os.path.join(model_dir, "predict_net.pb"))
-                          else [])
-    variants = [v for f, v in variant_files.items()
-                if os.path.exists(os.path.join(model_dir, f)) and v != "fp32"]
-    out.append(f"formats: {', '.join(formats)}; variants: fp32"
-               + "".join(f", {v}" for v in variants))
+    formats = ["onnx"] + (["caffe2"] if md.has_caffe2() else [])
+    out.append(f"formats: {', '.join(formats)}; variants: "
+               + ", ".join(v for v in ios))
     if report:
         out.append(f"exported {report.get('created')} with {report.get('exporter')} exporter, "
                    f"opset {report.get('opset')}; versions "
@@ -231,10 +219,10 @@ def inspect(model_dir, as_json):
     if not as_json:
         click.echo(text)
         return
-    documents = {}
-    for key, name in (("description", "description.json"), ("export", "export.json")):
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                documents[key] = json.load(f)
+    from common.model_dir import EXPORT_REPORT_FILE, ModelDir
+
+    md = ModelDir(model_dir)
+    documents = {"description": md.description.to_dict()}
+    if os.path.exists(md.file(EXPORT_REPORT_FILE)):
+        documents["export"] = md.export_report()
     click.echo(json.dumps(documents, indent=2))

@@ -26,6 +26,7 @@ import numpy as np
 
 from common.atomic import make_temp_dir, temp_prefix
 from common.description import ModelDescription, save_json_atomic
+from common.model_dir import CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
 
 from . import parity as parity_mod
 from . import variants as variants_mod
@@ -416,7 +417,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
     parent, base = os.path.split(os.path.abspath(out_dir))
     tmp_dir = make_temp_dir(parent, tag=base)
     try:
-        model_path = os.path.join(tmp_dir, "model.onnx")
+        model_path = os.path.join(tmp_dir, MODEL_FILE)
         log(f"export: {desc.architecture} -> ONNX (opset {opset})")
         t0 = time.perf_counter()
         # batch 2: an example batch of 1 would let the exporter specialise the batch dimension
@@ -430,7 +431,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
         model = onnx.load(model_path)
         set_description_metadata(model, desc_dict)
         onnx.save(model, model_path)
-        save_json_atomic(os.path.join(tmp_dir, "description.json"), desc_dict)
+        save_json_atomic(os.path.join(tmp_dir, DESCRIPTION_FILE), desc_dict)
 
         log("export: parity onnxruntime vs PyTorch")
         reference = parity_mod.torch_outputs(module, images, output_names)
@@ -468,7 +469,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
         report["files"] = {name: file_info(os.path.join(tmp_dir, name))
                            for name in sorted(os.listdir(tmp_dir))
                            if not name.startswith(".")}
-        save_json_atomic(os.path.join(tmp_dir, "export.json"), report)
+        save_json_atomic(os.path.join(tmp_dir, EXPORT_REPORT_FILE), report)
         check_out_dir(out_dir, run_dirs, overwrite)  # still true after the minutes spent here?
         move_into_place(tmp_dir, out_dir)
     except BaseException:
@@ -500,7 +501,7 @@ def export_caffe2(model_path: str, out_dir: str, images: np.ndarray) -> dict:
     t0 = time.perf_counter()
     info = caffe2.convert_onnx_file(model_path, out_dir)
     convert_s = time.perf_counter() - t0
-    init_net, predict_net = (os.path.join(out_dir, n) for n in ("init_net.pb", "predict_net.pb"))
+    init_net, predict_net = (os.path.join(out_dir, n) for n in (CAFFE2_INIT_NET, CAFFE2_PREDICT_NET))
 
     def run(batch):
         return caffe2_exec.run_caffe2(init_net, predict_net, {"image": batch})

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from common.model_dir import VARIANT_FILES
+
 from .onnx_files import ExportError, file_info, set_description_metadata
 from .parity import (
     cosine_rows,
@@ -206,13 +208,13 @@ def make_variants(model_path: str, out_dir: str, desc_dict: dict, descs, parity_
     results = {}
     plans = []
     if fp16:
-        plans.append(("fp16", "model.fp16.onnx", lambda p: make_fp16(model_path, p, desc_dict)))
+        plans.append(("fp16", VARIANT_FILES["fp16"], lambda p: make_fp16(model_path, p, desc_dict)))
     if int8_calib:
         from common.data import load_dataset
         calib_dataset = load_dataset(int8_calib)
         calib_paths = [p for p, _ in pick_samples(calib_dataset, calib_images, seed=2)]
         calib, _ = decode_images(calib_paths, pre, "calibration images")
-        plans.append(("int8", "model.int8.onnx",
+        plans.append(("int8", VARIANT_FILES["int8"],
                       lambda p: make_int8(model_path, p, desc_dict, calib)))
     for variant, filename, build in plans:
         path = os.path.join(out_dir, filename)

@@ -5,7 +5,7 @@ onnxruntime(-gpu), numpy and pillow. Names are imported on first use, so the CLI
 modules (`runtime.commands`, ...) load without pulling in onnxruntime.
 
     from runtime import FeaturePipeline, LogisticRegressionProbe
-    features = FeaturePipeline("models/spe").embed(["a.jpg", "photos/"]).vectors
+    features = FeaturePipeline("models/spe").embed(["a.jpg", "b.png"]).vectors  # or "photos/"
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import importlib
 _EXPORTS = {
     "FeaturePipeline": "pipeline", "EmbedResult": "pipeline", "VARIANTS": "pipeline",
     "iter_inputs": "pipeline", "iter_folder": "pipeline", "load_description": "pipeline",
-    "resolve_model": "pipeline",
+    "resolve_model": "pipeline", "Engine": "engine", "PipelineConfig": "resolve",
+    "resolve_pipeline_config": "resolve",
     "load_crop": "decode", "normalize_batch": "decode", "preprocess": "decode",
     "ProviderFallbackWarning": "providers", "available_cores": "providers",
     "cuda_device_count": "providers", "create_session": "providers",

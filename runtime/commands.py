@@ -10,7 +10,10 @@ import time
 
 import click
 
+from common.checks import writable_output
 from runtime.bulk.cli import bulk_options
+
+from .options import PipelineOptions, pipeline_options
 
 MAX_ERRORS_SHOWN = 50
 
@@ -24,7 +27,7 @@ def _list_file_items(path: str) -> list[tuple[str, str]]:
             lines = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise click.UsageError(f"{path}: cannot read the list of images ({e})")
-    from runtime.pipeline import iter_folder
+    from runtime.inputs import iter_folder
     items = []
     for line in lines:
         if line and not line.startswith("#"):
@@ -39,7 +42,7 @@ def _list_file_items(path: str) -> list[tuple[str, str]]:
 def collect_items(inputs: tuple[str, ...]) -> list[tuple[str, str]]:
     """(id, path) for every image named by INPUT arguments, in order."""
     from common.data import BUILTINS, DataError, load_dataset, parse_spec
-    from runtime.pipeline import iter_folder
+    from runtime.inputs import iter_folder
 
     items: list[tuple[str, str]] = []
     for arg in inputs:
@@ -80,34 +83,18 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
 
 
 @click.command("embed")
-@click.argument("model_dir", type=click.Path(exists=True))
+@click.argument("model_dir")  # checked by common.model_dir, which says what is wrong
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", "-o", required=True, type=click.Path(),
+              callback=writable_output("file or folder"),
               help="FEATURES.npy (ids go to FEATURES.ids.json beside it), or a folder: "
                    "resumable Parquet shards + manifest.json (see Bulk jobs below).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-              default="auto", show_default=True,
-              help="Execution provider; auto tries TensorRT, then CUDA, then the CPU.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Images per model call.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="onnxruntime threads (default: from the cores available).")
-@click.option("--decode-threads", type=click.IntRange(1), default=None,
-              help="Image decoding workers, overlapped with inference (default: from the cores).")
-@click.option("--decode-processes", type=click.IntRange(0), default=None,
-              help="Decode in N worker processes instead of threads (0: threads). Default: "
-                   "processes on a GPU with 4+ decode workers, where threads share one GIL.")
-@click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
-              show_default=True, help="Which exported model file to run.")
-@click.option("--exact-decode", is_flag=True,
-              help="Decode JPEGs exactly like training (PIL) instead of the faster "
-                   "libjpeg-turbo path (which differs by about one grey level).")
+@pipeline_options(decode="fast")
 @click.option("--probe", "probe_dirs", multiple=True, type=click.Path(exists=True,
               file_okay=False), help="Folder output: add <probe>_label and <probe>_score "
                                      "columns from this fitted probe (repeatable).")
 @bulk_options
-def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, decode_processes,
-          variant, exact_decode, probe_dirs, **bulk):
+def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk):
     """Embed images with an exported model (onnxruntime; no torch needed).
 
     \b
@@ -138,10 +125,8 @@ def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, d
     """
     if not out.endswith(".npy"):
         from runtime.bulk.cli import run_bulk
-        return run_bulk(model_dir, inputs, out, probe_dirs=probe_dirs, pipeline=dict(
-            device=device, threads=threads, decode_threads=decode_threads,
-            batch_size=batch_size, variant=variant, fast_decode=not exact_decode,
-            decode_processes=decode_processes), **bulk)
+        return run_bulk(model_dir, inputs, out, probe_dirs=probe_dirs,
+                        pipeline=pipeline.pipeline_kwargs(), **bulk)
     if probe_dirs:
         raise click.UsageError("--probe needs a folder --out (Parquet shards); for a .npy "
                                "use `probe predict`")
@@ -149,16 +134,16 @@ def embed(model_dir, inputs, out, device, batch_size, threads, decode_threads, d
     from tqdm import tqdm
 
     from common.description import save_json_atomic
+    from common.model_dir import ModelError
     from runtime.pipeline import FeaturePipeline
 
     items = collect_items(inputs)
     if not items:
         raise click.UsageError("no images to embed: the inputs named none")
     try:
-        pipe = FeaturePipeline(model_dir, device=device, threads=threads,
-                               decode_threads=decode_threads, batch_size=batch_size,
-                               variant=variant, fast_decode=not exact_decode,
-                               decode_processes=decode_processes)
+        pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
+    except ModelError:  # one line, exit status 1, through cli.py's handler
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e))
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""

@@ -31,6 +31,7 @@ from common.data import DataError, ImageDataset, load_dataset, stratified_split
 from common.data import cache_dir as unirep_cache_dir
 from common.description import ModelDescription
 
+from .options import PipelineOptions, pipeline_options
 from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
 
 PROBES = ("logreg", "svm")
@@ -163,31 +164,33 @@ def _dedupe(names: list[str]) -> list[str]:
 # Models and the embedding cache
 
 def model_file(model_dir: str, variant: str = "fp32") -> str:
-    from .pipeline import VARIANTS
-    if variant not in VARIANTS:
-        raise EvaluationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    return os.path.join(model_dir, VARIANTS[variant])
+    from common.model_dir import ModelError, variant_file
+    try:
+        return os.path.join(model_dir, variant_file(variant))
+    except ModelError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def check_model_dir(model_dir: str, variant: str = "fp32") -> ModelDescription:
-    if not os.path.isdir(model_dir):
-        raise EvaluationError(f"model dir {model_dir!r} not found; give a folder written by "
-                              "`python cli.py export`")
-    onnx_file = model_file(model_dir, variant)
-    if not os.path.exists(onnx_file):
-        raise EvaluationError(f"{model_dir}: no {os.path.basename(onnx_file)} inside; is it an "
-                              "exported model (`python cli.py export RUN_DIR --out MODEL_DIR`, "
-                              "with --fp16/--int8 for those variants)?")
+    """The description of MODEL_DIR, once its variant's ONNX file has been checked (parses,
+    matches the description); an EvaluationError naming the file otherwise."""
+    from common.model_dir import ModelDir, ModelError
     try:
-        return ModelDescription.load(model_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise EvaluationError(f"{model_dir}: unusable description.json ({e})") from e
+        md = ModelDir(model_dir)
+        if md.model_file_ is not None:
+            raise ModelError(f"{model_dir}: is a file, not a model folder; give the folder "
+                             "written by `python cli.py export`")
+        md.check_model(variant)
+        return md.description
+    except ModelError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def model_fingerprint(model_dir: str, variant: str = "fp32") -> str:
     """Content hash of the ONNX graph and the description (which fixes the preprocessing)."""
+    from common.model_dir import DESCRIPTION_FILE
     h = hashlib.sha256()
-    for path in (model_file(model_dir, variant), os.path.join(model_dir, "description.json")):
+    for path in (model_file(model_dir, variant), os.path.join(model_dir, DESCRIPTION_FILE)):
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -333,7 +336,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
                     test_fraction: float = DEFAULT_TEST_FRACTION,
                     max_per_class: int | None = None, use_cache: bool = True,
                     probe_params: dict | None = None, variant: str = "fp32",
-                    fast_decode: bool = False, progress: bool = True) -> dict:
+                    fast_decode: bool = False, progress: bool = True,
+                    pipeline_args: dict | None = None) -> dict:
     """Evaluate every model on every target; write report.json/.md/.png to `out_dir` (if given)
     and return the report dict (layout in runtime.report).
 
@@ -397,7 +401,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
                 from .pipeline import FeaturePipeline
                 pipeline.append(FeaturePipeline(model_dir, device=device, threads=threads,
                                                 batch_size=batch_size, variant=variant,
-                                                fast_decode=fast_decode))
+                                                fast_decode=fast_decode,
+                                                **(pipeline_args or {})))
             return pipeline[0]
 
         try:
@@ -482,15 +487,9 @@ def _provider(pipeline) -> str | None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Embedding cache folder [default: $UNIREP_CACHE/embeddings].")
 @click.option("--no-cache", is_flag=True, help="Embed afresh; neither read nor write the cache.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: all cores].")
-@click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
-              show_default=True, help="Which exported file to evaluate (fp16/int8 from export).")
-@click.option("--fast-decode", is_flag=True,
-              help="Allow DCT-downscaled JPEG decoding (faster, not exactly the training transform).")
+@pipeline_options(decode="exact")
 def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fraction, max_per_class,
-             seed, cache_dir, no_cache, device, batch_size, threads, variant, fast_decode):
+             seed, cache_dir, no_cache, pipeline: PipelineOptions):
     """Measure universality: a linear probe per (model, target) on frozen embeddings.
 
     Each target uses its train/ and test/ splits, else a seeded stratified split (reported).
@@ -505,11 +504,15 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
     """
     try:
         report = evaluate_models(list(model_dirs), list(targets), out_dir, reference=reference,
-                                 probe=probe, seed=seed, cache_dir=cache_dir, device=device,
-                                 batch_size=batch_size, threads=threads, names=list(names) or None,
+                                 probe=probe, seed=seed, cache_dir=cache_dir,
+                                 device=pipeline.device, batch_size=pipeline.batch_size,
+                                 threads=pipeline.threads, names=list(names) or None,
                                  test_fraction=test_fraction, max_per_class=max_per_class,
-                                 use_cache=not no_cache, variant=variant,
-                                 fast_decode=fast_decode)
+                                 use_cache=not no_cache, variant=pipeline.variant,
+                                 fast_decode=pipeline.fast_decode,
+                                 pipeline_args=dict(device_id=pipeline.device_id,
+                                                    decode_threads=pipeline.decode_threads,
+                                                    decode_processes=pipeline.decode_processes))
     except (EvaluationError, DataError) as e:
         raise click.UsageError(str(e)) from e
     from .report import render_table

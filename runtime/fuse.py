@@ -64,23 +64,19 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .pipeline import resolve_model
+    from common.model_dir import ModelDir
 
     if isinstance(probe, (str, os.PathLike)):
         probe = load_probe(os.fspath(probe))
-    model_path = resolve_model(model_dir, variant)
+    md = ModelDir(model_dir)
+    model_path = md.model_path(variant)
+    md.check_model(variant)  # a corrupt file or foreign description: one ModelError line
     model = onnx.load(model_path)
     graph = model.graph
 
-    described = {p.key: p.value for p in model.metadata_props}.get("unirep.description")
-    if described is None and os.path.exists(os.path.join(os.path.dirname(model_path),
-                                                         "description.json")):
-        with open(os.path.join(os.path.dirname(model_path), "description.json")) as f:
-            described = f.read()
-    if described is not None:
-        problem = model_mismatch(probe, json.loads(described))
-        if problem:
-            raise FuseError(f"probe does not fit model {model_path}: {problem}")
+    problem = model_mismatch(probe, md.description.to_dict())
+    if problem:
+        raise FuseError(f"probe does not fit model {model_path}: {problem}")
 
     if isinstance(probe, KNNProbe):
         W = b = None

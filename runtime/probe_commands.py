@@ -15,36 +15,23 @@ import click
 from common.checks import FiniteFloat, data_spec, writable_output
 from runtime.bulk.cli import bulk_options
 
+from .options import PipelineOptions, pipeline_options
+
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
 
 
-def _pipeline_options(f):
-    """--device, --batch-size, --threads, --variant, --exact-decode (shared by fit/predict)."""
-    options = [
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-                     default="auto", show_default=True,
-                     help="Execution provider; auto tries TensorRT, then CUDA, then the CPU."),
-        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-                     help="Images per model call."),
-        click.option("--threads", type=click.IntRange(1), default=None,
-                     help="onnxruntime threads (default: from the cores available)."),
-        click.option("--variant", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
-                     show_default=True, help="Which exported model file computes the features."),
-        click.option("--exact-decode", is_flag=True,
-                     help="Decode JPEGs exactly like training (PIL) instead of the faster "
-                          "libjpeg-turbo path."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+# --device, --batch-size, --threads, --decode, --decode-threads/-processes, --variant
+_pipeline_options = pipeline_options(decode="fast")
 
 
-def open_pipeline(model_dir, device, batch_size, threads, variant, exact_decode):
+def open_pipeline(model_dir, pipeline: PipelineOptions):
+    from common.model_dir import ModelError
     from runtime.pipeline import FeaturePipeline
     try:
-        pipe = FeaturePipeline(model_dir, device=device, threads=threads, batch_size=batch_size,
-                               variant=variant, fast_decode=not exact_decode)
+        pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
+    except ModelError:  # one line, exit status 1, through cli.py's handler
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e))
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
@@ -155,8 +142,7 @@ def probe():
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the hold-out split.")
 @_pipeline_options
-def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, batch_size,
-        threads, variant, exact_decode):
+def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: PipelineOptions):
     """Fit a probe on MODEL_DIR's embeddings of DATA's training images.
 
     Uses the 'train' split when DATA has train/ and test/ (and then prints the test accuracy),
@@ -188,7 +174,7 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, bat
     split = "train" if dataset.has_test_split else "all"
     click.echo(dataset.summary(), err=True)
 
-    pipe = open_pipeline(model_dir, device, batch_size, threads, variant, exact_decode)
+    pipe = open_pipeline(model_dir, pipeline)
     with pipe:
         paths = dataset.paths(split)
         items = [(os.path.relpath(p, dataset.root).replace(os.sep, "/"), p) for p in paths]
@@ -252,7 +238,7 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, bat
             "architecture": description.architecture,
             "feature_dim": int(pipe.feature_dim_),
             "model_dir": os.path.abspath(model_dir),
-            "variant": variant,
+            "variant": pipeline.variant,
             "data": data,
             "data_fingerprint": dataset.fingerprint(),
             "level": level_info.name,
@@ -284,8 +270,7 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, device, bat
               help="How many (label, probability) pairs to list per image.")
 @_pipeline_options
 @bulk_options
-def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, threads, variant,
-            exact_decode, **bulk):
+def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions, **bulk):
     """Predict labels for images with a fitted probe on MODEL_DIR's embeddings.
 
     \b
@@ -306,10 +291,8 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
     """
     if not out.endswith(".jsonl"):
         from runtime.bulk.cli import run_bulk
-        pipeline = dict(device=device, threads=threads, batch_size=batch_size,
-                        variant=variant, fast_decode=not exact_decode)
         return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
-                        pipeline=pipeline, **bulk)
+                        pipeline=pipeline.pipeline_kwargs(), **bulk)
     import numpy as np
     from tqdm import tqdm
 
@@ -319,7 +302,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, device, batch_size, thread
     items = collect_items(inputs)
     if not items:
         raise click.UsageError("no images to predict: the inputs named none")
-    pipe = open_pipeline(model_dir, device, batch_size, threads, variant, exact_decode)
+    pipe = open_pipeline(model_dir, pipeline)
     check_probe_fits_model(estimator, pipe, probe_dir)
     top_k = min(top_k, len(estimator.classes_))
 

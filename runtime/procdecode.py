@@ -38,6 +38,7 @@ from common.description import Preprocessing
 from common.images import ImageDecodeError
 
 from .decode import load_crop, normalize_batch
+from .inputs import RejectedInput
 
 # set in each worker by _init_worker
 _PRE: Preprocessing | None = None
@@ -76,6 +77,9 @@ def decode_rows(rows: list[int], items: list, ring: np.ndarray | None = None,
     crops = None if in_place else np.zeros((len(items),) + (pre.input_size,) * 2 + (3,), np.uint8)
     errors = {}
     for k, item in enumerate(items):
+        if isinstance(item, RejectedInput):  # keeps its row; never reaches the decoder
+            errors[k] = item.reason
+            continue
         try:
             load_crop(item, pre, fast, out=ring[rows[k]] if in_place else crops[k])
         except ImageDecodeError as e:

@@ -37,6 +37,7 @@ def images_per_second(model_path: str, images, batch_size: int, repeats: int = 3
 
 def main() -> None:
     from common.data import load_dataset, materialise_builtin
+    from common.model_dir import DESCRIPTION_FILE, MODEL_FILE, VARIANT_FILES
     from export.onnx_export import export_runs
     from export.parity import decode_images, pick_samples
     from train.models import ARCHITECTURES
@@ -58,7 +59,7 @@ def main() -> None:
             run = os.path.join(tmp, arch)
             desc = untrained_run(arch, run, levels=dataset.levels)
             desc.data = {"spec": data}
-            desc.save(os.path.join(run, "description.json"))
+            desc.save(os.path.join(run, DESCRIPTION_FILE))
             out = os.path.join(tmp, f"{arch}-model")
             t0 = time.perf_counter()
             report = export_runs([run], out, fp16=True, int8_calib=data, variant_images=100,
@@ -66,8 +67,8 @@ def main() -> None:
             total_s = time.perf_counter() - t0
             paths = [p for p, _ in pick_samples(dataset, args.throughput_images, seed=3)]
             images, _ = decode_images(paths, desc.preprocessing)
-            fp32_ips = images_per_second(os.path.join(out, "model.onnx"), images, args.batch_size)
-            int8_ips = images_per_second(os.path.join(out, "model.int8.onnx"), images,
+            fp32_ips = images_per_second(os.path.join(out, MODEL_FILE), images, args.batch_size)
+            int8_ips = images_per_second(os.path.join(out, VARIANT_FILES["int8"]), images,
                                          args.batch_size)
             emb = report["parity"]["onnxruntime"]["outputs"]["embedding"]
             int8 = report["variants"]["int8"]
@@ -75,7 +76,7 @@ def main() -> None:
                 "arch": arch, "input": desc.preprocessing.input_size,
                 "exporter": report["exporter"], "onnx_export_s": report["timings_s"]["onnx_export"],
                 "export_total_s": round(total_s, 1),
-                "fp32_MB": report["files"]["model.onnx"]["bytes"] / 1e6,
+                "fp32_MB": report["files"][MODEL_FILE]["bytes"] / 1e6,
                 "fp16_MB": report["variants"]["fp16"]["bytes"] / 1e6,
                 "int8_MB": report["variants"]["int8"]["bytes"] / 1e6,
                 "parity_max_abs": emb["max_abs_diff"], "parity_min_cos": emb["min_cosine"],

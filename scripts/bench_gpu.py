@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks.corpus import ensure_corpus
 from benchmarks.runtime_bench import Config, image_files, time_round_robin, torch_model, torchvision_transform
 from common.atomic import atomic_open
+from common.model_dir import VARIANT_FILES, ModelDir
 
 
 def log(message: str) -> None:
@@ -47,7 +48,7 @@ def prepare_model(arch: str, work: str, corpus: str) -> tuple[str, str]:
     run_dir, model_dir = os.path.join(work, f"run-{arch}"), os.path.join(work, f"model-{arch}")
     if not os.path.exists(os.path.join(run_dir, "model.pt")):
         untrained_run(arch, run_dir)
-    if not os.path.exists(os.path.join(model_dir, "model.fp16.onnx")):
+    if not os.path.exists(os.path.join(model_dir, VARIANT_FILES["fp16"])):
         t0 = time.perf_counter()
         export_runs([run_dir], model_dir, fp16=True, check_data=corpus, overwrite=True,
                     variant_images=120)
@@ -129,9 +130,8 @@ def main(argv=None) -> None:
     corpus = ensure_corpus(count=args.images)
     paths, _ = image_files(corpus)
     run_dir, model_dir = prepare_model(args.arch, args.work, corpus)
-    with open(os.path.join(model_dir, "export.json")) as f:
-        report["export"] = {k: v for k, v in json.load(f).items()
-                            if k in ("parity", "variants", "seconds", "files")}
+    report["export"] = {k: v for k, v in ModelDir(model_dir).export_report().items()
+                        if k in ("parity", "variants", "seconds", "files")}
     save()
 
     half = args.device == "cuda"

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from common.atomic import atomic_open  # noqa: E402
 from common.description import save_json_atomic  # noqa: E402
+from common.model_dir import MODEL_FILE  # noqa: E402
 
 SOURCE = "emoji:styles=google,skin=5"
 TARGET_STYLE = "twitter"
@@ -197,7 +198,7 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
 def export_model(run_dirs: list[str], model_dir: str) -> bool:
     """Export one run or a combination to ONNX; False if an up-to-date model.onnx was there
     (one older than any of its runs' model.pt is exported again)."""
-    onnx_path = os.path.join(model_dir, "model.onnx")
+    onnx_path = os.path.join(model_dir, MODEL_FILE)
     if os.path.exists(onnx_path) and all(
             os.path.getmtime(os.path.join(d, "model.pt")) <= os.path.getmtime(onnx_path)
             for d in run_dirs):

@@ -553,10 +553,12 @@ NO_TORCH = BLOCK_TORCH + textwrap.dedent("""
         importlib.import_module("runtime." + m)
     from runtime import FeaturePipeline
     p = FeaturePipeline(sys.argv[2], device="auto", batch_size=4)
-    r = p.embed([sys.argv[3], open(sys.argv[4], "rb").read(), "missing.png"])
+    # a folder among items would be one error row: expand it (rows == inputs)
+    items = [*runtime.iter_folder(sys.argv[3]), open(sys.argv[4], "rb").read(), "missing.png"]
+    r = p.embed(items)
     import numpy as np
     with FeaturePipeline(sys.argv[2], device="cpu", batch_size=4, decode_processes=2) as pp:
-        r2 = pp.embed([sys.argv[3], open(sys.argv[4], "rb").read(), "missing.png"])
+        r2 = pp.embed(items)
     procs_same = (sorted(r2.errors) == sorted(r.errors)
                   and bool(np.allclose(r2.vectors[r2.ok], r.vectors[r.ok], atol=1e-5)))
     from click.testing import CliRunner

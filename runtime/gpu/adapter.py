@@ -123,7 +123,7 @@ class GpuBatches:
         return ids, vectors, errors
 
     def iter_batches(self, inputs: Any) -> Iterator[tuple[list[str], np.ndarray, dict[int, str]]]:
-        from ..pipeline import iter_inputs
+        from ..inputs import iter_inputs
         stream = iter_inputs(inputs)
         chunks = iter(lambda: list(islice(stream, self.pipe.batch_size)), [])
         with ThreadPoolExecutor(1, thread_name_prefix="unirep-read") as reader:
