@@ -4,7 +4,6 @@ Heavy imports (numpy, onnxruntime) happen inside the command so `cli.py --help` 
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -12,60 +11,11 @@ import click
 
 from common.checks import writable_output
 from runtime.bulk.cli import bulk_options
+from runtime.cli_items import collect_items
 
 from .options import PipelineOptions, pipeline_options
 
 MAX_ERRORS_SHOWN = 50
-
-
-def _list_file_items(path: str) -> list[tuple[str, str]]:
-    """Paths listed one per line ('#' comments and blank lines skipped); relative entries are
-    relative to the list file's folder."""
-    base = os.path.dirname(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        raise click.UsageError(f"{path}: cannot read the list of images ({e})")
-    from runtime.inputs import iter_folder
-    items = []
-    for line in lines:
-        if line and not line.startswith("#"):
-            full = line if os.path.isabs(line) else os.path.join(base, line)
-            if os.path.isdir(full):  # expanded here so ids stay aligned with rows
-                items += [(p, p) for p in iter_folder(full)]
-            else:
-                items.append((full, full))
-    return items
-
-
-def collect_items(inputs: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(id, path) for every image named by INPUT arguments, in order."""
-    from common.data import BUILTINS, DataError, load_dataset, parse_spec
-    from runtime.inputs import iter_folder
-
-    items: list[tuple[str, str]] = []
-    for arg in inputs:
-        if arg.startswith("@"):
-            items += _list_file_items(arg[1:])
-        elif os.path.isdir(arg):
-            found = [(p, p) for p in iter_folder(arg)]
-            if not found:
-                raise click.UsageError(f"{arg}: folder holds no image files")
-            items += found
-        elif os.path.isfile(arg) and arg.lower().endswith(".txt"):
-            items += _list_file_items(arg)
-        elif not os.path.exists(arg) and parse_spec(arg)[0] in BUILTINS:
-            try:
-                data = load_dataset(arg)
-            except DataError as e:
-                raise click.UsageError(str(e))
-            for split in data.splits:
-                items += [(os.path.relpath(p, data.root).replace(os.sep, "/"), p)
-                          for p in data.paths(split)]
-        else:  # an image file, or a missing one: reported as a failed item, rows stay aligned
-            items.append((arg, arg))
-    return items
 
 
 def save_npy_atomic(path: str, array) -> None:

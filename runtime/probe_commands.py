@@ -296,7 +296,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
     import numpy as np
     from tqdm import tqdm
 
-    from runtime.commands import collect_items
+    from runtime.cli_items import collect_items
 
     estimator = _load_probe_or_fail(probe_dir)
     items = collect_items(inputs)
