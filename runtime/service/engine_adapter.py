@@ -6,9 +6,7 @@ is decoded, which is the CPU pipeline's interleaved schedule with the batcher as
 """
 from __future__ import annotations
 
-import contextlib
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +41,8 @@ class EmbedAdapter:
         self.feature_dim_ = int(self.pipeline_.feature_dim_)
         self.provider_ = self.pipeline_.provider_
         self.threads_ = self.pipeline_.threads_
-        # The GPU path reuses one set of IOBinding buffers per batch size, which two batch
-        # threads would overwrite under each other: one batch at a time there, until the
-        # pipeline's device runner is thread-safe (then drop this lock).
-        on_gpu = self.provider_ in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-        self._lock = threading.Lock() if on_gpu else contextlib.nullcontext()
+        # No lock of our own: the engine's device runner serialises its shared IOBinding
+        # buffers itself, so batch threads still decode side by side on a GPU.
 
     def warmup(self) -> None:
         self.pipeline_.warmup()
@@ -55,8 +50,7 @@ class EmbedAdapter:
         self.embed([one])  # the decode pool and the single-item path too
 
     def embed(self, items: list[Any]) -> Embedded:
-        with self._lock:
-            result = self.pipeline_.embed(items)
+        result = self.pipeline_.embed(items)
         # the pipeline names an in-memory item by its place in this batch ('#7: cause'), which
         # means nothing to the client whose request was one part of the batch: keep the cause
         errors = {i: _CAUSE.sub("", message, count=1) for i, message in result.errors.items()}
