@@ -685,7 +685,7 @@ def _provider(pipeline) -> str | None:
 # CLI
 
 @click.command("evaluate")
-@click.argument("model_dirs", nargs=-1, required=True, metavar="MODEL_DIR [MODEL_DIR ...]")
+@click.argument("model_dirs", nargs=-1, metavar="[MODEL_DIR ...]")
 @click.option("--target", "-t", "targets", multiple=True, required=True, metavar="DATA",
               help="A target: a built-in (fashion-mnist, mnist, digits, emoji:...) or an "
                    "ImageFolder (leaf folder = class). Repeat for several.")
@@ -714,8 +714,22 @@ def _provider(pipeline) -> str | None:
               show_default=True, help="Which exported file to evaluate (fp16/int8 from export).")
 @click.option("--fast-decode", is_flag=True,
               help="Allow DCT-downscaled JPEG decoding (faster, not exactly the training transform).")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Repeat each (model, target) with N evaluation seeds (split, per-class cap, "
+                   "probe validation): mean and a 95% t interval per cell.")
+@click.option("--group", "group_specs", multiple=True, metavar="NAME=DIR1,DIR2[,...]",
+              help="Networks trained alike with different seeds, reported as one row (mean and "
+                   "interval over members). Repeat for several groups.")
+@click.option("--control", "controls", multiple=True, metavar="NAME",
+              help="Model or group every other row is compared with (paired differences per "
+                   "target, marked * when larger than seed noise) [default: the reference].")
+@click.option("--sweep", type=click.Choice(["subsample", "full"]), default="subsample",
+              show_default=True,
+              help="Probe C sweep: on a stratified subsample then one fit on all rows (fast), "
+                   "or every C on every row (the original protocol; slow on large targets).")
 def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fraction, max_per_class,
-             seed, cache_dir, no_cache, device, batch_size, threads, variant, fast_decode):
+             seed, cache_dir, no_cache, device, batch_size, threads, variant, fast_decode, seeds,
+             group_specs, controls, sweep):
     """Measure universality: a linear probe per (model, target) on frozen embeddings.
 
     Each target uses its train/ and test/ splits, else a seeded stratified split (reported).
@@ -723,18 +737,40 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
     scored once. Per model: top-1 and mean per-class accuracy per target, their mean, Kornblith's
     mean logit and, with --reference, mNRG and aNRG (x100; 0 = as good as the reference).
 
+    With --seeds N and --group NAME=DIR1,DIR2,... (networks trained with different seeds),
+    each cell gets a 95% interval, and --control rows are compared with every other row:
+    paired differences per target with a t interval (over seeds, or member i against member
+    i), or a paired bootstrap over test images when both sides are one model and one seed.
+
     \b
-    Example:
+    Examples:
       python cli.py evaluate models/spe models/mucale -t fashion-mnist -t digits \\
           -t ~/photos/flowers --reference models/spe --out reports/cmp
+      python cli.py evaluate -t mnist -t digits --seeds 3 \\
+          --group mucale=models/mucale-s0,models/mucale-s1,models/mucale-s2 \\
+          --group twoseeds=models/spe2-s0,models/spe2-s1,models/spe2-s2 \\
+          --control twoseeds --out reports/rigour
     """
+    groups = {}
+    for spec in group_specs:
+        name, sep, dirs = spec.partition("=")
+        members = [d for d in dirs.split(",") if d]
+        if not sep or not name or len(members) < 2:
+            raise click.BadParameter(f"{spec!r}: write NAME=DIR1,DIR2[,...] (2 or more model "
+                                     "dirs trained alike with different seeds)",
+                                     param_hint="--group")
+        if name in groups:
+            raise click.BadParameter(f"group {name!r} given twice", param_hint="--group")
+        groups[name] = members
     try:
         report = evaluate_models(list(model_dirs), list(targets), out_dir, reference=reference,
                                  probe=probe, seed=seed, cache_dir=cache_dir, device=device,
                                  batch_size=batch_size, threads=threads, names=list(names) or None,
                                  test_fraction=test_fraction, max_per_class=max_per_class,
                                  use_cache=not no_cache, variant=variant,
-                                 fast_decode=fast_decode)
+                                 fast_decode=fast_decode, seeds=seeds, groups=groups,
+                                 controls=list(controls) or None,
+                                 probe_params={"sweep": sweep})
     except (EvaluationError, DataError) as e:
         raise click.UsageError(str(e)) from e
     from .report import render_table
