@@ -220,18 +220,27 @@ def _apply_preprocessing(X: np.ndarray, prep: dict) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Linear models fitted with L-BFGS (logistic regression, squared-hinge SVM)
 
+def _product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A @ B in A's precision, returned in float64: with float32 features (the fast sweep) the
+    two large products of each step cost half, while the softmax, the loss and the optimiser's
+    state stay in float64."""
+    if A.dtype == np.float64:
+        return A @ B
+    return (A @ B.astype(A.dtype)).astype(np.float64)
+
+
 def _logistic_loss_grad(params, X, y, onehot, l2):
     n, d = X.shape
     k = onehot.shape[1]
     W = params[: d * k].reshape(d, k)
     b = params[d * k:]
-    z = X @ W + b
+    z = _product(X, W) + b
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     s = e.sum(axis=1, keepdims=True)
     loss = (np.log(s[:, 0]) - z[np.arange(n), y]).mean() + 0.5 * l2 * np.vdot(W, W)
     dz = (e / s - onehot) / n
-    grad = np.concatenate([(X.T @ dz + l2 * W).ravel(), dz.sum(axis=0)])
+    grad = np.concatenate([(_product(X.T, dz) + l2 * W).ravel(), dz.sum(axis=0)])
     return loss, grad
 
 
@@ -240,10 +249,10 @@ def _squared_hinge_loss_grad(params, X, y, signs, l2):
     k = signs.shape[1]
     W = params[: d * k].reshape(d, k)
     b = params[d * k:]
-    slack = np.maximum(0.0, 1.0 - signs * (X @ W + b))
+    slack = np.maximum(0.0, 1.0 - signs * (_product(X, W) + b))
     loss = (slack * slack).sum() / n + 0.5 * l2 * np.vdot(W, W)
     dz = -2.0 * signs * slack / n
-    grad = np.concatenate([(X.T @ dz + l2 * W).ravel(), dz.sum(axis=0)])
+    grad = np.concatenate([(_product(X.T, dz) + l2 * W).ravel(), dz.sum(axis=0)])
     return loss, grad
 
 
@@ -317,6 +326,11 @@ class _LinearLBFGSProbe(Probe):
             return 1
         return int(self.n_jobs) if self.n_jobs is not None else max(1, min(os.cpu_count() or 1, 4))
 
+    def _work_dtype(self):
+        """Precision of the features in the fits' large products: float32 for the fast sweep
+        (twice the speed; accuracies agree, see scripts/bench_probe.py), float64 for 'full'."""
+        return np.float64 if self.sweep == "full" else np.float32
+
     def _sweep_subset(self, X, codes):
         """The rows the sweep fits on: all of them ('full'), else a seeded stratified subsample
         of at most `sweep_rows` (every class keeps at least one row)."""
@@ -341,6 +355,7 @@ class _LinearLBFGSProbe(Probe):
             Xt, ct = self._sweep_subset(Xt, ct)
             mean, scale = self._standardizer(Xt)
             Xt_s, Xv_s = (Xt - mean) / scale, (Xv.astype(np.float64) - mean) / scale
+            Xt_s = Xt_s.astype(self._work_dtype())
             Cs = [float(self.C)] if self.C is not None else sorted(
                 float(c) for c in (DEFAULT_CS if self.Cs is None else self.Cs))
             results = self._sweep_jobs(Xt_s, ct, Xv_s, cv, Cs, params_at)
@@ -367,8 +382,8 @@ class _LinearLBFGSProbe(Probe):
         jobs = self._jobs()
         # one large problem: here BLAS threads pay off (unlike in the sweep's many small ones)
         with _blas_threads(jobs if jobs > 1 else None):
-            params, self.n_iter_ = self._solve((X - self.mean_) / self.scale_, codes, self.C_,
-                                               start)
+            params, self.n_iter_ = self._solve(
+                ((X - self.mean_) / self.scale_).astype(self._work_dtype()), codes, self.C_, start)
         d = X.shape[1]
         self.coef_ = params[: d * k].reshape(d, k).T.copy()
         self.intercept_ = params[d * k:].copy()
@@ -386,7 +401,8 @@ class _LinearLBFGSProbe(Probe):
         GIL). A stretch starts from the largest C already fitted below it, if any."""
         results = {} if results is None else results
         todo = [c for c in sorted(Cs) if c not in results]
-        jobs = min(self._jobs(), len(todo))
+        # small problems: a thread's cold start along the path costs more than it saves
+        jobs = min(self._jobs(), len(todo)) if Xt.size >= 2_000_000 else 1
         if jobs <= 1:
             return self._sweep(Xt, ct, Xv, cv, todo, params_at, results, patience=self.patience)
         from concurrent.futures import ThreadPoolExecutor
@@ -396,7 +412,7 @@ class _LinearLBFGSProbe(Probe):
             found = self._sweep(Xt, ct, Xv, cv, stretch, local, {})
             return {c: local[c] for c in found}, found
 
-        stretches = [list(a) for a in np.array_split(np.array(todo), jobs) if len(a)]
+        stretches = [[float(c) for c in a] for a in np.array_split(np.array(todo), jobs) if len(a)]
         with ThreadPoolExecutor(len(stretches)) as pool:
             for fitted, found in pool.map(walk, stretches):
                 params_at.update(fitted)

@@ -223,12 +223,18 @@ def digits_pixels():
     return X[train], y[train], X[test], y[test]
 
 
-def test_subsample_sweep_without_subsampling_is_the_full_sweep(digits_pixels):
-    X, y, _, _ = digits_pixels
+def test_fast_sweep_on_all_rows_finds_an_equally_good_C(digits_pixels):
+    """Without subsampling the fast sweep differs only by float32 products: its validation
+    curve matches the full sweep's, so its chosen C is as good on validation (digits' curve is
+    flat, so ties may fall on another C)."""
+    X, y, Xt, yt = digits_pixels
     full = LogisticRegressionProbe(sweep="full").fit(X, y)
-    same = LogisticRegressionProbe(sweep="subsample", sweep_rows=None, n_jobs=1).fit(X, y)
-    assert same.C_ == full.C_
-    np.testing.assert_allclose(same.coef_, full.coef_, rtol=1e-6, atol=1e-8)
+    fast = LogisticRegressionProbe(sweep_rows=None, n_jobs=1).fit(X, y)
+    grid = [c for c in full.val_scores_ if c in fast.val_scores_]
+    assert len(grid) >= 45
+    assert max(abs(fast.val_scores_[c] - full.val_scores_[c]) for c in grid) <= 0.01
+    assert fast.val_scores_[fast.C_] >= max(full.val_accuracies_) - 0.005
+    assert abs(fast.score(Xt, yt) - full.score(Xt, yt)) <= 0.01
 
 
 def test_fast_sweep_gives_the_full_sweeps_answer(digits_pixels):
