@@ -372,7 +372,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
                     probe_params: dict | None = None, variant: str = "fp32",
                     fast_decode: bool = False, progress: bool = True, seeds: int = 1,
                     groups: dict[str, list[str]] | None = None,
-                    controls: list[str] | None = None, confidence: float = 0.95) -> dict:
+                    controls: list[str] | None = None, confidence: float = 0.95,
+                    pairs: list[tuple[str, str]] | None = None) -> dict:
     """Evaluate every model on every target; write report.json/.md/.png to `out_dir` (if given)
     and return the report dict (layout in runtime.report).
 
@@ -392,7 +393,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     the mean: paired t intervals over seeds or over members (member i with member i), Welch's
     interval for groups of different sizes, and a paired bootstrap over test images when each
     side is one model with one seed. A difference is "larger than seed noise" when its interval
-    excludes 0.
+    excludes 0. `pairs` [(model or group, control), ...] replaces the all-against-controls
+    list when only some comparisons matter.
     """
     from tqdm import tqdm
 
@@ -433,7 +435,8 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         model_names += members[g]
         model_dirs += dirs
     controls = list(controls) if controls else ([reference_name] if reference_name else [])
-    unknown = [c for c in controls if c not in model_names and c not in groups]
+    unknown = [c for c in [*controls, *(x for pair in pairs or [] for x in pair)]
+               if c not in model_names and c not in groups]
     if unknown:
         raise EvaluationError(f"control(s) {unknown} are neither a model name nor a group; "
                               f"choose from {sorted(set(model_names) | set(groups))}")
@@ -511,11 +514,12 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
             / max(sum(r["embed_seconds"] for r in results), 1e-9))
     group_report = {g: _group_summary(models, names_, target_names, confidence)
                     for g, names_ in members.items()}
+    if pairs is None:
+        pairs = [(a, c) for c in controls
+                 for a in [n for n in model_names if not _is_member(n, members)] + list(groups)
+                 if a != c]
     comparisons = [compare_units(a, c, models, members, correct, target_names, seed_list,
-                                 confidence, seed)
-                   for c in controls
-                   for a in [n for n in model_names if not _is_member(n, members)] + list(groups)
-                   if a != c]
+                                 confidence, seed) for a, c in pairs]
     report = {
         "models": models,
         "groups": group_report,

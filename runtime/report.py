@@ -57,16 +57,11 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict) -> str:
+def render_rigour(report: dict) -> list[str]:
+    """Markdown sections on noise: intervals over evaluation seeds, groups of networks trained
+    with different seeds, and the paired comparisons with the controls (empty when none)."""
     models, targets = report["models"], report["targets"]
-    out = ["# Universality evaluation", "",
-           f"Probe: `{report['probe']}` (regularisation chosen on a validation split, refit on "
-           f"train+val, test scored once); seed {report['seed']}. Cells: top-1 accuracy (%) "
-           "on each target's test side; best per column in bold.", ""]
-    if report.get("reference"):
-        out += [f"mNRG / aNRG: x100 median / mean over targets of the normalised relative gain "
-                f"(s - s_ref) / (100 - s_ref), relative to **{report['reference']}**.", ""]
-    out += [render_table(report), ""]
+    out: list[str] = []
     seeds = report.get("seeds") or [report["seed"]]
     if len(seeds) > 1:
         out += [f"Each cell is the mean over {len(seeds)} evaluation seeds ({seeds[0]}.."
@@ -103,6 +98,20 @@ def render_markdown(report: dict) -> str:
                                                                        c["mean"]["method"]]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    models, targets = report["models"], report["targets"]
+    out = ["# Universality evaluation", "",
+           f"Probe: `{report['probe']}` (regularisation chosen on a validation split, refit on "
+           f"train+val, test scored once); seed {report['seed']}. Cells: top-1 accuracy (%) "
+           "on each target's test side; best per column in bold.", ""]
+    if report.get("reference"):
+        out += [f"mNRG / aNRG: x100 median / mean over targets of the normalised relative gain "
+                f"(s - s_ref) / (100 - s_ref), relative to **{report['reference']}**.", ""]
+    out += [render_table(report), ""]
+    out += render_rigour(report)
     out += ["## Mean per-class accuracy (%)", ""]
     header = ["model"] + list(targets)
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
