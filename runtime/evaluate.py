@@ -579,9 +579,9 @@ def check_options(*, probe: str, probe_params: dict | None, seeds: int, batch_si
     except (TypeError, ValueError) as e:
         raise EvaluationError(f"probe parameters {probe_params}: {e}") from e
     from .probes import SWEEPS
-    if getattr(estimator, "sweep", SWEEPS[0]) not in SWEEPS:
-        raise EvaluationError(f"probe sweep must be one of {', '.join(SWEEPS)}, not "
-                              f"{estimator.sweep!r}")
+    sweep = getattr(estimator, "sweep", SWEEPS[0])
+    if sweep not in SWEEPS:
+        raise EvaluationError(f"probe sweep must be one of {', '.join(SWEEPS)}, not {sweep!r}")
 
 
 def _merge_seeds(per_seed: list[dict], seed_list: list[int], confidence: float) -> dict:
@@ -624,7 +624,7 @@ def _group_summary(models: dict, member_names: list[str], target_names: list[str
                    confidence: float) -> dict:
     """A group's mean and interval over its members (each member averaged over seeds)."""
     from .universality import mean_interval
-    out = {"members": member_names, "targets": {}}
+    out: dict = {"members": member_names, "targets": {}}
     for t in [*target_names, None]:
         values = [float(_seed_values(models, m, t).mean()) for m in member_names]
         stats = {**mean_interval(values, confidence), "values": values}
