@@ -381,7 +381,7 @@ class _LinearLBFGSProbe(Probe):
         start = params_at.get(self.C_)
         jobs = self._jobs()
         # one large problem: here BLAS threads pay off (unlike in the sweep's many small ones)
-        with _blas_threads(jobs if jobs > 1 else None):
+        with _blas_threads(jobs if jobs > 1 and X.size >= 2_000_000 else None):
             params, self.n_iter_ = self._solve(
                 ((X - self.mean_) / self.scale_).astype(self._work_dtype()), codes, self.C_, start)
         d = X.shape[1]
