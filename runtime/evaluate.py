@@ -779,6 +779,13 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
         raise click.UsageError(str(e)) from e
     from .report import render_table
     click.echo(render_table(report))
+    for c in report["comparisons"]:
+        m = c["mean"]
+        interval = (f" [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]" if m["low"] == m["low"]
+                    else "")
+        click.echo(f"{c['model']} - {c['control']}: {100 * m['diff']:+.1f} points of mean "
+                   f"top-1{interval} ({m['method']})"
+                   + ("; larger than the noise" if m["significant"] else "; within the noise"))
     cache = report["cache"]
     click.echo(f"\nembeddings: {cache['hits']} from cache, {cache['misses']} computed")
     for path in report.get("files", {}).values():
