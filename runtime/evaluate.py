@@ -594,7 +594,7 @@ def _merge_seeds(per_seed: list[dict], seed_list: list[int], confidence: float) 
     for key in ("top1", "mean_per_class"):
         values = [r[key] for r in per_seed]
         merged[key] = float(np.mean(values))
-        stats = mean_interval(values, confidence)
+        stats = mean_interval(values, confidence, bounds=(0.0, 1.0))
         merged[f"{key}_interval"] = [stats["low"], stats["high"]]
     merged["seeds"] = {"seed": seed_list, "top1": [r["top1"] for r in per_seed],
                        "mean_per_class": [r["mean_per_class"] for r in per_seed],
@@ -627,7 +627,7 @@ def _group_summary(models: dict, member_names: list[str], target_names: list[str
     out: dict = {"members": member_names, "targets": {}}
     for t in [*target_names, None]:
         values = [float(_seed_values(models, m, t).mean()) for m in member_names]
-        stats = {**mean_interval(values, confidence), "values": values}
+        stats = {**mean_interval(values, confidence, bounds=(0.0, 1.0)), "values": values}
         if t is None:
             out["mean"] = stats
         else:

@@ -159,9 +159,12 @@ def t_quantile(confidence: float, df: int) -> float:
     return float(t.ppf(0.5 + confidence / 2.0, df))
 
 
-def mean_interval(values, confidence: float = 0.95) -> dict:
+def mean_interval(values, confidence: float = 0.95, bounds: tuple[float, float] | None = None
+                  ) -> dict:
     """Mean and t interval of repeated measurements (seeds): {"mean", "low", "high", "n"}.
-    With one value the interval is undefined (NaN): one seed says nothing about seed noise."""
+    With one value the interval is undefined (NaN): one seed says nothing about seed noise.
+    `bounds` clips the interval to the values' range (accuracies: (0, 1)); with two seeds the
+    t quantile is 12.7 and an unclipped interval easily passes 100%."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size == 0:
         raise ValueError("no values to summarise")
@@ -169,7 +172,10 @@ def mean_interval(values, confidence: float = 0.95) -> dict:
     if v.size < 2:
         return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": 1}
     half = t_quantile(confidence, v.size - 1) * float(v.std(ddof=1)) / np.sqrt(v.size)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(v.size)}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "low": low, "high": high, "n": int(v.size)}
 
 
 def _verdict(out: dict) -> dict:
