@@ -158,8 +158,9 @@ def plot_report(report: dict, path: str) -> None:
     has_ref = bool(report.get("reference"))
     comparisons = report.get("comparisons") or []
     widths = ([max(3, 1.2 * len(targets)), 1.6] + ([1.6] if has_ref else [])
-              + ([2.6] if comparisons else []))
-    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 2, 4.2),
+              + ([4.0] if comparisons else []))
+    height = max(4.2, 0.28 * len(comparisons) + 1.5)     # one readable line per comparison
+    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 2, height),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     axes = axes[0]
     # distinct colours for up to 20 models (tab10 repeats after 10), evenly spread beyond
@@ -202,7 +203,7 @@ def plot_report(report: dict, path: str) -> None:
         ax.errorbar(diffs, y, xerr=err, fmt="none", ecolor="black", capsize=3, lw=0.8)
         ax.scatter(diffs, y, color=colour, zorder=3)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(y, [f"{c['model']} - {c['control']}" for c in comparisons], fontsize=7)
+        ax.set_yticks(y, [f"{c['model']} - {c['control']}" for c in comparisons], fontsize=6)
         ax.invert_yaxis()
         ax.set_xlabel("mean top-1 difference (points)")
         ax.set_title(f"vs controls, {100 * report.get('confidence', 0.95):.0f}% interval "
