@@ -36,7 +36,7 @@ from .universality import aggregate_models, mean_per_class_accuracy, top1_accura
 
 PROBES = ("logreg", "svm")
 DEFAULT_TEST_FRACTION = 0.3
-CACHE_FORMAT = 1        # bump when the cached arrays change meaning
+CACHE_FORMAT = 2        # bump when the cached arrays or the key change meaning (2: content)
 
 
 class EvaluationError(ValueError):
@@ -58,15 +58,48 @@ class TargetSplit:
     test_paths: list[str]
     test_labels: np.ndarray
     info: dict = field(default_factory=dict)
+    _hashes: dict = field(default_factory=dict, repr=False, compare=False)
 
     def selection_hash(self, root: str) -> str:
-        """Hash of exactly which files sit on which side with which label."""
+        """`_selection_hash`, computed once per target (every model's cache key needs it)."""
+        if root not in self._hashes:
+            self._hashes[root] = self._selection_hash(root)
+        return self._hashes[root]
+
+    def _selection_hash(self, root: str) -> str:
+        """Hash of exactly which files sit on which side with which label, and of their bytes:
+        a file replaced by another of the same name and size (even with its old mtime) changes
+        it, so cached embeddings are never stale."""
         h = hashlib.sha256()
         for side, paths, labels in (("train", self.train_paths, self.train_labels),
                                     ("test", self.test_paths, self.test_labels)):
-            for p, y in zip(paths, labels):
-                h.update(f"{side}\0{os.path.relpath(p, root)}\0{int(y)}\n".encode())
+            for p, y, digest in zip(paths, labels, content_digests(paths)):
+                h.update(f"{side}\0{os.path.relpath(p, root)}\0{int(y)}\0{digest}\n".encode())
         return h.hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes, or a marker naming why it cannot be read (the pipeline then
+    reports that image as failed; the marker keeps the key stable until the file is fixed)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        return f"unreadable:{type(e).__name__}"
+    return h.hexdigest()
+
+
+def content_digests(paths: list[str], threads: int = 4) -> list[str]:
+    """Content hashes of many files, in input order. Reading dominates and hashlib releases the
+    GIL, so a few threads overlap the reads (a 60,000-image target takes seconds, far less than
+    embedding it)."""
+    if len(paths) < 64:
+        return [_file_digest(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(_file_digest, paths, chunksize=256))
 
 
 def _cap_per_class(indices: np.ndarray, labels: np.ndarray, max_per_class: int | None,
@@ -293,7 +326,11 @@ def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg",
     estimator.fit(x_train, y_train)
     fit_seconds = time.perf_counter() - start
     y_pred = np.asarray(estimator.predict(x_test))
+    # per test image (failed ones count as wrong), for paired comparisons; popped from the report
+    correct = np.zeros(len(target.test_labels), dtype=bool)
+    correct[np.flatnonzero(ok_test)] = y_pred == y_test
     return {
+        "correct": correct,
         "top1": top1_accuracy(y_test, y_pred),
         "mean_per_class": mean_per_class_accuracy(y_test, y_pred),
         # ncm / knn have no regularisation strength; their chosen k or temperature is recorded.
@@ -336,7 +373,10 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
                     test_fraction: float = DEFAULT_TEST_FRACTION,
                     max_per_class: int | None = None, use_cache: bool = True,
                     probe_params: dict | None = None, variant: str = "fp32",
-                    fast_decode: bool = False, progress: bool = True,
+                    fast_decode: bool = False, progress: bool = True, seeds: int = 1,
+                    groups: dict[str, list[str]] | None = None,
+                    controls: list[str] | None = None, confidence: float = 0.95,
+                    pairs: list[tuple[str, str]] | None = None,
                     pipeline_args: dict | None = None) -> dict:
     """Evaluate every model on every target; write report.json/.md/.png to `out_dir` (if given)
     and return the report dict (layout in runtime.report).
@@ -347,18 +387,34 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     a shorter `Cs` sweep for a pilot; the default is the full protocol). Raises EvaluationError
     for unusable inputs. `variant` picks model.onnx / model.fp16.onnx / model.int8.onnx;
     `fast_decode=False` (default) decodes exactly as training evaluated, which the protocol asks.
+
+    Rigour: `seeds=N` repeats every (model, target) with evaluation seeds seed..seed+N-1 (the
+    split of targets without their own, the per-class cap and the probe's validation split), and
+    reports the mean with a `confidence` t interval. `groups` {NAME: [MODEL_DIR, ...]} are
+    networks trained alike with different seeds: each member is evaluated (as NAME[i]) and the
+    group reports its mean and interval over members. `controls` (names of models or groups;
+    default: the reference) are compared with every other model and group, per target and on
+    the mean: paired t intervals over seeds or over members (member i with member i), Welch's
+    interval for groups of different sizes, and a paired bootstrap over test images when each
+    side is one model with one seed. A difference is "larger than seed noise" when its interval
+    excludes 0. `pairs` [(model or group, control), ...] replaces the all-against-controls
+    list when only some comparisons matter.
     """
     from tqdm import tqdm
 
     if probe not in PROBES:
         raise EvaluationError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
-    if not model_dirs:
+    groups = {str(k): [os.path.normpath(d) for d in v] for k, v in (groups or {}).items()}
+    if not model_dirs and not groups:
         raise EvaluationError("give at least one model dir")
     if not targets:
         raise EvaluationError("give at least one target (--target DATA)")
     if names and len(names) != len(model_dirs):
         raise EvaluationError(f"{len(names)} names for {len(model_dirs)} model dirs; give one "
                               "--name per model dir, in the same order")
+    check_options(probe=probe, probe_params=probe_params, seeds=seeds, batch_size=batch_size,
+                  threads=threads, device=device, max_per_class=max_per_class,
+                  confidence=confidence, groups=groups)
     model_dirs = [os.path.normpath(d) for d in model_dirs]
     model_names = list(names) if names else [os.path.basename(os.path.abspath(d)) for d in model_dirs]
     reference_name = None
@@ -375,18 +431,43 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     model_names = _dedupe(model_names)
     if reference is not None and reference_name is None:
         reference_name = model_names[-1]
+    clash = sorted(set(groups) & set(model_names))
+    if clash:
+        raise EvaluationError(f"group name(s) {clash} are also model names; rename the group")
+    members = {g: [f"{g}[{i}]" for i in range(len(dirs))] for g, dirs in groups.items()}
+    for g, dirs in groups.items():
+        model_names += members[g]
+        model_dirs += dirs
+    controls = list(controls) if controls else ([reference_name] if reference_name else [])
+    unknown = [c for c in [*controls, *(x for pair in pairs or [] for x in pair)]
+               if c not in model_names and c not in groups]
+    if unknown:
+        raise EvaluationError(f"control(s) {unknown} are neither a model name nor a group; "
+                              f"choose from {sorted(set(model_names) | set(groups))}")
 
-    # Check everything before the long work, so a typo fails in a second.
+    # Check everything before the long work (and before the cache), so a typo fails in a second.
     descriptions = {name: check_model_dir(d, variant) for name, d in zip(model_names, model_dirs)}
     target_names = _dedupe([_target_name(t) for t in targets])
-    splits = {name: load_target(spec, test_fraction, seed, max_per_class, name)
-              for name, spec in zip(target_names, targets)}
+    seed_list = list(range(seed, seed + int(seeds)))
+    datasets = {}
+    for name, spec in zip(target_names, targets):
+        try:
+            datasets[name] = load_dataset(spec)
+        except DataError as e:
+            raise EvaluationError(f"target {spec!r}: {e}") from e
+    splits: dict[tuple[str, int], TargetSplit] = {}
+    for (name, spec), s in ((ns, s) for ns in zip(target_names, targets) for s in seed_list):
+        split = split_target(datasets[name], test_fraction, s, max_per_class, name)
+        split.spec = spec
+        split.info["spec"] = spec
+        splits[name, s] = split
 
     cache_dir = cache_dir or os.path.join(unirep_cache_dir(), "embeddings")
     counters = {"hits": 0, "misses": 0}
     models: dict[str, dict] = {}
-    bar = tqdm(total=len(model_names) * len(target_names), desc="evaluate", unit="pair",
-               disable=not progress, leave=False)
+    correct: dict[tuple[str, str, int], np.ndarray] = {}   # per-image hits, for the bootstrap
+    bar = tqdm(total=len(model_names) * len(target_names) * len(seed_list), desc="evaluate",
+               unit="pair", disable=not progress, leave=False)
     for model_name, model_dir in zip(model_names, model_dirs):
         desc = descriptions[model_name]
         fingerprint = model_fingerprint(model_dir, variant)
@@ -407,19 +488,23 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
 
         try:
             for target_name in target_names:
-                bar.set_postfix_str(f"{model_name} on {target_name}")
-                target = splits[target_name]
-                cache_path = None
-                if use_cache:
-                    key = cache_key(fingerprint, target, fast_decode)
-                    cache_path = os.path.join(cache_dir,
-                                              f"{fingerprint}-{_slug(target_name)}-{key}.npz")
-                embedded = embed_target(factory, target, cache_path)
-                counters["hits" if embedded.cached else "misses"] += 1
-                entry["embedding_dim"] = int(embedded.train.shape[1])
-                result = probe_target(embedded, target, probe, seed, probe_params)
-                entry["targets"][target_name] = {**result, "cache_file": cache_path}
-                bar.update()
+                per_seed = []
+                for s in seed_list:
+                    bar.set_postfix_str(f"{model_name} on {target_name}, seed {s}")
+                    target = splits[target_name, s]
+                    cache_path = None
+                    if use_cache:
+                        key = cache_key(fingerprint, target, fast_decode)
+                        cache_path = os.path.join(
+                            cache_dir, f"{fingerprint}-{_slug(target_name)}-{key}.npz")
+                    embedded = embed_target(factory, target, cache_path)
+                    counters["hits" if embedded.cached else "misses"] += 1
+                    entry["embedding_dim"] = int(embedded.train.shape[1])
+                    result = probe_target(embedded, target, probe, s, probe_params)
+                    correct[model_name, target_name, s] = result.pop("correct")
+                    per_seed.append({**result, "cache_file": cache_path})
+                    bar.update()
+                entry["targets"][target_name] = _merge_seeds(per_seed, seed_list, confidence)
         finally:
             for p in pipeline:
                 getattr(p, "close", lambda: None)()
@@ -432,13 +517,26 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
         models[name]["images_per_s"] = float(
             sum(r["n_train"] + r["n_test"] + sum(r["dropped"].values()) for r in results)
             / max(sum(r["embed_seconds"] for r in results), 1e-9))
+    group_report = {g: _group_summary(models, names_, target_names, confidence)
+                    for g, names_ in members.items()}
+    if pairs is None:
+        pairs = [(a, c) for c in controls
+                 for a in [n for n in model_names if not _is_member(n, members)] + list(groups)
+                 if a != c]
+    comparisons = [compare_units(a, c, models, members, correct, target_names, seed_list,
+                                 confidence, seed) for a, c in pairs]
     report = {
         "models": models,
+        "groups": group_report,
+        "comparisons": comparisons,
         "reference": reference_name,
-        "targets": {name: dict(s.info) for name, s in splits.items()},
+        "targets": {name: {**splits[name, seed_list[0]].info, "seeds": seed_list}
+                    for name in target_names},
         "probe": probe,
         "probe_params": {k: np.asarray(v).tolist() for k, v in (probe_params or {}).items()},
         "seed": seed,
+        "seeds": seed_list,
+        "confidence": confidence,
         "metric": "top1",
         "settings": {"test_fraction": test_fraction, "max_per_class": max_per_class,
                      "device": device, "batch_size": batch_size, "threads": threads,
@@ -453,6 +551,137 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     return report
 
 
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def check_options(*, probe: str, probe_params: dict | None, seeds: int, batch_size: int,
+                  threads: int | None, device: str, max_per_class: int | None,
+                  confidence: float, groups: dict[str, list[str]]) -> None:
+    """Refuse unusable options before anything is read, embedded or taken from the cache (a
+    fully cached evaluation would otherwise never reach the code that rejects them)."""
+    from .probes import make_probe
+
+    if int(seeds) < 1:
+        raise EvaluationError(f"seeds must be 1 or more, not {seeds}")
+    if int(batch_size) < 1:
+        raise EvaluationError(f"batch size must be 1 or more, not {batch_size}")
+    if threads is not None and not 1 <= int(threads) <= 4 * (os.cpu_count() or 1):
+        raise EvaluationError(f"threads must be between 1 and {4 * (os.cpu_count() or 1)} "
+                              f"(4 x the cores), not {threads}")
+    if device.split(":")[0] not in DEVICES:
+        raise EvaluationError(f"unknown device {device!r}; choose from {', '.join(DEVICES)} "
+                              "(cuda:N for a given GPU)")
+    if max_per_class is not None and int(max_per_class) < 1:
+        raise EvaluationError(f"max per class must be 1 or more, not {max_per_class}")
+    if not 0.5 <= confidence < 1.0:
+        raise EvaluationError(f"confidence must be in [0.5, 1), not {confidence}")
+    for g, dirs in groups.items():
+        if len(dirs) < 2:
+            raise EvaluationError(f"group {g!r} has {len(dirs)} model; a group needs 2 or more "
+                                  "(networks trained alike with different seeds)")
+    try:
+        estimator = make_probe(probe, **(probe_params or {}))
+    except (TypeError, ValueError) as e:
+        raise EvaluationError(f"probe parameters {probe_params}: {e}") from e
+    from .probes import SWEEPS
+    sweep = getattr(estimator, "sweep", SWEEPS[0])
+    if sweep not in SWEEPS:
+        raise EvaluationError(f"probe sweep must be one of {', '.join(SWEEPS)}, not {sweep!r}")
+
+
+def _merge_seeds(per_seed: list[dict], seed_list: list[int], confidence: float) -> dict:
+    """One target's result over seeds: the first seed's details, accuracies averaged, and the
+    per-seed values with their t interval."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    from .universality import mean_interval
+    merged = dict(per_seed[0])
+    for key in ("top1", "mean_per_class"):
+        values = [r[key] for r in per_seed]
+        merged[key] = float(np.mean(values))
+        stats = mean_interval(values, confidence, bounds=(0.0, 1.0))
+        merged[f"{key}_interval"] = [stats["low"], stats["high"]]
+    merged["seeds"] = {"seed": seed_list, "top1": [r["top1"] for r in per_seed],
+                       "mean_per_class": [r["mean_per_class"] for r in per_seed],
+                       "C": [r["C"] for r in per_seed]}
+    merged["embed_seconds"] = float(sum(r["embed_seconds"] for r in per_seed))
+    merged["probe_seconds"] = round(sum(r["probe_seconds"] for r in per_seed), 3)
+    merged["n_train"] = per_seed[0]["n_train"] * len(per_seed)   # for images/s over all seeds
+    merged["n_test"] = per_seed[0]["n_test"] * len(per_seed)
+    merged["dropped"] = {k: sum(r["dropped"][k] for r in per_seed) for k in ("train", "test")}
+    merged["cached"] = all(r["cached"] for r in per_seed)
+    return merged
+
+
+def _is_member(name: str, members: dict[str, list[str]]) -> bool:
+    return any(name in m for m in members.values())
+
+
+def _seed_values(models: dict, name: str, target: str | None) -> np.ndarray:
+    """top-1 per evaluation seed of one model on a target (None: the mean over targets)."""
+    targets = models[name]["targets"]
+    rows = [targets[t].get("seeds", {}).get("top1", [targets[t]["top1"]])
+            for t in (targets if target is None else [target])]
+    return np.mean(np.asarray(rows, dtype=np.float64), axis=0)
+
+
+def _group_summary(models: dict, member_names: list[str], target_names: list[str],
+                   confidence: float) -> dict:
+    """A group's mean and interval over its members (each member averaged over seeds)."""
+    from .universality import mean_interval
+    out: dict = {"members": member_names, "targets": {}}
+    for t in [*target_names, None]:
+        values = [float(_seed_values(models, m, t).mean()) for m in member_names]
+        stats = {**mean_interval(values, confidence, bounds=(0.0, 1.0)), "values": values}
+        if t is None:
+            out["mean"] = stats
+        else:
+            out["targets"][t] = stats
+    return out
+
+
+def compare_units(a: str, control: str, models: dict, members: dict[str, list[str]],
+                  correct: dict, target_names: list[str], seed_list: list[int],
+                  confidence: float, seed: int = 0) -> dict:
+    """`a` minus `control` (models or groups) per target and on the mean over targets, with the
+    most paired interval the design allows (see evaluate_models)."""
+    from .universality import bootstrap_difference, paired_difference, welch_difference
+
+    def units(name):
+        return members.get(name, [name])
+
+    ua, uc = units(a), units(control)
+    out: dict = {"model": a, "control": control, "targets": {}}
+    for t in [*target_names, None]:
+        if len(ua) == 1 and len(uc) == 1 and len(seed_list) == 1:
+            ts = target_names if t is None else [t]
+            d = bootstrap_difference([correct[ua[0], x, seed_list[0]] for x in ts],
+                                     [correct[uc[0], x, seed_list[0]] for x in ts],
+                                     confidence, seed=seed)
+        elif len(ua) == 1 and len(uc) == 1:
+            d = paired_difference(_seed_values(models, ua[0], t), _seed_values(models, uc[0], t),
+                                  confidence)
+            d["method"] = "paired t over seeds"
+        else:
+            va = np.array([_seed_values(models, m, t).mean() for m in ua])
+            vc = np.array([_seed_values(models, m, t).mean() for m in uc])
+            if len(ua) == len(uc):
+                d = paired_difference(va, vc, confidence)
+                d["method"] = "paired t over members"
+            elif len(uc) == 1 or len(ua) == 1:
+                # one side is a single network: the interval covers the group's seed noise
+                d = paired_difference(va - vc.mean() if len(uc) == 1 else va.mean() - vc,
+                                      np.zeros(max(len(ua), len(uc))), confidence)
+                d["method"] = "t over members"
+            else:
+                d = welch_difference(va, vc, confidence)
+        if t is None:
+            out["mean"] = d
+        else:
+            out["targets"][t] = d
+    return out
+
+
 def _provider(pipeline) -> str | None:
     for attr in ("provider_", "provider"):
         value = getattr(pipeline, attr, None)
@@ -465,7 +694,7 @@ def _provider(pipeline) -> str | None:
 # CLI
 
 @click.command("evaluate")
-@click.argument("model_dirs", nargs=-1, required=True, metavar="MODEL_DIR [MODEL_DIR ...]")
+@click.argument("model_dirs", nargs=-1, metavar="[MODEL_DIR ...]")
 @click.option("--target", "-t", "targets", multiple=True, required=True, metavar="DATA",
               help="A target: a built-in (fashion-mnist, mnist, digits, emoji:...) or an "
                    "ImageFolder (leaf folder = class). Repeat for several.")
@@ -488,8 +717,21 @@ def _provider(pipeline) -> str | None:
               help="Embedding cache folder [default: $UNIREP_CACHE/embeddings].")
 @click.option("--no-cache", is_flag=True, help="Embed afresh; neither read nor write the cache.")
 @pipeline_options(decode="exact")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Repeat each (model, target) with N evaluation seeds (split, per-class cap, "
+                   "probe validation): mean and a 95% t interval per cell.")
+@click.option("--group", "group_specs", multiple=True, metavar="NAME=DIR1,DIR2[,...]",
+              help="Networks trained alike with different seeds, reported as one row (mean and "
+                   "interval over members). Repeat for several groups.")
+@click.option("--control", "controls", multiple=True, metavar="NAME",
+              help="Model or group every other row is compared with (paired differences per "
+                   "target, marked * when larger than seed noise) [default: the reference].")
+@click.option("--sweep", type=click.Choice(["subsample", "full"]), default="subsample",
+              show_default=True,
+              help="Probe C sweep: on a stratified subsample then one fit on all rows (fast), "
+                   "or every C on every row (the original protocol; slow on large targets).")
 def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fraction, max_per_class,
-             seed, cache_dir, no_cache, pipeline: PipelineOptions):
+             seed, cache_dir, no_cache, pipeline: PipelineOptions, seeds, group_specs, controls, sweep):
     """Measure universality: a linear probe per (model, target) on frozen embeddings.
 
     Each target uses its train/ and test/ splits, else a seeded stratified split (reported).
@@ -497,11 +739,31 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
     scored once. Per model: top-1 and mean per-class accuracy per target, their mean, Kornblith's
     mean logit and, with --reference, mNRG and aNRG (x100; 0 = as good as the reference).
 
+    With --seeds N and --group NAME=DIR1,DIR2,... (networks trained with different seeds),
+    each cell gets a 95% interval, and --control rows are compared with every other row:
+    paired differences per target with a t interval (over seeds, or member i against member
+    i), or a paired bootstrap over test images when both sides are one model and one seed.
+
     \b
-    Example:
+    Examples:
       python cli.py evaluate models/spe models/mucale -t fashion-mnist -t digits \\
           -t ~/photos/flowers --reference models/spe --out reports/cmp
+      python cli.py evaluate -t mnist -t digits --seeds 3 \\
+          --group mucale=models/mucale-s0,models/mucale-s1,models/mucale-s2 \\
+          --group twoseeds=models/spe2-s0,models/spe2-s1,models/spe2-s2 \\
+          --control twoseeds --out reports/rigour
     """
+    groups = {}
+    for spec in group_specs:
+        name, sep, dirs = spec.partition("=")
+        members = [d for d in dirs.split(",") if d]
+        if not sep or not name or len(members) < 2:
+            raise click.BadParameter(f"{spec!r}: write NAME=DIR1,DIR2[,...] (2 or more model "
+                                     "dirs trained alike with different seeds)",
+                                     param_hint="--group")
+        if name in groups:
+            raise click.BadParameter(f"group {name!r} given twice", param_hint="--group")
+        groups[name] = members
     try:
         report = evaluate_models(list(model_dirs), list(targets), out_dir, reference=reference,
                                  probe=probe, seed=seed, cache_dir=cache_dir,
@@ -509,7 +771,9 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
                                  threads=pipeline.threads, names=list(names) or None,
                                  test_fraction=test_fraction, max_per_class=max_per_class,
                                  use_cache=not no_cache, variant=pipeline.variant,
-                                 fast_decode=pipeline.fast_decode,
+                                 fast_decode=pipeline.fast_decode, seeds=seeds, groups=groups,
+                                 controls=list(controls) or None,
+                                 probe_params={"sweep": sweep},
                                  pipeline_args=dict(device_id=pipeline.device_id,
                                                     decode_threads=pipeline.decode_threads,
                                                     decode_processes=pipeline.decode_processes))
@@ -517,6 +781,13 @@ def evaluate(model_dirs, targets, reference, probe, names, out_dir, test_fractio
         raise click.UsageError(str(e)) from e
     from .report import render_table
     click.echo(render_table(report))
+    for c in report["comparisons"]:
+        m = c["mean"]
+        interval = (f" [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]" if m["low"] == m["low"]
+                    else "")
+        click.echo(f"{c['model']} - {c['control']}: {100 * m['diff']:+.1f} points of mean "
+                   f"top-1{interval} ({m['method']})"
+                   + ("; larger than the noise" if m["significant"] else "; within the noise"))
     cache = report["cache"]
     click.echo(f"\nembeddings: {cache['hits']} from cache, {cache['misses']} computed")
     for path in report.get("files", {}).values():

@@ -10,7 +10,14 @@ report.json layout (accuracies are fractions in [0, 1]; mNRG/aNRG are x100):
      "reference": NAME or null,
      "targets": {TARGET: {"spec", "split" ("given" | "stratified"), "test_fraction", "seed",
                           "max_per_class", "n_train", "n_test", "n_classes", "fingerprint", ...}},
-     "probe", "probe_params", "seed", "metric", "settings", "cache", "versions", "created"}
+     "groups": {GROUP: {"members": [NAME[i], ...], "targets": {TARGET: {"mean", "low", "high",
+                         "n", "values"}}, "mean": {...}}},
+     "comparisons": [{"model", "control", "targets": {TARGET: {"diff", "low", "high", "n",
+                      "method", "significant"}}, "mean": {...}}],
+     "probe", "probe_params", "seed", "seeds", "confidence", "metric", "settings", "cache",
+     "versions", "created"}
+
+With several seeds a target result also has "top1_interval" and "seeds" {"seed", "top1", ...}.
 """
 from __future__ import annotations
 
@@ -50,6 +57,50 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def render_rigour(report: dict) -> list[str]:
+    """Markdown sections on noise: intervals over evaluation seeds, groups of networks trained
+    with different seeds, and the paired comparisons with the controls (empty when none)."""
+    models, targets = report["models"], report["targets"]
+    out: list[str] = []
+    seeds = report.get("seeds") or [report["seed"]]
+    if len(seeds) > 1:
+        out += [f"Each cell is the mean over {len(seeds)} evaluation seeds ({seeds[0]}.."
+                f"{seeds[-1]}: split, per-class cap, probe validation); intervals below.", "",
+                "## Intervals over evaluation seeds (top-1 %, "
+                f"{100 * report.get('confidence', 0.95):.0f}% t interval)", ""]
+        out += _interval_table(
+            {n: {t: (100 * r["top1"], *[100 * v for v in r["top1_interval"]])
+                 for t, r in m["targets"].items()} for n, m in models.items()}, list(targets))
+        out.append("")
+    if report.get("groups"):
+        out += [f"## Groups: networks trained with different seeds (top-1 %, mean over members, "
+                f"{100 * report.get('confidence', 0.95):.0f}% t interval)", ""]
+        out += _interval_table(
+            {g: {**{t: (100 * v["mean"], 100 * v["low"], 100 * v["high"])
+                    for t, v in info["targets"].items()},
+                 "mean": (100 * info["mean"]["mean"], 100 * info["mean"]["low"],
+                          100 * info["mean"]["high"])}
+             for g, info in report["groups"].items()}, [*targets, "mean"],
+            members={g: info["members"] for g, info in report["groups"].items()})
+        out.append("")
+    if report.get("comparisons"):
+        out += ["## Paired comparisons with the controls (top-1 points)", "",
+                "Difference and its interval; **\\*** marks a difference larger than the noise "
+                "(interval excludes 0). Method per row: paired t over evaluation seeds or over "
+                "members (member i with member i), t over a group's members against one "
+                "network, Welch's t for groups of different sizes, or a paired bootstrap over "
+                "test images (one model, one seed per side: test-set noise only).", ""]
+        header = ["model - control", *targets, "mean", "method"]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for c in report["comparisons"]:
+            cells = [f"{c['model']} - {c['control']}"]
+            cells += [_fmt_diff(c["targets"][t]) for t in targets] + [_fmt_diff(c["mean"]),
+                                                                       c["mean"]["method"]]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def render_markdown(report: dict) -> str:
     models, targets = report["models"], report["targets"]
     out = ["# Universality evaluation", "",
@@ -59,7 +110,9 @@ def render_markdown(report: dict) -> str:
     if report.get("reference"):
         out += [f"mNRG / aNRG: x100 median / mean over targets of the normalised relative gain "
                 f"(s - s_ref) / (100 - s_ref), relative to **{report['reference']}**.", ""]
-    out += [render_table(report), "", "## Mean per-class accuracy (%)", ""]
+    out += [render_table(report), ""]
+    out += render_rigour(report)
+    out += ["## Mean per-class accuracy (%)", ""]
     header = ["model"] + list(targets)
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in models.items():
@@ -103,8 +156,11 @@ def plot_report(report: dict, path: str) -> None:
     models, targets = report["models"], list(report["targets"])
     names = list(models)
     has_ref = bool(report.get("reference"))
-    widths = [max(3, 1.2 * len(targets)), 1.6] + ([1.6] if has_ref else [])
-    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 2, 4.2),
+    comparisons = report.get("comparisons") or []
+    widths = ([max(3, 1.2 * len(targets)), 1.6] + ([1.6] if has_ref else [])
+              + ([4.0] if comparisons else []))
+    height = max(4.2, 0.28 * len(comparisons) + 1.5)     # one readable line per comparison
+    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 2, height),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     axes = axes[0]
     # distinct colours for up to 20 models (tab10 repeats after 10), evenly spread beyond
@@ -136,6 +192,22 @@ def plot_report(report: dict, path: str) -> None:
         axes[2].axhline(0, color="black", linewidth=0.8)
         axes[2].set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
         axes[2].set_title(f"mNRG vs {report['reference']}")
+    if comparisons:
+        ax = axes[-1]
+        y = np.arange(len(comparisons))
+        diffs = np.array([100 * c["mean"]["diff"] for c in comparisons])
+        lows = np.array([100 * c["mean"]["low"] for c in comparisons])
+        highs = np.array([100 * c["mean"]["high"] for c in comparisons])
+        err = np.nan_to_num(np.vstack([diffs - lows, highs - diffs]))
+        colour = ["tab:green" if c["mean"]["significant"] else "tab:gray" for c in comparisons]
+        ax.errorbar(diffs, y, xerr=err, fmt="none", ecolor="black", capsize=3, lw=0.8)
+        ax.scatter(diffs, y, color=colour, zorder=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [f"{c['model']} - {c['control']}" for c in comparisons], fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("mean top-1 difference (points)")
+        ax.set_title(f"vs controls, {100 * report.get('confidence', 0.95):.0f}% interval "
+                     "(green: beyond noise)", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -151,6 +223,31 @@ def write_report(report: dict, out_dir: str) -> dict[str, str]:
     _write_atomic(paths["md"], render_markdown(report).encode())
     save_json_atomic(paths["json"], {**report, "files": paths})
     return paths
+
+
+def _fmt_interval(mean: float, low: float, high: float) -> str:
+    if low != low:      # NaN: one value, no interval
+        return f"{mean:.1f}"
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def _interval_table(rows: dict, columns: list[str], members: dict | None = None) -> list[str]:
+    header = ["row", *columns] + (["members"] if members else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, cells in rows.items():
+        row = [name] + [_fmt_interval(*cells[c]) for c in columns]
+        if members:
+            row.append(", ".join(members[name]))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _fmt_diff(d: dict) -> str:
+    """A difference in points with its interval, starred when the interval excludes 0."""
+    text = f"{100 * d['diff']:+.1f}"
+    if d["low"] == d["low"]:
+        text += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    return text + ("\\*" if d.get("significant") else "")
 
 
 def _fmt_param(result: dict) -> str:

@@ -148,3 +148,93 @@ def aggregate_models(models: Mapping[str, dict], reference: str | None = None,
             "anrg": anrg(scores, ref_scores, fractions=True) if ref_scores else None,
         }
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed noise: intervals and paired comparisons (accuracies as fractions; differences likewise)
+
+def t_quantile(confidence: float, df: int) -> float:
+    """Two-sided Student t quantile, e.g. 4.30 for 95% with 2 degrees of freedom."""
+    from scipy.stats import t
+    return float(t.ppf(0.5 + confidence / 2.0, df))
+
+
+def mean_interval(values, confidence: float = 0.95, bounds: tuple[float, float] | None = None
+                  ) -> dict:
+    """Mean and t interval of repeated measurements (seeds): {"mean", "low", "high", "n"}.
+    With one value the interval is undefined (NaN): one seed says nothing about seed noise.
+    `bounds` clips the interval to the values' range (accuracies: (0, 1)); with two seeds the
+    t quantile is 12.7 and an unclipped interval easily passes 100%."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("no values to summarise")
+    mean = float(v.mean())
+    if v.size < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": 1}
+    half = t_quantile(confidence, v.size - 1) * float(v.std(ddof=1)) / np.sqrt(v.size)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "low": low, "high": high, "n": int(v.size)}
+
+
+def _verdict(out: dict) -> dict:
+    # "larger than seed noise": the interval of the difference excludes 0
+    out["significant"] = bool(np.isfinite(out["low"]) and (out["low"] > 0 or out["high"] < 0))
+    return out
+
+
+def paired_difference(a, b, confidence: float = 0.95) -> dict:
+    """a - b over pairs that share everything but the factor compared (same seed index, same
+    split): mean difference with a t interval over the pairs, and whether it excludes 0."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs as many values on each side ({a.size} vs "
+                         f"{b.size})")
+    s = mean_interval(a - b, confidence)
+    return _verdict({"diff": s["mean"], "low": s["low"], "high": s["high"], "n": s["n"],
+                     "method": "paired t"})
+
+
+def welch_difference(a, b, confidence: float = 0.95) -> dict:
+    """mean(a) - mean(b) for unpaired samples of different sizes (Welch's t interval)."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    diff = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return _verdict({"diff": diff, "low": float("nan"), "high": float("nan"),
+                         "n": int(min(a.size, b.size)), "method": "welch t"})
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = float(np.sqrt(va + vb))
+    if se == 0.0:
+        return _verdict({"diff": diff, "low": diff, "high": diff,
+                         "n": int(min(a.size, b.size)), "method": "welch t"})
+    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    half = t_quantile(confidence, df) * se
+    return _verdict({"diff": diff, "low": diff - half, "high": diff + half,
+                     "n": int(min(a.size, b.size)), "method": "welch t"})
+
+
+def bootstrap_difference(correct_a, correct_b, confidence: float = 0.95, n_boot: int = 2000,
+                         seed: int = 0) -> dict:
+    """Accuracy of a minus b on the same test images, with a paired bootstrap over the images
+    (the fallback when there is one model and one seed per side: it covers the test-set noise,
+    not the training-seed noise). Several targets may be given as lists of per-image arrays:
+    each is resampled on its own and the difference is averaged over targets."""
+    if isinstance(correct_a, np.ndarray) and correct_a.ndim == 1:
+        correct_a, correct_b = [correct_a], [correct_b]
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(n_boot)
+    point = 0.0
+    for ca, cb in zip(correct_a, correct_b):
+        d = np.asarray(ca, dtype=np.float64) - np.asarray(cb, dtype=np.float64)
+        if d.size == 0:
+            raise ValueError("no test images to bootstrap")
+        point += d.mean()
+        for i in range(n_boot):
+            diffs[i] += d[rng.integers(0, d.size, d.size)].mean()
+    k = len(correct_a)
+    diffs /= k
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(diffs, [tail, 1.0 - tail])
+    return _verdict({"diff": float(point / k), "low": float(low), "high": float(high),
+                     "n": int(sum(len(c) for c in correct_a)), "method": "paired bootstrap"})

