@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -61,27 +62,34 @@ def resize_target(width: int, height: int, pre: Preprocessing) -> tuple[int, int
     return max(1, int(round(width * target / height))), target
 
 
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(marker, payload) of a JPEG's marker segments before the scan, in order. Stops at the
+    start of scan or end of image; raises ValueError on a byte that is not a marker and
+    struct.error/IndexError on a truncated header."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ValueError("not a JPEG marker")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan: the header is over
+            return
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        yield marker, data[pos + 4:pos + 2 + length]
+        pos += 2 + length
+
+
 def exif_orientation(data: bytes) -> int | None:
     """EXIF orientation of a JPEG (1 = upright), or None when the header cannot be read.
 
-    Walks the marker segments before the scan; only the APP1 'Exif' block is parsed."""
-    pos = 2
+    Only the APP1 'Exif' block before the scan is parsed."""
     try:
-        while pos + 4 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in (0xD9, 0xDA):  # end of image / start of scan: no EXIF before pixels
-                return 1
-            length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-            segment = data[pos + 4:pos + 2 + length]
+        for marker, segment in jpeg_segments(data):
             if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
                 return _tiff_orientation(segment[6:])
-            pos += 2 + length
-    except (struct.error, IndexError):
+    except (ValueError, struct.error, IndexError):
         return None
     return 1
 

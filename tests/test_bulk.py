@@ -25,17 +25,9 @@ pytest.importorskip("pyarrow")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, fmnist_small):
+def model_dir(exported_model, fmnist_small):
     """small_cnn (seeded random weights) exported by the export stage."""
-    from export.onnx_export import export_runs
-    from train.runs import untrained_run
-
-    base = tmp_path_factory.mktemp("bulk")
-    run = str(base / "run")
-    untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
-    out = str(base / "model")
-    export_runs([run], out, parity_images=4, check_data=fmnist_small)
-    return out
+    return exported_model(fmnist_small, heads=[("specific", [f"c{i}" for i in range(10)])])
 
 
 @pytest.fixture(scope="module")

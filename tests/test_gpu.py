@@ -36,17 +36,10 @@ needs_gpu = pytest.mark.skipif(not GPU_OK, reason=f"needs a CUDA device, cupy an
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, digits_small):
+def model_dir(exported_model, digits_small):
     """small_cnn (seeded random weights) exported by the export stage (digits: they ship with
     scikit-learn, so this also runs on a GPU machine without the dataset cache)."""
-    from export.onnx_export import export_runs
-    from train.runs import untrained_run
-    base = tmp_path_factory.mktemp("gpu")
-    run = str(base / "run")
-    untrained_run("small_cnn", run, heads=[("specific", [f"c{i}" for i in range(10)])])
-    out = str(base / "model")
-    export_runs([run], out, parity_images=4, check_data=digits_small)
-    return out
+    return exported_model(digits_small, heads=[("specific", [f"c{i}" for i in range(10)])])
 
 
 @pytest.fixture(scope="module")

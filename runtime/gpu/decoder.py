@@ -26,7 +26,7 @@ import numpy as np
 from common.description import Preprocessing
 from common.images import ImageDecodeError
 
-from ..decode import JPEG_MAGIC, _name, _read_bytes, load_crop
+from ..decode import JPEG_MAGIC, _name, _read_bytes, jpeg_segments, load_crop
 from . import kernels as K
 from .resample import SUPPORTS, WindowPlan, plan_window
 
@@ -40,23 +40,12 @@ class GpuUnavailable(RuntimeError):
 def jpeg_components(data: bytes) -> int | None:
     """Colour components of a JPEG from its frame header (1 grey, 3 YCbCr, 4 CMYK/YCCK), or
     None when no frame header is found before the scan."""
-    pos = 2
     try:
-        while pos + 4 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:
-                pos += 1
-                continue
-            if marker in (0xD9, 0xDA):
-                return None
-            (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        for marker, segment in jpeg_segments(data):
             # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC)
             if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                return data[pos + 9]
-            pos += 2 + length
-    except (struct.error, IndexError):
+                return segment[5]
+    except (ValueError, struct.error, IndexError):
         return None
     return None
 
