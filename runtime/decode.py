@@ -132,7 +132,8 @@ def _read_bytes(src: Any) -> bytes | None:
     return None
 
 
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "nearest": Image.Resampling.NEAREST}
 
 
 def _to_array(img: Image.Image, out: np.ndarray | None) -> np.ndarray:
@@ -217,9 +218,9 @@ def _check_rgb_view() -> bool:
         img = _rgb_view(probe)
         return (img.mode == "RGB" and img.size == (3, 2)
                 and np.array_equal(np.asarray(img), probe[..., :3])
-                and np.array_equal(np.asarray(img.resize((2, 1), Image.BILINEAR)),
+                and np.array_equal(np.asarray(img.resize((2, 1), Image.Resampling.BILINEAR)),
                                    np.asarray(Image.fromarray(probe[..., :3].copy(), "RGB")
-                                              .resize((2, 1), Image.BILINEAR))))
+                                              .resize((2, 1), Image.Resampling.BILINEAR))))
     except Exception:  # a Pillow without this internal call: decode RGB and copy instead
         return False
 
@@ -233,7 +234,7 @@ def _pil_crop(data: bytes, pre: Preprocessing, fast: bool, name: str,
         return _to_array(resize_and_crop(open_image(data, pre.background), pre), out)
     try:
         apply_pixel_limit()
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         check_pixels(img.size, name)  # on the header, before any pixel is decoded
         if img.format == "JPEG":  # libjpeg's own downscale, keeping DCT_MARGIN x the target
             full = img.size

@@ -22,6 +22,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -33,6 +34,9 @@ from common.description import ModelDescription
 
 from .options import PipelineOptions, pipeline_options
 from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
+
+if TYPE_CHECKING:  # imported where used: the pipeline loads onnxruntime
+    from .pipeline import FeaturePipeline
 
 PROBES = ("logreg", "svm")
 DEFAULT_TEST_FRACTION = 0.3
@@ -329,12 +333,13 @@ def probe_target(embedded: Embedded, target: TargetSplit, probe: str = "logreg",
     # per test image (failed ones count as wrong), for paired comparisons; popped from the report
     correct = np.zeros(len(target.test_labels), dtype=bool)
     correct[np.flatnonzero(ok_test)] = y_pred == y_test
+    chosen_C = getattr(estimator, "C_", None)  # linear probes only
     return {
         "correct": correct,
         "top1": top1_accuracy(y_test, y_pred),
         "mean_per_class": mean_per_class_accuracy(y_test, y_pred),
         # ncm / knn have no regularisation strength; their chosen k or temperature is recorded.
-        "C": float(estimator.C_) if getattr(estimator, "C_", None) is not None else None,
+        "C": float(chosen_C) if chosen_C is not None else None,
         "k": getattr(estimator, "k_", None),
         "n_train": int(len(y_train)),
         "n_test": int(len(y_test)),
@@ -475,7 +480,7 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
             "model_dir": os.path.abspath(model_dir), "embedding_dim": int(desc.feature_dim),
             "architecture": desc.architecture, "method": desc.method,
             "fingerprint": fingerprint, "targets": {}}
-        pipeline = []   # made on the first cache miss, closed before the next model
+        pipeline: list[FeaturePipeline] = []   # made on the first cache miss, closed before the next model
 
         def factory(model_dir=model_dir, pipeline=pipeline):
             if not pipeline:

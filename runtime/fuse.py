@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,9 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     if problem:
         raise FuseError(f"probe does not fit model {model_path}: {problem}")
 
+    W: np.ndarray | None
+    b: np.ndarray | None
+    prep: dict[str, Any]
     if isinstance(probe, KNNProbe):
         W = b = None
         prep = {"l2_normalize": True, "mean": None}
@@ -146,6 +150,7 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     if isinstance(probe, KNNProbe):
         nodes.extend(_knn_nodes(probe, x, op, const))
     else:
+        assert W is not None and b is not None  # every probe but kNN has a linear form
         logits = op("Add", [op("MatMul", [x, const("weight", W)], "matmul"), const("bias", b)],
                     "logits")
         nodes.append(helper.make_node("Softmax", [logits], [PROBABILITIES],

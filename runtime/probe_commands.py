@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -156,7 +157,15 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: P
     import numpy as np
 
     from common.data import DataError, load_dataset
-    from runtime.probes import description_fingerprint, make_probe, save_probe
+    from runtime.probes import (
+        KNNProbe,
+        LinearSVMProbe,
+        LogisticRegressionProbe,
+        NearestClassMeanProbe,
+        description_fingerprint,
+        make_probe,
+        save_probe,
+    )
 
     if C is not None and kind in ("ncm", "knn"):
         raise click.UsageError(f"--C applies to logreg and svm probes, not {kind}")
@@ -200,8 +209,9 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: P
         line = f"fitted {kind} probe on {len(y)} images, {len(estimator.classes_)} classes " \
                f"(level {level_info.name}) in {fit_seconds:.2f} s; train accuracy {train_acc:.4f}"
         click.echo(line)
-        summary = {}
-        if kind in ("logreg", "svm"):
+        # by the probe's class (what `kind` made), so that each branch reads its own attributes
+        summary: dict[str, Any] = {}
+        if isinstance(estimator, (LogisticRegressionProbe, LinearSVMProbe)):
             if estimator.val_scores_:
                 summary = {"C": estimator.C_, "val_accuracy": estimator.val_scores_[estimator.C_]}
                 click.echo(f"validation: C = {estimator.C_:.4g} chosen from "
@@ -211,10 +221,10 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: P
             else:
                 summary = {"C": estimator.C_}
                 click.echo(f"C = {estimator.C_:.4g} (given, or too few images to validate)")
-        elif kind == "knn":
+        elif isinstance(estimator, KNNProbe):
             summary = {"k": estimator.k_}
             click.echo(f"k = {estimator.k_}")
-        else:
+        elif isinstance(estimator, NearestClassMeanProbe):
             summary = {"temperature": estimator.temperature_}
             click.echo(f"softmax temperature = {estimator.temperature_:.4g}")
 
@@ -326,6 +336,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
                 order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
                 for j in range(len(batch)):
                     item_id, path = items[row + j]
+                    record: dict[str, Any]
                     if not ok[j] or not finite[j]:
                         message = batch_errors.get(j, "embedding is not finite" if not ok[j]
                                                    else "probe probabilities are not finite")

@@ -32,6 +32,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -119,6 +121,11 @@ class Probe:
     # learned attributes saved as arrays (npz) and as JSON scalars; set by subclasses
     _array_attrs: tuple[str, ...] = ()
     _scalar_attrs: tuple[str, ...] = ()
+    # every kind defines fit(X, y, X_val=None, y_val=None) -> self, and takes these two
+    # parameters for its seeded validation split
+    fit: Callable[..., Probe]
+    val_fraction: float
+    seed: int
 
     def get_params(self) -> dict:
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
@@ -263,7 +270,8 @@ class _LinearLBFGSProbe(Probe):
     do not depend on the data size); the intercept is not penalised.
     """
 
-    _loss_grad = None
+    # (params, X, y, targets, l2) -> (loss, gradient); set by each kind
+    _loss_grad: Callable[..., tuple[float, np.ndarray]] | None = None
     _array_attrs = ("coef_", "intercept_", "mean_", "scale_", "Cs_tried_", "val_accuracies_")
     _scalar_attrs = ("C_", "temperature_", "n_features_in_", "n_iter_")
 
@@ -348,7 +356,7 @@ class _LinearLBFGSProbe(Probe):
         X, codes = self._with_given_val(X, codes, Xv, cv, X_val)
 
         self.Cs_tried_, self.val_accuracies_ = np.zeros(0), np.zeros(0)
-        params_at = {}
+        params_at: dict[float, np.ndarray] = {}
         # a fixed C needs no validation, except to fit the SVM's probability temperature
         if Xv is not None and (self.C is None or self.kind != "logreg"):
             # standardisation statistics come from the training part only while validating
@@ -697,7 +705,9 @@ def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> Non
     tmp = make_temp_dir(parent, tag="probe")
     try:
         with open(os.path.join(tmp, "probe.npz"), "wb") as f:
-            np.savez(f, **{a: np.asarray(getattr(probe, a)) for a in probe._array_attrs})
+            # typed Any: numpy's stub reads a ** dict as possibly binding allow_pickle: bool
+            arrays: dict[str, Any] = {a: np.asarray(getattr(probe, a)) for a in probe._array_attrs}
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         with open(os.path.join(tmp, "probe.json"), "w") as f:

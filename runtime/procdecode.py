@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.context
 import os
 import sys
 import threading
@@ -44,7 +45,7 @@ from .inputs import RejectedInput
 _PRE: Preprocessing | None = None
 _FAST = True
 _RING: np.ndarray | None = None
-_SHM = None
+_SHM: shared_memory.SharedMemory | None = None
 
 
 def travels(item: Any) -> bool:
@@ -55,8 +56,9 @@ def travels(item: Any) -> bool:
 def _init_worker(pre: Preprocessing, fast: bool, name: str, shape: tuple, dtype: str) -> None:
     global _PRE, _FAST, _RING, _SHM
     _PRE, _FAST = pre, fast
-    _SHM = shared_memory.SharedMemory(name=name)
-    _RING = np.frombuffer(_SHM.buf, np.dtype(dtype), count=int(np.prod(shape))).reshape(shape)
+    _SHM = shm = shared_memory.SharedMemory(name=name)
+    assert shm.buf is not None  # None only once closed
+    _RING = np.frombuffer(shm.buf, np.dtype(dtype), count=int(np.prod(shape))).reshape(shape)
 
 
 def _ready(hold: float) -> int:
@@ -73,20 +75,22 @@ def decode_rows(rows: list[int], items: list, ring: np.ndarray | None = None,
     ring = _RING if ring is None else ring
     pre = pre or _PRE
     fast = _FAST if fast is None else fast
+    assert ring is not None and pre is not None, "outside a worker, pass ring and pre"
     in_place = ring.dtype == np.uint8
+    # None exactly when in_place: the crops then go straight into the ring's rows
     crops = None if in_place else np.zeros((len(items),) + (pre.input_size,) * 2 + (3,), np.uint8)
-    errors = {}
+    errors: dict[int, str] = {}
     for k, item in enumerate(items):
         if isinstance(item, RejectedInput):  # keeps its row; never reaches the decoder
             errors[k] = item.reason
             continue
         try:
-            load_crop(item, pre, fast, out=ring[rows[k]] if in_place else crops[k])
+            load_crop(item, pre, fast, out=ring[rows[k]] if crops is None else crops[k])
         except ImageDecodeError as e:
             errors[k] = str(e)
         except Exception as e:
             errors[k] = f"{type(e).__name__}: {e}"
-    if not in_place:  # one vectorised normalisation for the whole slice
+    if crops is not None:  # one vectorised normalisation for the whole slice
         ring[rows] = normalize_batch(crops, pre)
     return errors
 
@@ -114,7 +118,10 @@ def _script_hidden():
     try:
         yield
     finally:
-        sys.modules["__main__"] = main
+        if main is not None:
+            sys.modules["__main__"] = main
+        else:  # there was none to hide (an embedded interpreter): leave none
+            del sys.modules["__main__"]
 
 
 class DecodeProcesses:
@@ -128,9 +135,12 @@ class DecodeProcesses:
         shape = (slots * batch_size,) + tuple(row_shape)
         count = int(np.prod(shape))
         self._shm = _Segment(create=True, size=max(1, count * dtype.itemsize))
-        self.ring = np.frombuffer(self._shm.buf, dtype, count=count).reshape(shape)
+        assert self._shm.buf is not None  # None only once closed
+        # None once closed, so that the last batch in use, not close(), unmaps the segment
+        self.ring: np.ndarray | None = np.frombuffer(self._shm.buf, dtype, count=count).reshape(shape)
         self._free = list(range(slots))[::-1]
         self._lock = threading.Lock()
+        context: multiprocessing.context.BaseContext
         if "forkserver" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("forkserver")
             # the server imports numpy, PIL and libjpeg-turbo once; workers fork from it
@@ -157,6 +167,7 @@ class DecodeProcesses:
             if not self._free:
                 return None
             slot = self._free.pop()
+        assert self.ring is not None, "DecodeProcesses used after close()"
         base = slot * self.batch_size
         return slot, self.ring[base:base + self.batch_size]
 

@@ -243,7 +243,7 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
             session, ep_error = _new_session(source, session_options(threads), [CPU], [{}])
     if ep_error:
         reasons.append(ep_error)
-    if write_to and os.path.exists(write_to):
+    if write_to and optimized and os.path.exists(write_to):  # write_to is set only with optimized
         os.replace(write_to, optimized)  # whole file or nothing for the next reader
 
     provider = session.get_providers()[0]

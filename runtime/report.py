@@ -22,15 +22,22 @@ With several seeds a target result also has "top1_interval" and "seeds" {"seed",
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from common.atomic import write_bytes_atomic as _write_atomic
 from common.description import save_json_atomic
 
+_Column = tuple[str, Callable[[dict], float], str]
 
-def _columns(report: dict) -> list[tuple[str, callable, str]]:
+
+def _target_top1(target: str) -> Callable[[dict], float]:
+    return lambda m: 100 * m["targets"][target]["top1"]
+
+
+def _columns(report: dict) -> list[_Column]:
     """(header, value getter, format) for every column of the model table."""
     targets = list(report["targets"])
-    cols = [(t, (lambda m, t=t: 100 * m["targets"][t]["top1"]), "{:.1f}") for t in targets]
+    cols: list[_Column] = [(t, _target_top1(t), "{:.1f}") for t in targets]
     cols.append(("mean", lambda m: 100 * m["mean"], "{:.1f}"))
     cols.append(("logit mean", lambda m: m["logit_mean"], "{:.2f}"))
     if report.get("reference"):
