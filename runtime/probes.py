@@ -256,6 +256,84 @@ def _squared_hinge_loss_grad(params, X, y, signs, l2):
     return loss, grad
 
 
+# The fast path's objective. One step's cost is reading X twice (X @ W, then X.T @ dz) from
+# memory: with k = 10 columns both products are bound by memory bandwidth, not arithmetic. Done
+# in blocks of rows that stay in cache, X is read once per step; row ranges go to threads (NumPy
+# releases the GIL in BLAS calls and ufuncs) so both cores stream at once without BLAS's own
+# thread hand-offs for every small product. All in float32, the sums in float64.
+_BLOCK_ROWS = 1024
+_ROWS_PER_THREAD = 4096  # fewer rows per thread: the hand-off costs more than it saves
+
+
+def _logistic_block(z, y, onehot):
+    """(summed NLL, d loss / d logits) of one block of logits; z is overwritten."""
+    z -= z.max(axis=1, keepdims=True)
+    at_label = z[np.arange(len(y)), y].sum(dtype=np.float64)
+    e = np.exp(z, out=z)
+    s = e.sum(axis=1)
+    loss = float(np.log(s).sum(dtype=np.float64) - at_label)
+    e /= s[:, None]
+    e -= onehot
+    return loss, e
+
+
+def _squared_hinge_block(z, y, signs):
+    slack = np.maximum(0.0, 1.0 - signs * z)
+    return float((slack * slack).sum(dtype=np.float64)), -2.0 * signs * slack
+
+
+class _BlockedObjective:
+    """loss, gradient of mean block loss + l2/2 ||W||^2 over float32 X, blocked and threaded.
+
+    Matches `_logistic_loss_grad` / `_squared_hinge_loss_grad` to float32 rounding; used by the
+    fast sweep (the 'full' sweep keeps the float64 functions, unchanged)."""
+
+    def __init__(self, block, X, y, targets, l2, jobs=1):
+        self.block, self.X, self.y, self.l2 = block, X, y, l2
+        self.targets = targets.astype(np.float32)
+        n = len(X)
+        jobs = max(1, min(int(jobs), n // _ROWS_PER_THREAD))
+        self.ranges = [(int(a), int(b)) for a, b in
+                       zip(np.linspace(0, n, jobs + 1)[:-1], np.linspace(0, n, jobs + 1)[1:])]
+        self.pool = None
+        if jobs > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(jobs, thread_name_prefix="probe-objective")
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _rows(self, W, b, lo, hi):
+        G = np.zeros(W.shape)
+        gb = np.zeros(W.shape[1])
+        loss = 0.0
+        for i in range(lo, hi, _BLOCK_ROWS):
+            j = min(i + _BLOCK_ROWS, hi)
+            Xb = self.X[i:j]
+            z = Xb @ W
+            z += b
+            block_loss, dz = self.block(z, self.y[i:j], self.targets[i:j])
+            loss += block_loss
+            G += Xb.T @ dz
+            gb += dz.sum(axis=0, dtype=np.float64)
+        return loss, G, gb
+
+    def __call__(self, params):
+        n, d = self.X.shape
+        k = self.targets.shape[1]
+        W = params[: d * k].reshape(d, k)
+        W32, b32 = W.astype(np.float32), params[d * k:].astype(np.float32)
+        if self.pool is None:
+            parts = [self._rows(W32, b32, *self.ranges[0])]
+        else:
+            parts = list(self.pool.map(lambda r: self._rows(W32, b32, *r), self.ranges))
+        loss = sum(p[0] for p in parts) / n + 0.5 * self.l2 * float(np.vdot(W, W))
+        G = sum(p[1] for p in parts) / n + self.l2 * W
+        gb = sum(p[2] for p in parts) / n
+        return loss, np.concatenate([G.ravel(), gb])
+
+
 class _LinearLBFGSProbe(Probe):
     """Shared fit: standardise, sweep C on validation with warm starts, refit on everything.
 
@@ -264,6 +342,7 @@ class _LinearLBFGSProbe(Probe):
     """
 
     _loss_grad = None
+    _block = None
     _array_attrs = ("coef_", "intercept_", "mean_", "scale_", "Cs_tried_", "val_accuracies_")
     _scalar_attrs = ("C_", "temperature_", "n_features_in_", "n_iter_")
 
@@ -289,16 +368,27 @@ class _LinearLBFGSProbe(Probe):
     def _targets(self, codes: np.ndarray, k: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _solve(self, X, codes, C, start=None, tol=None):
+    def _solve(self, X, codes, C, start=None, tol=None, jobs=1):
+        """L-BFGS from `start` (zeros if None). float32 X (the fast sweep) gets the blocked
+        objective in `jobs` threads; float64 X (the full sweep) the original one."""
         from scipy.optimize import minimize
         n, d = X.shape
         k = len(self.classes_)
         start = np.zeros((d + 1) * k) if start is None else start
-        res = minimize(type(self)._loss_grad, start, args=(X, codes, self._targets(codes, k),
-                                                           1.0 / (C * n)),
-                       jac=True, method="L-BFGS-B",
-                       options={"maxiter": self.max_iter, "gtol": tol or self.tol,
-                                "ftol": (tol or self.tol) * 1e-3, "maxcor": 20})
+        options = {"maxiter": self.max_iter, "gtol": tol or self.tol,
+                   "ftol": (tol or self.tol) * 1e-3, "maxcor": 20}
+        targets = self._targets(codes, k)
+        if X.dtype != np.float32:
+            res = minimize(type(self)._loss_grad, start, args=(X, codes, targets, 1.0 / (C * n)),
+                           jac=True, method="L-BFGS-B", options=options)
+            return res.x, int(res.nit)
+        objective = _BlockedObjective(type(self)._block, X, codes, targets, 1.0 / (C * n), jobs)
+        try:
+            # one BLAS thread per objective thread: BLAS's own threads would only contend
+            with _blas_threads(1 if objective.pool is not None else None):
+                res = minimize(objective, start, jac=True, method="L-BFGS-B", options=options)
+        finally:
+            objective.close()
         return res.x, int(res.nit)
 
     @staticmethod
@@ -379,15 +469,13 @@ class _LinearLBFGSProbe(Probe):
 
         self.mean_, self.scale_ = self._standardizer(X)
         start = params_at.get(self.C_)
-        jobs = self._jobs()
-        # one large problem: here BLAS threads pay off (unlike in the sweep's many small ones)
-        with _blas_threads(jobs if jobs > 1 and X.size >= 2_000_000 else None):
-            # the fast sweep's final fit stops at the sweep's tolerance: on 60,000 x 768 rows
-            # the tighter one took ~1000 L-BFGS steps (scripts/bench_probe.py checks accuracy)
-            tol = None if self.sweep == "full" else max(self.tol, self.sweep_tol)
-            params, self.n_iter_ = self._solve(
-                ((X - self.mean_) / self.scale_).astype(self._work_dtype()), codes, self.C_, start,
-                tol=tol)
+        # the fast sweep's final fit stops at the sweep's tolerance: on 60,000 x 768 rows the
+        # tighter one took ~1000 L-BFGS steps (scripts/bench_probe.py checks accuracy); its
+        # one large problem is split over the cores by rows (see _BlockedObjective)
+        tol = None if self.sweep == "full" else max(self.tol, self.sweep_tol)
+        params, self.n_iter_ = self._solve(
+            ((X - self.mean_) / self.scale_).astype(self._work_dtype()), codes, self.C_, start,
+            tol=tol, jobs=self._jobs())
         d = X.shape[1]
         self.coef_ = params[: d * k].reshape(d, k).T.copy()
         self.intercept_ = params[d * k:].copy()
@@ -423,7 +511,7 @@ class _LinearLBFGSProbe(Probe):
                 results.update(found)
         return results
 
-    def _sweep(self, Xt, ct, Xv, cv, Cs, params_at, results=None, patience=None):
+    def _sweep(self, Xt, ct, Xv, cv, Cs, params_at, results=None, patience=None, jobs=1):
         """Fit each C in increasing order, warm-starting from the nearest smaller C fitted
         (to the looser `sweep_tol`: the choice needs accuracies, not exact optima). With
         `patience`, stop once that many consecutive Cs fail to beat the best accuracy: past
@@ -436,7 +524,8 @@ class _LinearLBFGSProbe(Probe):
                 continue
             smaller = [c for c in params_at if c < C]
             start = params_at[max(smaller)] if smaller else None
-            params, _ = self._solve(Xt, ct, C, start, tol=max(self.tol, self.sweep_tol))
+            params, _ = self._solve(Xt, ct, C, start, tol=max(self.tol, self.sweep_tol),
+                                    jobs=jobs)
             params_at[C] = params
             scores = self._decision(params, Xv, k)
             acc = float(np.mean(scores.argmax(axis=1) == cv))
@@ -486,6 +575,7 @@ class LogisticRegressionProbe(_LinearLBFGSProbe):
 
     kind = "logreg"
     _loss_grad = staticmethod(_logistic_loss_grad)
+    _block = staticmethod(_logistic_block)
 
     def _targets(self, codes, k):
         return np.eye(k)[codes]
@@ -501,6 +591,7 @@ class LinearSVMProbe(_LinearLBFGSProbe):
 
     kind = "svm"
     _loss_grad = staticmethod(_squared_hinge_loss_grad)
+    _block = staticmethod(_squared_hinge_block)
 
     def _targets(self, codes, k):
         return np.where(np.eye(k, dtype=bool)[codes], 1.0, -1.0)
