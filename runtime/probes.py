@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -351,7 +352,8 @@ class _LinearLBFGSProbe(Probe):
     """
 
     _loss_grad = None
-    _block = None
+    # (logits block, labels, targets) -> (summed loss, d loss / d logits); see _BlockedObjective
+    _block: Callable[..., tuple[float, np.ndarray]] | None = None
     _array_attrs = ("coef_", "intercept_", "mean_", "scale_", "Cs_tried_", "val_accuracies_")
     _scalar_attrs = ("C_", "temperature_", "n_features_in_", "n_iter_")
 
