@@ -501,7 +501,7 @@ class _LinearLBFGSProbe(Probe):
         self.mean_, self.scale_ = self._standardizer(X)
         start = self._final_start(params_at, sweep_rows, len(X))
         # the fast sweep's final fit: one large problem, its rows split over the cores (see
-        # _BlockedObjective), warm-started from the sweep's solution at the chosen C
+        # _BlockedObjective), warm-started from the sweep's solution at the same penalty
         tol = self._final_tol()
         params, self.n_iter_ = self._solve(
             ((X - self.mean_) / self.scale_).astype(self._work_dtype()), codes, self.C_, start,
