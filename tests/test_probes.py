@@ -106,6 +106,44 @@ def test_logreg_matches_scikit_learn_at_fixed_C(digits_pixels):
     assert np.abs(ours.predict_proba(X_test) - theirs).max() < 1e-3
 
 
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_fast_objective_matches_the_float64_one(digits_pixels, monkeypatch, kind):
+    """The fast sweep's objective (float32, blocks of rows, row ranges in threads) gives the
+    original float64 loss and gradient to float32 rounding, whatever the blocks and threads."""
+    from runtime import probes
+    X, y, _, _ = digits_pixels
+    std = X.std(axis=0)
+    Xs = (X - X.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    probe = make_probe(kind)
+    codes = probe._encode(y)
+    targets = probe._targets(codes, 10)
+    params = np.random.default_rng(0).normal(0.0, 0.05, (Xs.shape[1] + 1) * 10)
+    want_loss, want_grad = type(probe)._loss_grad(params, Xs, codes, targets, 1e-3)
+    # small blocks and ranges so that 1257 rows give uneven blocks in three threads
+    monkeypatch.setattr(probes, "_BLOCK_ROWS", 100)
+    monkeypatch.setattr(probes, "_ROWS_PER_THREAD", 300)
+    for jobs in (1, 3):
+        objective = probes._BlockedObjective(type(probe)._block, Xs.astype(np.float32), codes,
+                                             targets, 1e-3, jobs)
+        try:
+            assert len(objective.ranges) == jobs and (objective.pool is None) == (jobs == 1)
+            loss, grad = objective(params)
+        finally:
+            objective.close()
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        np.testing.assert_allclose(grad, want_grad, rtol=0, atol=1e-5 * np.abs(want_grad).max())
+
+
+def test_fast_sweep_scores_strong_regularisation_at_its_optimum(digits_pixels):
+    """At C = 1e-6 the optimum is W ~ 0 with the intercept at the log class priors; the fast
+    sweep's loose tolerance must still score that optimum, not an early stop on the way."""
+    X, y, _, _ = digits_pixels
+    full = LogisticRegressionProbe(sweep="full").fit(X, y)
+    fast = LogisticRegressionProbe(n_jobs=2).fit(X, y)
+    assert fast.val_scores_[1e-6] == pytest.approx(full.val_scores_[1e-6], abs=0.01)
+    assert fast.val_scores_[1e-6] < 0.6  # a far weaker classifier than at the chosen C
+
+
 def test_string_labels_and_explicit_validation(digits_pixels):
     X, y, X_test, y_test = digits_pixels
     names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
