@@ -139,7 +139,6 @@ def test_kill_9_then_resume(model_dir, pipe, digit_paths, tmp_path):
                 complete = 0
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
         assert complete >= 1
-        time.sleep(0.5)  # let it drain what it has and wait on the pipe
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
