@@ -5,9 +5,14 @@ with a batch-1 server and with the offline pipeline, in one run.
 For each model: the offline FeaturePipeline's end-to-end throughput (JPEG files -> embeddings,
 batch --max-batch, no server running), then a server with dynamic batching (--max-batch,
 --max-delay-ms) and a batch-1 server (--max-batch 1 --max-delay-ms 0), each under 1, 8 and 32
-concurrent single-image clients (asyncio + httpx, the binary tensor protocol, JPEG bytes from
-the benchmark corpus). Prints a table and writes OUT.json and OUT.png. Run it on a quiet
-machine: the figures are timings. Models are exported like scripts/bench_runtime.sh does:
+concurrent single-image clients (the binary tensor protocol, JPEG bytes from the benchmark
+corpus). The clients are benchmarks/loadgen.py in a process of their own: a lean closed-loop load
+generator (about 0.07 CPU ms a request), because on a 2-core machine the client's CPU is taken
+from the server it measures; one more row repeats the most clients with a Python httpx client
+(about 1-2 CPU ms a request) to show that cost. Each row also gives the server's and the
+client's CPU time per request (Linux /proc), which is what sets the ceiling here. Prints a table
+and writes OUT.json and OUT.png. Run it on a quiet machine: the figures are timings. Models are
+exported like scripts/bench_runtime.sh does:
 
     python scripts/bench_serve.py --export resnet18:224 --export small_cnn:32 \
         --work bench-out/serve --requests 512 --out bench-out/serve/bench-serve
@@ -53,16 +58,20 @@ def export_model(spec: str, work: str, corpus: str) -> str:
     return model
 
 
-def offline_throughput(model_dir: str, paths: list[str], batch_size: int, repeats: int) -> float:
+def offline_passes(model_dir: str, paths: list[str], batch_size: int,
+                   repeats: int) -> list[dict]:
+    """`repeats` timed passes of the offline pipeline: images/s and CPU ms per image each."""
     from runtime import FeaturePipeline
     with FeaturePipeline(model_dir, device="cpu", batch_size=batch_size) as pipe:
         pipe.embed(paths[:batch_size * 2])  # warm-up: sessions, pools
-        rates = []
+        passes = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            cpu0, start = time.process_time(), time.perf_counter()
             result = pipe.embed(paths)
-            rates.append(len(result) / (time.perf_counter() - start))
-    return float(np.median(rates))
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+            passes.append({"images_per_s": len(result) / wall,
+                           "cpu_ms_per_image": 1000 * cpu / len(result)})
+    return passes
 
 
 def _free_port() -> int:
@@ -119,7 +128,8 @@ def request_body(jpeg: bytes) -> tuple[bytes, dict]:
                            "Content-Type": "application/octet-stream"}
 
 
-async def _load(port: int, bodies: list, clients: int, requests: int) -> dict:
+async def _httpx_load(port: int, bodies: list, clients: int, requests: int) -> dict:
+    """The same closed loop with httpx.AsyncClient in this process (a typical Python client)."""
     import httpx
     url = f"http://127.0.0.1:{port}/v2/models/m/infer"
     latencies: list[float] = []
@@ -138,24 +148,61 @@ async def _load(port: int, bodies: list, clients: int, requests: int) -> dict:
         for k in range(min(clients, len(bodies))):  # warm-up: connections, first batches
             body, headers = bodies[k]
             await client.post(url, content=body, headers=headers)
-        start = time.perf_counter()
+        cpu0, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": requests, "failures": failures,
             "images_per_s": requests / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+            "p99_ms": float(np.percentile(ms, 99)),
+            "client_cpu_ms_per_request": 1000 * cpu / requests}
 
 
-def measure_server(model_dir: str, bodies: list, concurrency: list[int], requests: int,
-                   max_batch: int, max_delay_ms: float, workers: int, log_path: str) -> list:
+def _loadgen(port: int, bodies_npz: str, clients: int, requests: int) -> dict:
+    """benchmarks/loadgen.py in its own process; its JSON line back."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--port", str(port),
+                           "--path", "/v2/models/m/infer", "--bodies", bodies_npz,
+                           "--clients", str(clients), "--requests", str(requests)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measure_server(model_dir: str, bodies: list, bodies_npz: str, concurrency: list[int],
+                   requests: int, max_batch: int, max_delay_ms: float, workers: int,
+                   log_path: str, httpx_at: int | None = None) -> list:
+    """Rows for each client count (load generator), and one httpx row at `httpx_at` clients."""
     proc, port = start_server(model_dir, max_batch, max_delay_ms, workers, log_path)
     try:
         rows = []
-        for c in concurrency:
-            row = asyncio.run(_load(port, bodies, c, requests))
-            log(f"    {c:3d} clients: {row['images_per_s']:8.1f} img/s, p50 "
-                f"{row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
+        plan = [(c, "loadgen") for c in concurrency] + (
+            [(httpx_at, "httpx")] if httpx_at else [])
+        for c, client in plan:
+            before = _process_cpu_s(proc.pid)
+            if client == "loadgen":
+                row = _loadgen(port, bodies_npz, c, requests)
+            else:
+                row = asyncio.run(_httpx_load(port, bodies, c, requests))
+            after = _process_cpu_s(proc.pid)
+            # warm-up requests are counted too (one per client): they ran on the server as well
+            row["server_cpu_ms_per_request"] = (None if before is None or after is None else
+                                                1000 * (after - before) / (requests + c))
+            row["client"] = client
+            log(f"    {c:3d} clients ({client}): {row['images_per_s']:8.1f} img/s, p50 "
+                f"{row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, CPU ms/request server "
+                f"{_fmt(row['server_cpu_ms_per_request'])} client "
+                f"{_fmt(row['client_cpu_ms_per_request'])}"
                 + (f", {row['failures']} failed" if row["failures"] else ""))
             rows.append(row)
         return rows
@@ -163,21 +210,33 @@ def measure_server(model_dir: str, bodies: list, concurrency: list[int], request
         stop_server(proc)
 
 
+def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'model':16s} {'setting':28s} {'clients':>7s} {'img/s':>8s} {'p50 ms':>8s} "
-             f"{'p99 ms':>8s} {'vs offline':>10s}"]
+    lines = [f"{'model':14s} {'setting':26s} {'client':>7s} {'clients':>7s} {'img/s':>8s} "
+             f"{'p50 ms':>8s} {'p99 ms':>8s} {'vs offline':>10s} {'CPU ms: server':>14s} "
+             f"{'client':>6s}"]
     for m in report["models"]:
         off = m["offline_images_per_s"]
-        lines.append(f"{m['name']:16s} {'offline pipeline (files)':28s} {'-':>7s} {off:8.1f} "
-                     f"{'-':>8s} {'-':>8s} {'100%':>10s}")
+        lines.append(f"{m['name']:14s} {'offline pipeline (files)':26s} {'-':>7s} {'-':>7s} "
+                     f"{off:8.1f} {'-':>8s} {'-':>8s} {'100%':>10s} "
+                     f"{m['offline_cpu_ms_per_image']:14.2f} {'-':>6s}")
         for setting, rows in m["servers"].items():
             for r in rows:
-                lines.append(f"{m['name']:16s} {setting:28s} {r['clients']:7d} "
-                             f"{r['images_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-                             f"{r['images_per_s'] / off:10.0%}")
+                lines.append(f"{m['name']:14s} {setting:26s} {r['client']:>7s} "
+                             f"{r['clients']:7d} {r['images_per_s']:8.1f} {r['p50_ms']:8.1f} "
+                             f"{r['p99_ms']:8.1f} {r['images_per_s'] / off:10.0%} "
+                             f"{_fmt(r['server_cpu_ms_per_request']):>14s} "
+                             f"{_fmt(r['client_cpu_ms_per_request']):>6s}")
         floor = m["floor"]
-        lines.append(f"{'':16s} floor: {floor['clients']} clients >= {FLOOR:.0%} of offline: "
-                     f"{floor['ratio']:.0%} -> {'met' if floor['met'] else 'NOT met'}")
+        lines.append(f"{'':14s} floor: {floor['clients']} clients >= {FLOOR:.0%} of offline: "
+                     f"{floor['ratio']:.0%} -> {'met' if floor['met'] else 'NOT met'}; CPU "
+                     f"ceiling (offline CPU / (server + client CPU) per image): "
+                     f"{_fmt(floor['cpu_ceiling'], '{:.0%}')}; offline passes "
+                     + ", ".join(f"{p['images_per_s']:.0f}" for p in m["offline_passes"])
+                     + " img/s")
     return "\n".join(lines)
 
 
@@ -191,7 +250,8 @@ def write_chart(report: dict, path: str) -> None:
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
     for j, m in enumerate(models):
         top, bottom = axes[0][j], axes[1][j]
-        for setting, rows in m["servers"].items():
+        for setting, all_rows in m["servers"].items():
+            rows = [r for r in all_rows if r.get("client", "loadgen") == "loadgen"]
             xs = [r["clients"] for r in rows]
             top.plot(xs, [r["images_per_s"] for r in rows], marker="o", label=setting)
             bottom.plot(xs, [r["p50_ms"] for r in rows], marker="o", label=f"{setting} p50")
@@ -245,6 +305,7 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
     from common.description import save_json_atomic
     from common.files import iter_image_files
     from runtime.providers import available_cores
+    from runtime.service.protocol import HEADER_LENGTH
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
     if not levels or min(levels) < 1:
@@ -262,30 +323,43 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
         with open(p, "rb") as f:
             bodies.append(request_body(f.read()))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    from benchmarks.loadgen import save_bodies
+    bodies_npz = f"{out}-bodies.npz"
+    save_bodies(bodies_npz, [(b, int(h[HEADER_LENGTH])) for b, h in bodies])
     report: dict = {"machine": {"cpu": _cpu(), "cores": available_cores(),
                                 "load_average": list(os.getloadavg())},
                     "settings": {"images": len(paths), "requests": requests,
                                  "concurrency": levels, "max_batch": max_batch,
                                  "max_delay_ms": max_delay_ms, "workers": workers,
-                                 "corpus": corpus},
+                                 "corpus": corpus, "client": "benchmarks/loadgen.py"},
                     "models": []}
     for model_dir in model_dirs:
         name = os.path.basename(os.path.normpath(model_dir))
+        # offline passes before and after the servers: the ratio is to their median, so a
+        # machine whose speed drifts during the run does not bias it either way
         log(f"{name}: offline pipeline on {len(paths)} files ...")
-        offline = offline_throughput(model_dir, paths, max_batch, repeats)
-        log(f"    {offline:.1f} img/s")
+        passes = offline_passes(model_dir, paths, max_batch, (repeats + 1) // 2)
         servers = {}
         for setting, mb, delay in ((f"server, batch <= {max_batch}", max_batch, max_delay_ms),
                                    ("server, batch 1", 1, 0.0)):
             log(f"{name}: {setting} ...")
-            servers[setting] = measure_server(model_dir, bodies, levels, requests, mb, delay,
-                                              workers, f"{out}-{name}-{mb}.log")
-        top = servers[f"server, batch <= {max_batch}"][-1]
+            servers[setting] = measure_server(
+                model_dir, bodies, bodies_npz, levels, requests, mb, delay, workers,
+                f"{out}-{name}-{mb}.log", httpx_at=max(levels) if mb > 1 else None)
+        passes += offline_passes(model_dir, paths, max_batch, repeats // 2 or 1)
+        offline = float(np.median([p["images_per_s"] for p in passes]))
+        offline_cpu = float(np.median([p["cpu_ms_per_image"] for p in passes]))
+        log(f"    offline {offline:.1f} img/s ({offline_cpu:.2f} CPU ms an image)")
+        top = [r for r in servers[f"server, batch <= {max_batch}"]
+               if r["client"] == "loadgen"][-1]
         ratio = top["images_per_s"] / offline
-        report["models"].append({"name": name, "model_dir": model_dir,
-                                 "offline_images_per_s": offline, "servers": servers,
-                                 "floor": {"clients": top["clients"], "ratio": ratio,
-                                           "met": ratio >= FLOOR}})
+        spent = (top["server_cpu_ms_per_request"] or 0) + top["client_cpu_ms_per_request"]
+        report["models"].append({
+            "name": name, "model_dir": model_dir, "offline_images_per_s": offline,
+            "offline_cpu_ms_per_image": offline_cpu, "offline_passes": passes,
+            "servers": servers,
+            "floor": {"clients": top["clients"], "ratio": ratio, "met": ratio >= FLOOR,
+                      "cpu_ceiling": offline_cpu / spent if spent else None}})
     save_json_atomic(f"{out}.json", report)
     write_chart(report, f"{out}.png")
     click.echo(format_table(report))

@@ -141,6 +141,25 @@ def test_batcher_groups_concurrent_requests_up_to_max_batch():
     assert sizes == [4, 4, 2, 6]
 
 
+def test_batcher_shares_waiting_requests_between_idle_workers():
+    # 8 requests that arrive together run as two batches of 4 side by side, not one batch of 8
+    # on one worker while the other idles (each worker has half the cores for its model)
+    sizes, both_running = [], threading.Barrier(2, timeout=10)
+
+    def run(items):
+        sizes.append(len(items))
+        both_running.wait()  # fails (BrokenBarrierError) unless the two batches overlap
+        return items
+
+    batcher = Batcher(run, max_batch=32, max_delay_s=0.2, max_queue=100, workers=2)
+    try:
+        futures = [batcher.submit([i]) for i in range(8)]
+        assert [f.result(timeout=20) for f in futures] == [[i] for i in range(8)]
+    finally:
+        batcher.close(timeout=10)
+    assert sizes == [4, 4]
+
+
 def test_batcher_queue_bound_failures_and_cancellation():
     gate = threading.Event()
 

@@ -8,8 +8,12 @@
 in the caller's (the web server's event loop). One worker at a time gathers a batch: it waits
 for the oldest request's `max_delay_s` to pass or for `max_batch` items, takes whole requests
 (a request larger than max_batch runs alone), then runs the batch while the next worker gathers
-the next one. A request whose future was cancelled before its batch started (a client that
-timed out) is dropped. `submit` raises QueueFull when `max_queue` requests already wait.
+the next one. When other workers are idle, the waiting requests are shared out between them
+rather than taken by the first: on a CPU each worker runs the model with cores / workers
+threads, so one big batch alone would leave the other cores idle (8 clients that resend at
+once used to run as one batch of 8 on one core). A request whose future was cancelled before
+its batch started (a client that timed out) is dropped. `submit` raises QueueFull when
+`max_queue` requests already wait.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class Batcher:
         if max_batch < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0:
             raise ValueError("max_batch, max_queue and workers must be >= 1, max_delay_s >= 0")
         self.run_batch, self.max_batch, self.max_delay_s = run_batch, max_batch, max_delay_s
-        self.max_queue, self.on_batch = max_queue, on_batch
+        self.max_queue, self.on_batch, self.workers = max_queue, on_batch, workers
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._gather = threading.Lock()  # one worker gathers at a time
@@ -93,17 +97,23 @@ class Batcher:
                 if pending >= self.max_batch or left <= 0:
                     break
                 self._cond.wait(left)
+            # this worker and the others waiting to gather share what is queued now
+            idle = max(1, self.workers - self.busy_)
+            pending = sum(len(r.items) for r in self._queue)
+            limit = min(self.max_batch, -(-pending // idle))
             taken: list[_Request] = []
             count = 0
             while self._queue:
                 n = len(self._queue[0].items)
-                if taken and count + n > self.max_batch:
+                if taken and count + n > limit:
                     break
                 request = self._queue.popleft()
                 if not request.future.set_running_or_notify_cancel():
                     continue  # its client gave up before the batch started
                 taken.append(request)
                 count += n
+            if taken:
+                self.busy_ += 1  # before the next worker gathers, so it sees this one busy
             return taken
 
     def _work(self) -> None:
@@ -116,8 +126,6 @@ class Batcher:
                 continue
             items = [x for r in taken for x in r.items]
             start = time.perf_counter()
-            with self._cond:
-                self.busy_ += 1
             try:
                 results = self.run_batch(items)
                 if len(results) != len(items):
