@@ -91,6 +91,7 @@ def serve(model_dir, probe_specs, name, host, port, device, max_batch, max_delay
                       max_queue=max_queue, timeout_s=timeout_s, max_body_mb=max_body_mb,
                       on_fatal=fatal)
     config = uvicorn.Config(build_app(service), host=host, port=port, log_level=log_level,
+                            proxy_headers=False,  # no proxy in front by default: one layer less
                             timeout_graceful_shutdown=int(timeout_s) + 5, access_log=False)
     server = uvicorn.Server(config)
     click.echo(f"serving {model.name} from {model_dir} on http://{host}:{port} "
