@@ -187,3 +187,16 @@ def test_fashion_view_counts_every_target_but_its_source_domain():
     table = study.results_table(view["models"], [fm, "x", "y"], ["x", "y"], vs, {})
     assert f"| {fm} (source domain, not counted) | x | y |" in table[0]
     assert table[3].startswith("| F: FiNet (finer) | 8 | 0.00M | 10.0 | 75.0 | 80.0 | 77.5 |")
+
+
+def test_a_finished_emoji_run_is_reused_and_a_changed_one_refused(tmp_path):
+    import click
+    specific = next(t for t in study.training_plan("small") if t.name == "specific")
+    run = tmp_path / "specific"
+    run.mkdir()
+    (run / "study_args.json").write_text(json.dumps(SPECIFIC_SMALL_RECORD))
+    (run / "model.pt").write_bytes(b"")          # finished: train_run must not start training
+    assert study.train_run(specific, str(run), threads=1) is False
+    (run / "study_args.json").write_text(json.dumps(SPECIFIC_SMALL_RECORD[:-1] + ["standard"]))
+    with pytest.raises(click.ClickException, match="other options"):
+        study.train_run(specific, str(run), threads=1)
