@@ -48,6 +48,7 @@ from common.description import save_json_atomic  # noqa: E402
 from common.model_dir import DESCRIPTION_FILE, MODEL_FILE  # noqa: E402
 
 SOURCE = "emoji:styles=google,skin=5"
+FASHION_SOURCE = "fashion-mnist:per_class={}"    # the second source arm, images per class by scale
 TARGET_STYLE = "twitter"
 
 # Everything that changes with the time budget. Epoch counts are per training run.
@@ -237,14 +238,15 @@ def training_plan(scale: str, seed: int = 0, replicate: int = 0) -> list[TrainSt
 
 
 def fashion_data(scale: str) -> str:
-    return f"fashion-mnist:per_class={SCALES[scale]['fashion']['per_class']}"
+    """The F arm's source at a scale."""
+    return FASHION_SOURCE.format(SCALES[scale]["fashion"]["per_class"])
 
 
 def fashion_steps(s: dict, arch: list[str], seed: int) -> list[TrainStep]:
     """The second source arm: Fashion-MNIST, generic (5) > specific (10), hundreds of images per
     specific class (so Net-S can learn, and FiNet's clusters of 20 exist), same small CNN."""
     f = s["fashion"]
-    data = f"fashion-mnist:per_class={f['per_class']}"
+    data = FASHION_SOURCE.format(f["per_class"])
 
     def trained(seed_: int) -> list[str]:
         # standard augmentation: with hundreds of images per class the network does not
