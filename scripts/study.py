@@ -803,7 +803,9 @@ def fashion_section(view: dict, vs_control: dict, params: dict, meta: dict) -> l
                   + (f" (not {', '.join(shown)})." if shown else "."), ""]
         lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line
                   for line in rigour]
-    return lines if lines[-1] == "" else lines + [""]
+    while lines[-1] == "":          # the page adds the blank line before the next section
+        lines.pop()
+    return lines
 
 
 def _comparison(report: dict, model: str, control: str) -> str:
