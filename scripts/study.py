@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""The reproduction study (issue 6): train every source-problem variant on emoji, export the
-networks and their combinations, evaluate them all with linear probes, write the results page.
+"""The reproduction study (issue 6): train every source-problem variant on emoji (and on a second
+source, Fashion-MNIST), export the networks and their combinations, evaluate them all with linear
+probes, write the results page.
 
-    python scripts/study.py --scale small            # ~60 min on 2 idle cores -> docs/results.md
+    python scripts/study.py --scale small            # ~66 min on 2 idle cores -> docs/results.md
     python scripts/study.py --scale full             # ~2 h, more epochs and probe images
     python scripts/study.py --scale pilot            # a few minutes: proves the pipeline
     python scripts/study.py --scale smoke --seeds 2  # a dry run of every stage (page under WORK)
@@ -14,6 +15,12 @@ levels category (10) > subcategory (99) > emoji (1,910). Twitter-style emoji are
 training: they are a cross-style target, labelled at the subcategory and category levels (a
 1,910-way probe with about one image per class would be degenerate), materialised as flat
 ImageFolders under WORK/targets/.
+
+A second source arm trains the same recipes on Fashion-MNIST's two levels, generic (5) >
+specific (10), with hundreds of images per class (`fashion-mnist:per_class=N`, N by scale), where
+the specific network is not starved and FiNet's clusters of 20 exist. Its rows ("F: ...") have
+their own table and reference (F: Net-S specific); the fashion-mnist target, their source domain,
+is shown there but not counted. At `small` it adds about 6-8 training minutes per seed.
 
 Resumable: a run with model.pt, an exported model with model.onnx and cached embeddings are
 reused; an interrupted training resumes from its checkpoint. Per-stage wall times go to
@@ -38,32 +45,39 @@ import numpy as np  # noqa: E402
 
 from common.atomic import atomic_open  # noqa: E402
 from common.description import save_json_atomic  # noqa: E402
-from common.model_dir import MODEL_FILE  # noqa: E402
+from common.model_dir import DESCRIPTION_FILE, MODEL_FILE  # noqa: E402
 
 SOURCE = "emoji:styles=google,skin=5"
+FASHION_SOURCE = "fashion-mnist:per_class={}"    # the second source arm, images per class by scale
 TARGET_STYLE = "twitter"
 
 # Everything that changes with the time budget. Epoch counts are per training run.
+# `fashion` is the second source arm: images per class (and per split) of Fashion-MNIST, epochs,
+# and FiNet's smallest cluster: the paper's 20 where classes hold hundreds of images; the dry
+# runs' 10-20 images per class could not make two clusters of 20, so they use less.
 SCALES = {
     # a dry run: proves every stage runs end to end (minutes), figures mean nothing
     "smoke": dict(epochs=1, input_size=32, width=8, max_per_class=5, train_per_class=1,
                   targets=["digits:per_class=10", "emoji-twitter-category"],
                   probe_params={"Cs": [1e-2, 1e0], "refine": 0},
-                  lite0=dict(input_size=64, epochs=1, per_class=1), budget_min=5),
+                  lite0=dict(input_size=64, epochs=1, per_class=1),
+                  fashion=dict(per_class=10, epochs=1, finer_min_size=2), budget_min=5),
     "pilot": dict(epochs=1, input_size=32, width=16, max_per_class=20,
                   targets=["fashion-mnist:per_class=20", "emoji-twitter-category"],
                   probe_params={"Cs": [1e-3, 1e-1, 1e1, 1e3], "refine": 0},
-                  lite0=dict(input_size=96, epochs=1, per_class=2), budget_min=10),
+                  lite0=dict(input_size=96, epochs=1, per_class=2),
+                  fashion=dict(per_class=20, epochs=1, finer_min_size=5), budget_min=10),
     "small": dict(epochs=12, input_size=48, width=32, max_per_class=100,
                   targets=["fashion-mnist:per_class=100", "mnist", "digits",
                            "emoji-twitter-subcategory", "emoji-twitter-category"],
                   probe_params={"refine": 0},
-                  lite0=dict(input_size=96, epochs=2, per_class=3), budget_min=60),
+                  lite0=dict(input_size=96, epochs=2, per_class=3),
+                  fashion=dict(per_class=200, epochs=6, finer_min_size=20), budget_min=66),
     "full": dict(epochs=16, input_size=48, width=32, max_per_class=200,
                  targets=["fashion-mnist:per_class=200", "mnist", "digits",
                           "emoji-twitter-subcategory", "emoji-twitter-category"],
                  probe_params={}, lite0=dict(input_size=128, epochs=3, per_class=6),
-                 budget_min=120),
+                 fashion=dict(per_class=500, epochs=10, finer_min_size=20), budget_min=145),
 }
 
 # Networks combined by concatenating their L-inf normalised embeddings (export_runs).
@@ -80,6 +94,11 @@ COMBINATIONS = {
     "Lite0 + multilevel-tuned Lite0": ["efficientnet-lite0", "lite0-multilevel"],
     "Lite0 + FSFT-tuned Lite0": ["efficientnet-lite0", "lite0-fsft"],
     "control: Lite0 + random twin": ["efficientnet-lite0", "lite0-random"],
+    # the second source arm (Fashion-MNIST): the same recipes where Net-S is not starved
+    "F: MuCaLe-Net (spe+gen)": ["fashion-specific", "fashion-generic"],
+    "F: SpeFiNet (spe+finer)": ["fashion-specific", "fashion-finer"],
+    "F control: 2 seeds (spe+spe)": ["fashion-specific", "fashion-specific-seed1"],
+    "F control: spe+random twin": ["fashion-specific", "fashion-random"],
 }
 # runs that do not depend on the training seed (trained once, shared by every replicate)
 SEEDLESS = {"efficientnet-lite0"}
@@ -97,6 +116,12 @@ SINGLES = {
     "efficientnet-lite0": "EfficientNet-Lite0 ImageNet",
     "lite0-multilevel": "Lite0 multilevel-tuned",
     "lite0-fsft": "Lite0 FSFT-tuned",
+    "fashion-specific": "F: Net-S specific",
+    "fashion-generic": "F: Net-G generic",
+    "fashion-multilevel": "F: multilevel joint",
+    "fashion-finer": "F: FiNet (finer)",
+    "fashion-specific-seed1": "F: specific seed 1",
+    "fashion-random": "F control: random weights",
 }
 # paired comparisons on the page: (network or combination, control)
 PAIRS = [(name, "control: 2 seeds (spe+spe)") for name in
@@ -110,9 +135,27 @@ PAIRS = [(name, "control: 2 seeds (spe+spe)") for name in
     ("Lite0 FSFT-tuned", "EfficientNet-Lite0 ImageNet"),
     ("Lite0 + multilevel-tuned Lite0", "control: Lite0 + random twin"),
     ("Lite0 + FSFT-tuned Lite0", "control: Lite0 + random twin"),
-    ("control: Lite0 + random twin", "EfficientNet-Lite0 ImageNet")]
+    ("control: Lite0 + random twin", "EfficientNet-Lite0 ImageNet")] + [
+    (name, "F control: 2 seeds (spe+spe)") for name in
+    ("F: MuCaLe-Net (spe+gen)", "F: SpeFiNet (spe+finer)", "F control: spe+random twin")] + [
+    ("F: Net-S specific", "F control: random weights"), ("F: FiNet (finer)", "F: Net-S specific"),
+    ("F: Net-G generic", "F: Net-S specific"), ("F: multilevel joint", "F: Net-S specific")]
 REFERENCE = "specific"
 REFERENCE_NAME = SINGLES[REFERENCE]
+# The Fashion-MNIST arm is reported in its own table, relative to its own Net-S and 2-seed
+# control, without the fashion-mnist target: its probe images overlap the arm's source images.
+FASHION_REFERENCE_NAME = SINGLES["fashion-specific"]
+FASHION_CONTROL = "F control: 2 seeds (spe+spe)"
+
+
+def in_fashion_arm(row: str) -> bool:
+    """Whether a page row (single network, combination or control) belongs to the F arm."""
+    return row.startswith(("F: ", "F control: "))
+
+
+def is_fashion_source_domain(target: str) -> bool:
+    """Whether a target is Fashion-MNIST, the F arm's own source domain (not counted there)."""
+    return target.split(":", 1)[0] == "fashion-mnist"
 
 
 @dataclass
@@ -120,6 +163,12 @@ class TrainStep:
     name: str
     args: list[str]                 # `cli.py train` options besides --data/--out/--threads
     after: list[str] = field(default_factory=list)   # runs it needs (--from)
+    data: str = SOURCE              # what it trains on (--data)
+
+    def record(self) -> list:
+        """What RUN_DIR/study_args.json holds: a run made with other options is refused. The
+        emoji runs' records predate `data` and must stay as they are (their data first)."""
+        return [self.data] + self.args + self.after
 
 
 def replicate_name(run: str, replicate: int) -> str:
@@ -179,7 +228,7 @@ def training_plan(scale: str, seed: int = 0, replicate: int = 0) -> list[TrainSt
                   + lite_trained, after=["efficientnet-lite0"]),
         TrainStep("lite0-random", ["--arch", "efficientnet_lite0", "--epochs", "0",
                                    "--seed", str(seed + 100)] + lite_data),
-    ]
+    ] + fashion_steps(s, arch, seed)
     for step in steps:
         step.name = replicate_name(step.name, replicate)
         step.after = [replicate_name(a, replicate) for a in step.after]
@@ -188,15 +237,52 @@ def training_plan(scale: str, seed: int = 0, replicate: int = 0) -> list[TrainSt
     return steps
 
 
+def fashion_data(scale: str) -> str:
+    """The F arm's source at a scale."""
+    return FASHION_SOURCE.format(SCALES[scale]["fashion"]["per_class"])
+
+
+def fashion_steps(s: dict, arch: list[str], seed: int) -> list[TrainStep]:
+    """The second source arm: Fashion-MNIST, generic (5) > specific (10), hundreds of images per
+    specific class (so Net-S can learn, and FiNet's clusters of 20 exist), same small CNN."""
+    f = s["fashion"]
+    data = FASHION_SOURCE.format(f["per_class"])
+
+    def trained(seed_: int) -> list[str]:
+        # standard augmentation: with hundreds of images per class the network does not
+        # memorise them, and strong jitter/greyscale would mean little on grey clothing photos
+        return arch + ["--epochs", str(f["epochs"]), "--seed", str(seed_)]
+
+    return [
+        TrainStep("fashion-specific", ["--method", "specific"] + trained(seed), data=data),
+        TrainStep("fashion-generic", ["--method", "generic", "--level", "generic"]
+                  + trained(seed), data=data),
+        TrainStep("fashion-multilevel", ["--method", "multilevel"] + trained(seed), data=data),
+        # FiNet as the paper runs it: automatic split-then-merge, no cluster under ~20 images.
+        # --allow-unsplit keeps a long unattended study going if nothing splits; the page reads
+        # the split actually made from the run's description and says so.
+        TrainStep("fashion-finer", ["--method", "finer", "--finer-mode", "auto",
+                                    "--finer-min-size", str(f["finer_min_size"]),
+                                    "--allow-unsplit"] + trained(seed),
+                  after=["fashion-specific"], data=data),
+        TrainStep("fashion-specific-seed1", ["--method", "specific"] + trained(seed + 1),
+                  data=data),
+        # the emoji arm's random seed: the same random backbone, one control for both arms
+        TrainStep("fashion-random", ["--method", "specific"] + arch
+                  + ["--epochs", "0", "--seed", str(seed + 100)], data=data),
+    ]
+
+
 def study_plan(scale: str, seed: int = 0, seeds: int = 1) -> dict:
     """Everything the study will do at a scale (what --plan-only prints)."""
     s = SCALES[scale]
     return {"scale": scale, "source": SOURCE, "target_style": TARGET_STYLE, "seeds": seeds,
-            "train": [{"name": t.name, "args": t.args, "after": t.after}
+            "train": [{"name": t.name, "data": t.data, "args": t.args, "after": t.after}
                       for r in range(seeds) for t in training_plan(scale, seed, r)],
             "singles": dict(SINGLES), "combinations": dict(COMBINATIONS),
             "pairs": [list(p) for p in PAIRS], "finer_check": finer_check_args(scale, seed),
-            "reference": REFERENCE, "targets": list(s["targets"]),
+            "reference": REFERENCE, "fashion_source": fashion_data(scale),
+            "fashion_reference": FASHION_REFERENCE_NAME, "targets": list(s["targets"]),
             "max_per_class": s["max_per_class"], "probe_params": s["probe_params"],
             "budget_min": s["budget_min"] * seeds}
 
@@ -241,7 +327,7 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
 
     The options are kept in RUN_DIR/study_args.json, so a run made with other options (an
     older version of the plan) is not silently reused."""
-    options = [SOURCE] + step.args + step.after
+    options = step.record()
     record = os.path.join(run_dir, "study_args.json")
     if os.path.exists(record):
         with open(record) as f:
@@ -251,7 +337,7 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
                     "delete it (and the models made from it under WORK/models) and run again")
     if os.path.exists(os.path.join(run_dir, "model.pt")):
         return False
-    args = [sys.executable, os.path.join(ROOT, "cli.py"), "train", "--data", SOURCE,
+    args = [sys.executable, os.path.join(ROOT, "cli.py"), "train", "--data", step.data,
             "--out", run_dir, "--threads", str(threads)] + step.args
     if step.after:
         args += ["--from", os.path.join(os.path.dirname(run_dir), step.after[0])]
@@ -268,15 +354,17 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
     return True
 
 
-def run_finer_check(scale: str, seed: int, run_dir: str, threads: int) -> dict:
-    """Train FiNet with the paper's settings on the starved source and keep what training said
-    about splitting (it must warn or refuse; either is recorded, neither stops the study)."""
+def run_finer_check(scale: str, seed: int, run_dir: str, threads: int,
+                    data: str = SOURCE) -> dict:
+    """Train FiNet with the paper's settings on the starved source (`data`) and keep what
+    training said about splitting (it must warn or refuse; either is recorded, neither stops
+    the study)."""
     record = os.path.join(run_dir, "finer_check.json")
     if os.path.exists(record):
         with open(record) as f:
             return json.load(f)
     specific = os.path.join(os.path.dirname(run_dir), "specific")
-    args = [sys.executable, os.path.join(ROOT, "cli.py"), "train", "--data", SOURCE,
+    args = [sys.executable, os.path.join(ROOT, "cli.py"), "train", "--data", data,
             "--out", run_dir, "--threads", str(threads), "--from", specific,
             *finer_check_args(scale, seed)]
     log("finer check: " + " ".join(args[2:]))
@@ -289,7 +377,7 @@ def run_finer_check(scale: str, seed: int, run_dir: str, threads: int) -> dict:
     said = [line.strip() for line in output.splitlines()
             if any(w in line.lower() for w in ("split", "finer", "pseudo"))
             and "it/s" not in line][-6:]
-    result = {"command": "python cli.py train --data " + SOURCE + " " + " ".join(
+    result = {"command": "python cli.py train --data " + data + " " + " ".join(
         finer_check_args(scale, seed)) + " --from WORK/runs/specific", "exit_status": rc,
         "said": said}
     os.makedirs(run_dir, exist_ok=True)
@@ -297,11 +385,22 @@ def run_finer_check(scale: str, seed: int, run_dir: str, threads: int) -> dict:
     return result
 
 
-def page_view(report: dict, rows: list[str], reference: str) -> dict:
+def aggregate_counted(models: dict, reference: str, counted: list[str] | None = None) -> dict:
+    """runtime.universality.aggregate_models over the `counted` targets only (None: all)."""
+    from runtime.universality import aggregate_models
+    if counted is not None:
+        models = {name: {**m, "targets": {t: m["targets"][t] for t in counted}}
+                  for name, m in models.items()}
+    return aggregate_models(models, reference)
+
+
+def page_view(report: dict, rows: list[str], reference: str,
+              counted: list[str] | None = None) -> dict:
     """The report with one `models` entry per page row: a group (one network per training
     seed) becomes its mean over members, so the tables, the heatmap and mNRG read as before;
-    intervals and comparisons stay in report["groups"] and report["comparisons"]."""
-    from runtime.universality import aggregate_models
+    intervals and comparisons stay in report["groups"] and report["comparisons"]. Mean, logit
+    mean, mNRG and aNRG are over the `counted` targets (None: all); every target keeps its
+    cells."""
     models = {}
     for name in rows:
         if name in report["models"]:
@@ -315,9 +414,85 @@ def page_view(report: dict, rows: list[str], reference: str) -> dict:
                                                for k in ("top1", "mean_per_class")}}
         entry["images_per_s"] = float(np.mean([m.get("images_per_s") or 0 for m in members]))
         models[name] = entry
-    for name, agg in aggregate_models(models, reference).items():
+    for name, agg in aggregate_counted(models, reference, counted).items():
         models[name] = {**models[name], **agg}
     return {**report, "models": models, "reference": reference}
+
+
+def merge_target_reports(counted: dict, extra: dict | None, order: list[str]) -> dict:
+    """`counted`'s report with `extra`'s targets added to every model, group and comparison
+    (the same rows and pairs, evaluated on other targets), targets in `order`; the means stay
+    `counted`'s, so they cover its targets only."""
+    if extra is None:
+        return counted
+
+    def join(a: dict, b: dict) -> dict:
+        return {t: a[t] if t in a else b[t] for t in order if t in a or t in b}
+
+    models = {n: {**m, "targets": join(m["targets"], extra["models"][n]["targets"])}
+              for n, m in counted["models"].items()}
+    groups = {g: {**info, "targets": join(info["targets"], extra["groups"][g]["targets"])}
+              for g, info in counted.get("groups", {}).items()}
+    other = {(c["model"], c["control"]): c for c in extra.get("comparisons", [])}
+    comparisons = [{**c, "targets": join(c["targets"], other[c["model"], c["control"]]["targets"])}
+                   for c in counted.get("comparisons", [])]
+    return {**counted, "models": models, "groups": groups, "comparisons": comparisons,
+            "targets": join(counted["targets"], extra["targets"])}
+
+
+def evaluate_rows(member_dirs: dict[str, list[str]], targets: list[str], out_dir: str,
+                  pairs: list[tuple[str, str]], s: dict, threads: int, seed: int,
+                  cache_dir: str) -> dict:
+    """Evaluate page rows (one model each, or a group of replicates) on targets with linear
+    probes; the report goes to `out_dir`."""
+    from runtime.evaluate import evaluate_models
+    singles = {n: d[0] for n, d in member_dirs.items() if len(d) == 1}
+    groups = {n: d for n, d in member_dirs.items() if len(d) > 1}
+    log(f"evaluate {sum(map(len, member_dirs.values()))} models on {len(targets)} targets")
+    try:
+        return evaluate_models(
+            list(singles.values()), targets, out_dir, names=list(singles), groups=groups,
+            pairs=pairs, max_per_class=s["max_per_class"],
+            probe_params=s["probe_params"] or None, threads=threads, seed=seed, device="cpu",
+            cache_dir=cache_dir)
+    except ValueError as e:   # EvaluationError, DataError: the message says what and why
+        raise click.ClickException(f"evaluation failed: {e}")
+
+
+def fully_cached(report: dict) -> bool:
+    """Whether an evaluation found every embedding in the cache (an empty dict: nothing ran)."""
+    cache = report.get("cache", {"hits": 1, "misses": 0})
+    return cache["hits"] > 0 and cache["misses"] == 0
+
+
+def _description(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, DESCRIPTION_FILE)) as f:
+        return json.load(f)
+
+
+def finer_split(run_dir: str) -> dict:
+    """The split FiNet made, read from its finer head's class names '<leaf>#<j>' (what training
+    logged as 'finer: A of B classes split, into C pseudo-classes'): the classes split, with
+    their number of clusters."""
+    head = next(h for h in _description(run_dir)["heads"] if h["name"].endswith("-finer"))
+    clusters: dict[str, int] = {}
+    for name in head["classes"]:
+        leaf = name.rsplit("#", 1)[0]
+        clusters[leaf] = clusters.get(leaf, 0) + 1
+    split = {leaf: k for leaf, k in clusters.items() if k > 1}
+    return {"run": os.path.basename(run_dir), "classes": len(clusters), "split": split,
+            "pseudo_classes": sum(split.values()), "finer_classes": len(head["classes"])}
+
+
+def final_accuracy(run_dir: str) -> dict | None:
+    """The last epoch's training and source-test accuracy of a run's leaf head (None when it was
+    not trained: epochs 0)."""
+    metrics = _description(run_dir).get("extra", {}).get("final_metrics") or {}
+    if not metrics.get("train_acc"):
+        return None
+    head = list(metrics["train_acc"])[-1]
+    return {"run": os.path.basename(run_dir), "head": head, "train": metrics["train_acc"][head],
+            "test": (metrics.get("eval_acc") or {}).get(head)}
 
 
 def export_model(run_dirs: list[str], model_dir: str) -> bool:
@@ -465,8 +640,31 @@ def discussion(models: dict, vs_control: dict) -> list[str]:
     return out
 
 
+def results_table(models: dict, targets: list[str], counted: list[str], vs_control: dict,
+                  params: dict) -> list[str]:
+    """One arm's table: top-1 per target (a target not in `counted` is shown and marked),
+    then the aggregates the rows carry (over the counted targets), mNRG against the arm's
+    2-seed control (`vs_control`), size and speed."""
+    def header(t):
+        return t if t in counted else f"{t} (source domain, not counted)"
+
+    columns = ["network", "dim", "params"] + [header(t) for t in targets] + [
+        "mean", "logit mean", "mNRG", "aNRG", "mNRG vs 2 seeds", "images/s"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, m in models.items():
+        cells = [name, str(m["embedding_dim"]), f"{params.get(name, 0) / 1e6:.2f}M"]
+        cells += [f"{100 * m['targets'][t]['top1']:.1f}" for t in targets]
+        cells += [f"{100 * m['mean']:.1f}", f"{m['logit_mean']:.2f}", _fmt(m["mnrg"], "{:+.1f}"),
+                  _fmt(m["anrg"], "{:+.1f}"), _fmt(vs_control[name]["mnrg"], "{:+.1f}"),
+                  _fmt(m.get("images_per_s"), "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def results_page(report: dict, vs_control: dict, params: dict, timings: dict, meta: dict,
-                 png_name: str) -> str:
+                 png_name: str, fashion: tuple[dict, dict] | None = None) -> str:
+    """The page: the emoji arm (setup, table, noise, claims, discussion), then the Fashion-MNIST
+    arm (`fashion`: its page view and its mNRG against its 2-seed control), then the times."""
     models, targets = report["models"], list(report["targets"])
     lines = ["# Reproduction study: universal representations from categorical levels",
              "",
@@ -497,6 +695,9 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
              f"{meta['lite0']['per_class']} image(s) per emoji), each tuned network combined "
              "with plain Lite0 (MuCaLe-style), and plain Lite0 + a random-weights Lite0 twin "
              "as the same-size control.",
+             "- A second source, Fashion-MNIST (hundreds of images per class, so Net-S is not "
+             "starved), trains the same recipes; it has its own section and table below, with "
+             "its own reference.",
              f"- Seeds: every trained network with {meta['seeds']} seed(s) (replicate r uses "
              "seeds from 10 r); with 2 or more, each row is the mean over its replicates.",
              f"- Targets (the {TARGET_STYLE} style is never seen in training): "
@@ -513,16 +714,7 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
              "",
              f"![results]({png_name})",
              ""]
-    header = ["network", "dim", "params"] + targets + ["mean", "logit mean", "mNRG", "aNRG",
-                                                       "mNRG vs 2 seeds", "images/s"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, m in models.items():
-        cells = [name, str(m["embedding_dim"]), f"{params.get(name, 0) / 1e6:.2f}M"]
-        cells += [f"{100 * m['targets'][t]['top1']:.1f}" for t in targets]
-        cells += [f"{100 * m['mean']:.1f}", f"{m['logit_mean']:.2f}", _fmt(m["mnrg"], "{:+.1f}"),
-                  _fmt(m["anrg"], "{:+.1f}"), _fmt(vs_control[name]["mnrg"], "{:+.1f}"),
-                  _fmt(m.get("images_per_s"), "{:.0f}")]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += results_table(models, targets, targets, vs_control, params)
     lines += ["", "Inference cost: `dim` is the embedding size, `params` the backbone parameters "
               "summed over the combined networks, `images/s` the measured embedding throughput "
               "(decode included, onnxruntime CPU) while evaluating.", "",
@@ -541,6 +733,8 @@ def results_page(report: dict, vs_control: dict, params: dict, timings: dict, me
               "accuracies over their own targets, so compare their ordering, not their level.", "",
               "## Discussion (generated from the numbers; to be edited)", ""]
     lines += [f"- {s}" for s in discussion(models, vs_control)]
+    if fashion is not None:
+        lines += [""] + fashion_section(*fashion, params, meta)
     totals = {kind: sum(t["seconds"] for k, t in timings.items() if k.startswith(kind))
               for kind in ("train", "export", "evaluate")}
     lines += ["", "## Time per stage", "",
@@ -570,6 +764,111 @@ def seed_section(report: dict, meta: dict) -> list[str]:
             f"{check.get('exit_status', '?')}; training said:", ""]
     out += [f"    {line}" for line in check.get("said") or ["(nothing about splitting)"]]
     return out + [""]
+
+
+def fashion_section(view: dict, vs_control: dict, params: dict, meta: dict) -> list[str]:
+    """The Fashion-MNIST arm: setup, its table (fashion-mnist shown, not counted), a generated
+    reading and its seed noise and paired comparisons."""
+    from runtime.report import render_rigour
+    f, models, targets = meta["fashion"], view["models"], list(view["targets"])
+    counted = [t for t in targets if not is_fashion_source_domain(t)]
+    shown = [t for t in targets if t not in counted]
+    lines = ["## Second source: Fashion-MNIST, where Net-S is not starved", "",
+             f"- Source: `{f['data']}`: levels generic (5: tops, bottoms, dress, footwear, bag) "
+             f"> specific (10), {f['per_class']} training images per specific class (the emoji "
+             "source has 1 to 6).",
+             f"- Training: the same small_cnn (width {meta['width']}, {meta['input_size']} px), "
+             f"{f['epochs']} epoch(s) each, standard augmentation (random resized crop, flip; "
+             "strong augmentation is for emoji's 1-6 images per class), the same seeds. "
+             "Networks: Net-S "
+             "(specific), Net-G (generic level), multilevel joint, FiNet (the paper's automatic "
+             f"split-then-merge of each class in Net-S's features, no cluster under "
+             f"{f['finer_min_size']} images), Net-S with seed 1, random weights (epochs 0, "
+             "the emoji arm's seed: the same random backbone), and their combinations as in the "
+             "emoji arm.",
+             f"- mean, logit mean, mNRG / aNRG (x100 relative to {FASHION_REFERENCE_NAME}) and "
+             f"mNRG vs 2 seeds (relative to `{FASHION_CONTROL}`) are over "
+             + ", ".join(f"`{t}`" for t in counted)
+             + (". " + ", ".join(f"`{t}`" for t in shown) + " is this arm's own source domain "
+                "(its probe images overlap the source training images): shown, not counted."
+                if shown else "."),
+             ""]
+    lines += results_table(models, targets, counted, vs_control, params)
+    lines += ["", "### Reading of the Fashion-MNIST arm (generated from the numbers)", ""]
+    lines += [f"- {s}" for s in fashion_discussion(view, counted, meta)]
+    rigour = render_rigour(view)
+    if rigour:
+        lines += ["", "### Fashion-MNIST arm: seed noise and paired comparisons", "",
+                  "The mean columns below are over the counted targets only"
+                  + (f" (not {', '.join(shown)})." if shown else "."), ""]
+        lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line
+                  for line in rigour]
+    while lines[-1] == "":          # the page adds the blank line before the next section
+        lines.pop()
+    return lines
+
+
+def _comparison(report: dict, model: str, control: str) -> str:
+    """A paired comparison's mean difference, its interval and whether it exceeds the noise."""
+    c = next(c for c in report["comparisons"] if (c["model"], c["control"]) == (model, control))
+    d = c["mean"]
+    interval = (f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                if np.isfinite(d["low"]) else " (no interval: one value)")
+    return (f"{100 * d['diff']:+.1f}{interval} points, {d['method']}: "
+            + ("larger than the noise" if d["significant"] else "within the noise"))
+
+
+def fashion_discussion(view: dict, counted: list[str], meta: dict) -> list[str]:
+    """Templated sentences on the F arm: does Net-S learn, FiNet and its split, the other
+    networks, the combinations against the 2-seed control."""
+    f = meta["fashion"]
+    models = {n: {**m, "targets": {t: m["targets"][t] for t in counted}}
+              for n, m in view["models"].items()}
+    ref, two = FASHION_REFERENCE_NAME, FASHION_CONTROL
+
+    def mean_of(accuracies, key):
+        values = [a[key] for a in accuracies if a and a.get(key) is not None]
+        return f"{100 * np.mean(values):.0f}%" if values else "n/a"
+
+    out = []
+    rnd = compare(models, ref, "F control: random weights")
+    out.append(
+        f"Does Net-S learn now? It ends training at {mean_of(f['specific_accuracy'], 'train')} "
+        f"training and {mean_of(f['specific_accuracy'], 'test')} source-test accuracy (10 "
+        "classes, chance 10%), against "
+        f"{mean_of(f['emoji_specific_accuracy'], 'train')} training accuracy for the emoji "
+        f"Net-S (1,910 classes). On the counted targets it scores {rnd['mean']:+.1f} points "
+        f"of mean accuracy against random weights (better on {rnd['wins']}/{rnd['n']}); "
+        "paired: " + _comparison(view, ref, "F control: random weights") + ".")
+    fin = compare(models, "F: FiNet (finer)", ref)
+    splits = "; ".join(
+        f"`{s['run']}` split {len(s['split'])} of {s['classes']} classes into "
+        f"{s['pseudo_classes']} clusters ({s['finer_classes']} classes in all"
+        + (": " + ", ".join(f"{leaf.split('/')[-1]} {k}" for leaf, k in s["split"].items())
+           if s["split"] else "") + ")" for s in f["splits"])
+    unsplit = not any(s["split"] for s in f["splits"])
+    out.append(
+        f"FiNet (automatic split, no cluster under {f['finer_min_size']} images): {splits}. "
+        + ("No class was split, so FiNet is Net-S trained again on the same classes. "
+           if unsplit else "")
+        + f"FiNet alone: {fin['mean']:+.1f} points of mean accuracy over Net-S (better on "
+        f"{fin['wins']}/{fin['n']}, mNRG {_fmt(models['F: FiNet (finer)']['mnrg'], '{:+.1f}')}); "
+        "paired: " + _comparison(view, "F: FiNet (finer)", ref) + ".")
+    for name, label in (("F: Net-G generic", "Net-G generic alone"),
+                        ("F: multilevel joint", "Multilevel joint")):
+        c = compare(models, name, ref)
+        out.append(f"{label}: {c['mean']:+.1f} points of mean accuracy over Net-S (better on "
+                   f"{c['wins']}/{c['n']}, mNRG {_fmt(models[name]['mnrg'], '{:+.1f}')}); "
+                   "paired: " + _comparison(view, name, ref) + ".")
+    combos = [n for n in view["models"] if n in COMBINATIONS and n != two]
+    out.append(
+        f"Combinations against the same-size 2-seed control `{two}` (mean accuracy "
+        f"{100 * models[two]['mean']:.1f}): "
+        + "; ".join(f"{n}: {compare(models, n, ref)['mean']:+.1f} over Net-S, "
+                    + _comparison(view, n, two) for n in combos)
+        + ". A combination whose gain over the control is within the noise buys nothing that "
+        "a second seed of Net-S would not.")
+    return out
 
 
 def network_group(name: str) -> str:
@@ -708,37 +1007,58 @@ def main(scale, work, page, threads, seed, seeds, plan_only):
     targets = [resolve_target(t, work) for t in s["targets"]]
     timings.record("targets", time.perf_counter() - t0, False)
 
-    from runtime.evaluate import evaluate_models
     from runtime.universality import aggregate_models
+
+    def evaluate(arm_dirs: dict, arm_targets: list[str], out: str) -> dict:
+        pairs = [p for p in PAIRS if p[0] in arm_dirs]
+        return evaluate_rows(arm_dirs, arm_targets, os.path.join(work, out), pairs, s, threads,
+                             seed, os.path.join(work, "embeddings"))
+
+    # the emoji arm, as before; the F arm on its own (its mean and comparisons must not count
+    # fashion-mnist, its source domain: that target is evaluated apart and only shown)
+    emoji_dirs = {n: d for n, d in member_dirs.items() if not in_fashion_arm(n)}
+    fashion_dirs = {n: d for n, d in member_dirs.items() if in_fashion_arm(n)}
     t0 = time.perf_counter()
-    singles = {n: d[0] for n, d in member_dirs.items() if len(d) == 1}
-    groups = {n: d for n, d in member_dirs.items() if len(d) > 1}
-    log(f"evaluate {sum(map(len, member_dirs.values()))} models on {len(targets)} targets")
-    try:
-        report = evaluate_models(
-            list(singles.values()), targets, os.path.join(work, "report"),
-            names=list(singles), groups=groups, pairs=PAIRS,
-            max_per_class=s["max_per_class"], probe_params=s["probe_params"] or None,
-            threads=threads, seed=seed, device="cpu", cache_dir=os.path.join(work, "embeddings"))
-    except ValueError as e:   # EvaluationError, DataError: the message says what and why
-        raise click.ClickException(f"evaluation failed: {e}")
-    cached = report["cache"]["hits"] > 0 and report["cache"]["misses"] == 0
-    timings.record("evaluate", time.perf_counter() - t0, cached)
-    report = page_view(report, list(member_dirs), REFERENCE_NAME)
+    report = evaluate(emoji_dirs, targets, "report")
+    timings.record("evaluate", time.perf_counter() - t0, fully_cached(report))
+    t0 = time.perf_counter()
+    source_domain = [t for spec, t in zip(s["targets"], targets) if is_fashion_source_domain(spec)]
+    counted = [t for t in targets if t not in source_domain]
+    fashion_counted = evaluate(fashion_dirs, counted, "report-fashion")
+    fashion_source = (evaluate(fashion_dirs, source_domain, "report-fashion-source-domain")
+                      if source_domain else None)
+    timings.record("evaluate fashion", time.perf_counter() - t0,
+                   fully_cached(fashion_counted) and fully_cached(fashion_source or {}))
+    order = list(report["targets"])
+    fashion_view = page_view(merge_target_reports(fashion_counted, fashion_source, order),
+                             list(fashion_dirs), FASHION_REFERENCE_NAME,
+                             counted=list(fashion_counted["targets"]))
+    fashion_vs_control = aggregate_counted(fashion_view["models"], FASHION_CONTROL,
+                                           list(fashion_counted["targets"]))
+    report = page_view(report, list(emoji_dirs), REFERENCE_NAME)
     vs_control = aggregate_models(report["models"], reference="control: 2 seeds (spe+spe)")
     params = {name: count_parameters(run_dirs) for name, run_dirs in models.items()}
+    replicates = range(seeds)
+    fashion_meta = {
+        **s["fashion"], "data": fashion_data(scale),
+        "splits": [finer_split(runs[replicate_name("fashion-finer", r)]) for r in replicates],
+        "specific_accuracy": [final_accuracy(runs[replicate_name("fashion-specific", r)])
+                              for r in replicates],
+        "emoji_specific_accuracy": [final_accuracy(runs[replicate_name("specific", r)])
+                                    for r in replicates]}
 
     total_min = (time.perf_counter() - started) / 60
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": machine_description() + f", --threads {threads}", "scale": scale,
-            "seeds": seeds, "finer_check": finer_check,
+            "seeds": seeds, "finer_check": finer_check, "fashion": fashion_meta,
             "total_min": total_min,
             "stages_min": sum(t["seconds"] for t in timings.stages.values()) / 60,
             **{k: s[k] for k in ("epochs", "input_size", "width", "lite0")}}
     png = os.path.splitext(page)[0] + ".png"
     os.makedirs(os.path.dirname(page), exist_ok=True)
     plot_results(report, png)
-    text = results_page(report, vs_control, params, timings.stages, meta, os.path.basename(png))
+    text = results_page(report, vs_control, params, timings.stages, meta, os.path.basename(png),
+                        fashion=(fashion_view, fashion_vs_control))
     # A hand-written reading of the figures (kept beside the page, so a re-run keeps it).
     reading = os.path.splitext(page)[0] + "-reading.md"
     if os.path.exists(reading):
@@ -749,7 +1069,7 @@ def main(scale, work, page, threads, seed, seeds, plan_only):
         f.write(text)
     save_json_atomic(os.path.join(work, "study.json"),
                      {"meta": meta, "plan": plan, "params": params, "vs_two_seeds": vs_control,
-                      "timings": timings.stages})
+                      "fashion_vs_two_seeds": fashion_vs_control, "timings": timings.stages})
     log(f"wrote {page} and {png} ({total_min:.1f} min)")
 
 

@@ -24,8 +24,8 @@ def test_plan_lists_every_network_control_and_target(scale):
     runs = {t["name"]: t["args"] for t in plan["train"]}
     methods = {a[a.index("--method") + 1] for a in runs.values() if "--method" in a}
     assert methods == {"specific", "generic", "multilevel", "finer", "fsft"}
-    assert {a[a.index("--level") + 1] for a in runs.values() if "--level" in a} == {
-        "subcategory", "category"}
+    assert {a[a.index("--level") + 1] for n, a in runs.items()
+            if "--level" in a and not n.startswith("fashion")} == {"subcategory", "category"}
     assert runs["random"][runs["random"].index("--epochs") + 1] == "0"
     assert "--pretrained" in runs["efficientnet-lite0"]
     # the two-seed control has as many networks as MuCaLe-Net, the three-seed one as MulDiP
@@ -93,3 +93,110 @@ def test_page_view_turns_groups_into_mean_rows():
     assert view["models"]["G"]["mean"] == pytest.approx(0.8)
     # mNRG of G vs ref: median of (80-50)/50 and (80-60)/40 = median(0.6, 0.5) x 100
     assert view["models"]["G"]["mnrg"] == pytest.approx(55.0)
+
+
+# What RUN_DIR/study_args.json held for `specific` at `small` before the Fashion-MNIST arm: a
+# finished run is reused only when its record is the same, so it must never change.
+SPECIFIC_SMALL_RECORD = ["emoji:styles=google,skin=5", "--method", "specific", "--input-size",
+                         "48", "--arch-kwargs", "width=32", "--epochs", "12", "--seed", "0",
+                         "--augment", "strong"]
+
+
+def _option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_fashion_arm_is_planned_and_the_emoji_records_are_unchanged():
+    steps = {t.name: t for t in study.training_plan("small", seed=0, replicate=1)}
+    first = {t.name: t for t in study.training_plan("small", seed=0)}
+    assert first["specific"].record() == SPECIFIC_SMALL_RECORD
+    assert all(t.data == study.SOURCE for n, t in first.items() if not n.startswith("fashion"))
+    fashion = {n: t for n, t in first.items() if n.startswith("fashion")}
+    assert set(fashion) == {"fashion-specific", "fashion-generic", "fashion-multilevel",
+                            "fashion-finer", "fashion-specific-seed1", "fashion-random"}
+    assert {t.data for t in fashion.values()} == {"fashion-mnist:per_class=200"}
+    for t in fashion.values():           # the small CNN at the scale's size; default augmentation
+        assert _option(t.args, "--input-size") == "48" and "--augment" not in t.args
+        assert t.record() == ["fashion-mnist:per_class=200"] + t.args + t.after
+    assert _option(fashion["fashion-generic"].args, "--level") == "generic"
+    assert _option(fashion["fashion-multilevel"].args, "--method") == "multilevel"
+    finer = fashion["fashion-finer"]
+    assert (_option(finer.args, "--finer-mode"), _option(finer.args, "--finer-min-size")) == (
+        "auto", "20")
+    assert finer.after == ["fashion-specific"]
+    assert _option(fashion["fashion-random"].args, "--epochs") == "0"
+    assert _option(fashion["fashion-specific"].args, "--epochs") == "6"
+    # replicate 1: suffixed names, seeds from 10, --from the replicate's own Net-S
+    assert steps["fashion-finer-r1"].after == ["fashion-specific-r1"]
+    assert _option(steps["fashion-specific-r1"].args, "--seed") == "10"
+    assert _option(steps["fashion-specific-seed1-r1"].args, "--seed") == "11"
+    assert not any(n.startswith("fashion") and not n.endswith("-r1") for n in steps)
+    # the page's F rows and pairs refer to planned runs and known rows
+    f_rows = {n for n in [*study.SINGLES.values(), *study.COMBINATIONS] if study.in_fashion_arm(n)}
+    assert len(f_rows) == 10 and study.FASHION_REFERENCE_NAME in f_rows
+    assert all(p in fashion for n, parts in study.COMBINATIONS.items() if study.in_fashion_arm(n)
+               for p in parts)
+    f_pairs = [p for p in study.PAIRS if study.in_fashion_arm(p[0])]
+    assert all(study.in_fashion_arm(c) and c in f_rows for _, c in f_pairs) and len(f_pairs) == 7
+    assert study.is_fashion_source_domain("fashion-mnist:per_class=100")
+    assert not study.is_fashion_source_domain("emoji-twitter-category")
+
+
+@pytest.mark.parametrize("scale,per_class,epochs", [("smoke", 10, 1), ("pilot", 20, 1),
+                                                    ("small", 200, 6), ("full", 500, 10)])
+def test_fashion_scale_settings(scale, per_class, epochs):
+    plan = study.study_plan(scale, seeds=1)
+    runs = {t["name"]: t for t in plan["train"]}
+    assert plan["fashion_source"] == runs["fashion-specific"]["data"] == (
+        f"fashion-mnist:per_class={per_class}")
+    assert _option(runs["fashion-specific"]["args"], "--epochs") == str(epochs)
+    # every cluster FiNet keeps has at least min_size images: two of them must fit in a class
+    assert 2 * int(_option(runs["fashion-finer"]["args"], "--finer-min-size")) <= per_class
+
+
+def test_fashion_view_counts_every_target_but_its_source_domain():
+    def model(accs):
+        return {"embedding_dim": 8, "images_per_s": 100.0,
+                "targets": {t: {"top1": a, "mean_per_class": a} for t, a in accs.items()}}
+
+    def comparison(diff, targets):
+        d = {"diff": diff, "low": diff - 0.01, "high": diff + 0.01, "n": 1,
+             "method": "paired bootstrap", "significant": True}
+        return {"model": "F: FiNet (finer)", "control": "F: Net-S specific",
+                "targets": {t: d for t in targets}, "mean": d}
+    fm = "fashion-mnist:per_class=100"
+    counted = {"models": {"F: Net-S specific": model({"x": 0.5, "y": 0.6}),
+                          "F: FiNet (finer)": model({"x": 0.75, "y": 0.8})},
+               "groups": {}, "comparisons": [comparison(0.25, ["x", "y"])],
+               "targets": {"x": {}, "y": {}}}
+    source = {"models": {"F: Net-S specific": model({fm: 0.9}),
+                         "F: FiNet (finer)": model({fm: 0.1})},
+              "groups": {}, "comparisons": [comparison(-0.8, [fm])], "targets": {fm: {}}}
+    merged = study.merge_target_reports(counted, source, [fm, "x", "y"])
+    assert list(merged["targets"]) == [fm, "x", "y"]
+    assert list(merged["models"]["F: FiNet (finer)"]["targets"]) == [fm, "x", "y"]
+    assert merged["comparisons"][0]["targets"][fm]["diff"] == -0.8
+    assert merged["comparisons"][0]["mean"]["diff"] == 0.25        # the counted targets' mean
+    view = study.page_view(merged, ["F: Net-S specific", "F: FiNet (finer)"],
+                           "F: Net-S specific", counted=["x", "y"])
+    finer = view["models"]["F: FiNet (finer)"]
+    # fashion-mnist (0.1 against 0.9) would pull both down; over x and y only:
+    assert finer["mean"] == pytest.approx(0.775)
+    assert finer["mnrg"] == pytest.approx(100 * np.median([0.25 / 0.5, 0.2 / 0.4]))
+    vs = study.aggregate_counted(view["models"], "F: Net-S specific", ["x", "y"])
+    table = study.results_table(view["models"], [fm, "x", "y"], ["x", "y"], vs, {})
+    assert f"| {fm} (source domain, not counted) | x | y |" in table[0]
+    assert table[3].startswith("| F: FiNet (finer) | 8 | 0.00M | 10.0 | 75.0 | 80.0 | 77.5 |")
+
+
+def test_a_finished_emoji_run_is_reused_and_a_changed_one_refused(tmp_path):
+    import click
+    specific = next(t for t in study.training_plan("small") if t.name == "specific")
+    run = tmp_path / "specific"
+    run.mkdir()
+    (run / "study_args.json").write_text(json.dumps(SPECIFIC_SMALL_RECORD))
+    (run / "model.pt").write_bytes(b"")          # finished: train_run must not start training
+    assert study.train_run(specific, str(run), threads=1) is False
+    (run / "study_args.json").write_text(json.dumps(SPECIFIC_SMALL_RECORD[:-1] + ["standard"]))
+    with pytest.raises(click.ClickException, match="other options"):
+        study.train_run(specific, str(run), threads=1)
