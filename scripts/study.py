@@ -3,11 +3,11 @@
 source, Fashion-MNIST), export the networks and their combinations, evaluate them all with linear
 probes, write the results page.
 
-    python scripts/study.py --scale small            # ~66 min on 2 idle cores -> docs/results.md
+    python scripts/study.py --scale small            # ~50 min on 2 idle cores -> docs/results.md
     python scripts/study.py --scale full             # ~2 h, more epochs and probe images
     python scripts/study.py --scale pilot            # a few minutes: proves the pipeline
     python scripts/study.py --scale smoke --seeds 2  # a dry run of every stage (page under WORK)
-    python scripts/study.py --scale small --seeds 3  # intervals over 3 trained replicates (~3 h)
+    python scripts/study.py --scale small --seeds 2  # intervals over 2 trained replicates (~100 min)
     python scripts/study.py --scale small --plan-only   # print the plan, run nothing
 
 Source: `emoji:styles=google,skin=5` (Google style only, up to 5 skin-tone variants per emoji),
@@ -67,12 +67,13 @@ SCALES = {
                   probe_params={"Cs": [1e-3, 1e-1, 1e1, 1e3], "refine": 0},
                   lite0=dict(input_size=96, epochs=1, per_class=2),
                   fashion=dict(per_class=20, epochs=1, finer_min_size=5), budget_min=10),
-    "small": dict(epochs=12, input_size=48, width=32, max_per_class=100,
+    # sized for two replicates in about 100 minutes on 2 cores (training runs at ~190 img/s)
+    "small": dict(epochs=8, input_size=48, width=32, max_per_class=100,
                   targets=["fashion-mnist:per_class=100", "mnist", "digits",
                            "emoji-twitter-subcategory", "emoji-twitter-category"],
                   probe_params={"refine": 0},
-                  lite0=dict(input_size=96, epochs=2, per_class=3),
-                  fashion=dict(per_class=200, epochs=6, finer_min_size=20), budget_min=66),
+                  lite0=dict(input_size=96, epochs=1, per_class=2),
+                  fashion=dict(per_class=200, epochs=5, finer_min_size=20), budget_min=50),
     "full": dict(epochs=16, input_size=48, width=32, max_per_class=200,
                  targets=["fashion-mnist:per_class=200", "mnist", "digits",
                           "emoji-twitter-subcategory", "emoji-twitter-category"],
