@@ -51,6 +51,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._gather = threading.Lock()  # one worker gathers at a time
         self._closed = False
+        self._pending = 0  # items in the queue
         self.busy_ = 0
         self._threads = [threading.Thread(target=self._work, name=f"unirep-batch-{i}",
                                           daemon=True) for i in range(workers)]
@@ -70,8 +71,14 @@ class Batcher:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue "
                                 f"{self.max_queue})")
-            self._queue.append(_Request(list(items), future, time.monotonic()))
-            self._cond.notify_all()
+            request = _Request(list(items), future, time.monotonic())
+            self._queue.append(request)
+            self._pending += len(request.items)
+            # wake the gathering worker only when it has something to decide: a first request
+            # (it waits for one) or a full batch; otherwise it sleeps until the delay is over
+            # (a wake-up per arrival cost a thread switch and the GIL for nothing)
+            if len(self._queue) == 1 or self._pending >= self.max_batch:
+                self._cond.notify_all()
         return future
 
     def close(self, timeout: float | None = None) -> None:
@@ -92,15 +99,13 @@ class Batcher:
                 self._cond.wait()
             deadline = self._queue[0].arrived + self.max_delay_s
             while not self._closed:
-                pending = sum(len(r.items) for r in self._queue)
                 left = deadline - time.monotonic()
-                if pending >= self.max_batch or left <= 0:
+                if self._pending >= self.max_batch or left <= 0:
                     break
                 self._cond.wait(left)
             # this worker and the others waiting to gather share what is queued now
             idle = max(1, self.workers - self.busy_)
-            pending = sum(len(r.items) for r in self._queue)
-            limit = min(self.max_batch, -(-pending // idle))
+            limit = min(self.max_batch, -(-self._pending // idle))
             taken: list[_Request] = []
             count = 0
             while self._queue:
@@ -108,6 +113,7 @@ class Batcher:
                 if taken and count + n > limit:
                     break
                 request = self._queue.popleft()
+                self._pending -= n
                 if not request.future.set_running_or_notify_cancel():
                     continue  # its client gave up before the batch started
                 taken.append(request)
