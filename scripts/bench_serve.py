@@ -116,11 +116,11 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-def request_body(jpeg: bytes) -> tuple[bytes, dict]:
-    """One image as a binary-tensor infer request, output `embedding` in binary."""
+def request_body(jpegs: list[bytes]) -> tuple[bytes, dict]:
+    """Images as one binary-tensor infer request, output `embedding` in binary."""
     from runtime.service.protocol import HEADER_LENGTH, pack_bytes
-    blob = pack_bytes([jpeg])
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+    blob = pack_bytes(jpegs)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(jpegs)],
                                      "parameters": {"binary_data_size": len(blob)}}],
                          "outputs": [{"name": "embedding",
                                       "parameters": {"binary_data": True}}]}).encode()
@@ -181,28 +181,37 @@ def _process_cpu_s(pid: int) -> float | None:
 
 def measure_server(model_dir: str, bodies: list, bodies_npz: str, concurrency: list[int],
                    requests: int, max_batch: int, max_delay_ms: float, workers: int,
-                   log_path: str, httpx_at: int | None = None) -> list:
-    """Rows for each client count (load generator), and one httpx row at `httpx_at` clients."""
+                   log_path: str, httpx_at: int | None = None,
+                   multi: tuple[int, str] | None = None) -> list:
+    """Rows for each client count (load generator), one httpx row at `httpx_at` clients, and
+    with multi=(K, npz of K-image bodies) one row of K-image requests at the most clients."""
     proc, port = start_server(model_dir, max_batch, max_delay_ms, workers, log_path)
     try:
         rows = []
-        plan = [(c, "loadgen") for c in concurrency] + (
-            [(httpx_at, "httpx")] if httpx_at else [])
-        for c, client in plan:
+        plan = [(c, "loadgen", 1) for c in concurrency]
+        plan += [(httpx_at, "httpx", 1)] if httpx_at else []
+        plan += [(max(concurrency), "loadgen", multi[0])] if multi else []
+        for c, client, per_request in plan:
+            n = max(1, requests // per_request)
             before = _process_cpu_s(proc.pid)
-            if client == "loadgen":
-                row = _loadgen(port, bodies_npz, c, requests)
+            if client == "httpx":
+                row = asyncio.run(_httpx_load(port, bodies, c, n))
             else:
-                row = asyncio.run(_httpx_load(port, bodies, c, requests))
+                row = _loadgen(port, bodies_npz if per_request == 1 else multi[1], c, n)
             after = _process_cpu_s(proc.pid)
+            images = n * per_request
+            row["images_per_request"] = per_request
+            row["images_per_s"] *= per_request
             # warm-up requests are counted too (one per client): they ran on the server as well
-            row["server_cpu_ms_per_request"] = (None if before is None or after is None else
-                                                1000 * (after - before) / (requests + c))
+            row["server_cpu_ms_per_image"] = (None if before is None or after is None else
+                                              1000 * (after - before) / (images + c * per_request))
+            row["client_cpu_ms_per_image"] = row.pop("client_cpu_ms_per_request") / per_request
             row["client"] = client
-            log(f"    {c:3d} clients ({client}): {row['images_per_s']:8.1f} img/s, p50 "
-                f"{row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, CPU ms/request server "
-                f"{_fmt(row['server_cpu_ms_per_request'])} client "
-                f"{_fmt(row['client_cpu_ms_per_request'])}"
+            log(f"    {c:3d} clients x {per_request} image(s) ({client}): "
+                f"{row['images_per_s']:8.1f} img/s, p50 {row['p50_ms']:.1f} ms, p99 "
+                f"{row['p99_ms']:.1f} ms, CPU ms an image: server "
+                f"{_fmt(row['server_cpu_ms_per_image'])} client "
+                f"{_fmt(row['client_cpu_ms_per_image'])}"
                 + (f", {row['failures']} failed" if row["failures"] else ""))
             rows.append(row)
         return rows
@@ -215,25 +224,26 @@ def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'model':14s} {'setting':26s} {'client':>7s} {'clients':>7s} {'img/s':>8s} "
-             f"{'p50 ms':>8s} {'p99 ms':>8s} {'vs offline':>10s} {'CPU ms: server':>14s} "
-             f"{'client':>6s}"]
+    lines = [f"{'model':14s} {'setting':25s} {'client':>7s} {'clients':>7s} {'img/req':>7s} "
+             f"{'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'vs offline':>10s} "
+             f"{'CPU ms/img: server':>18s} {'client':>6s}"]
     for m in report["models"]:
         off = m["offline_images_per_s"]
-        lines.append(f"{m['name']:14s} {'offline pipeline (files)':26s} {'-':>7s} {'-':>7s} "
-                     f"{off:8.1f} {'-':>8s} {'-':>8s} {'100%':>10s} "
-                     f"{m['offline_cpu_ms_per_image']:14.2f} {'-':>6s}")
+        lines.append(f"{m['name']:14s} {'offline pipeline (files)':25s} {'-':>7s} {'-':>7s} "
+                     f"{'-':>7s} {off:8.1f} {'-':>8s} {'-':>8s} {'100%':>10s} "
+                     f"{m['offline_cpu_ms_per_image']:18.2f} {'-':>6s}")
         for setting, rows in m["servers"].items():
             for r in rows:
-                lines.append(f"{m['name']:14s} {setting:26s} {r['client']:>7s} "
-                             f"{r['clients']:7d} {r['images_per_s']:8.1f} {r['p50_ms']:8.1f} "
-                             f"{r['p99_ms']:8.1f} {r['images_per_s'] / off:10.0%} "
-                             f"{_fmt(r['server_cpu_ms_per_request']):>14s} "
-                             f"{_fmt(r['client_cpu_ms_per_request']):>6s}")
+                lines.append(f"{m['name']:14s} {setting:25s} {r['client']:>7s} "
+                             f"{r['clients']:7d} {r['images_per_request']:7d} "
+                             f"{r['images_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+                             f"{r['images_per_s'] / off:10.0%} "
+                             f"{_fmt(r['server_cpu_ms_per_image']):>18s} "
+                             f"{_fmt(r['client_cpu_ms_per_image']):>6s}")
         floor = m["floor"]
-        lines.append(f"{'':14s} floor: {floor['clients']} clients >= {FLOOR:.0%} of offline: "
-                     f"{floor['ratio']:.0%} -> {'met' if floor['met'] else 'NOT met'}; CPU "
-                     f"ceiling (offline CPU / (server + client CPU) per image): "
+        lines.append(f"{'':14s} floor: {floor['clients']} single-image clients >= {FLOOR:.0%} of "
+                     f"offline: {floor['ratio']:.0%} -> {'met' if floor['met'] else 'NOT met'}; "
+                     f"CPU ceiling (offline CPU / (server + client CPU) an image): "
                      f"{_fmt(floor['cpu_ceiling'], '{:.0%}')}; offline passes "
                      + ", ".join(f"{p['images_per_s']:.0f}" for p in m["offline_passes"])
                      + " img/s")
@@ -251,7 +261,8 @@ def write_chart(report: dict, path: str) -> None:
     for j, m in enumerate(models):
         top, bottom = axes[0][j], axes[1][j]
         for setting, all_rows in m["servers"].items():
-            rows = [r for r in all_rows if r.get("client", "loadgen") == "loadgen"]
+            rows = [r for r in all_rows if r.get("client", "loadgen") == "loadgen"
+                    and r.get("images_per_request", 1) == 1]
             xs = [r["clients"] for r in rows]
             top.plot(xs, [r["images_per_s"] for r in rows], marker="o", label=setting)
             bottom.plot(xs, [r["p50_ms"] for r in rows], marker="o", label=f"{setting} p50")
@@ -296,10 +307,13 @@ def write_chart(report: dict, path: str) -> None:
               help="Server batch workers (--workers of serve).")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Offline passes (median).")
+@click.option("--images-per-request", type=click.IntRange(1), default=8, show_default=True,
+              help="One more row: the most clients sending this many images a request "
+                   "(1: none).")
 @click.option("--out", default="bench-out/serve/bench-serve", show_default=True,
               help="Prefix of OUT.json and OUT.png.")
 def main(models, exports, work, images, limit, requests, concurrency, max_batch, max_delay_ms,
-         workers, repeats, out):
+         workers, repeats, images_per_request, out):
     """Serve benchmark: batched server vs batch-1 server vs offline pipeline."""
     from benchmarks.corpus import ensure_corpus
     from common.description import save_json_atomic
@@ -318,20 +332,29 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
     if not paths:
         raise click.UsageError(f"{corpus}: no images")
     model_dirs = list(models) + [export_model(s, work, corpus) for s in exports]
-    bodies = []
+    jpegs = []
     for p in paths:
         with open(p, "rb") as f:
-            bodies.append(request_body(f.read()))
+            jpegs.append(f.read())
+    bodies = [request_body([j]) for j in jpegs]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from benchmarks.loadgen import save_bodies
     bodies_npz = f"{out}-bodies.npz"
     save_bodies(bodies_npz, [(b, int(h[HEADER_LENGTH])) for b, h in bodies])
+    multi = None
+    if images_per_request > 1:
+        groups = [jpegs[i:i + images_per_request]
+                  for i in range(0, len(jpegs) - images_per_request + 1, images_per_request)]
+        multi = (images_per_request, f"{out}-bodies-{images_per_request}.npz")
+        save_bodies(multi[1], [(b, int(h[HEADER_LENGTH]))
+                               for b, h in map(request_body, groups or [jpegs])])
     report: dict = {"machine": {"cpu": _cpu(), "cores": available_cores(),
                                 "load_average": list(os.getloadavg())},
                     "settings": {"images": len(paths), "requests": requests,
                                  "concurrency": levels, "max_batch": max_batch,
                                  "max_delay_ms": max_delay_ms, "workers": workers,
-                                 "corpus": corpus, "client": "benchmarks/loadgen.py"},
+                                 "corpus": corpus, "client": "benchmarks/loadgen.py",
+                                 "images_per_request": images_per_request},
                     "models": []}
     for model_dir in model_dirs:
         name = os.path.basename(os.path.normpath(model_dir))
@@ -345,15 +368,16 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
             log(f"{name}: {setting} ...")
             servers[setting] = measure_server(
                 model_dir, bodies, bodies_npz, levels, requests, mb, delay, workers,
-                f"{out}-{name}-{mb}.log", httpx_at=max(levels) if mb > 1 else None)
+                f"{out}-{name}-{mb}.log", httpx_at=max(levels) if mb > 1 else None,
+                multi=multi if mb > 1 else None)
         passes += offline_passes(model_dir, paths, max_batch, repeats // 2 or 1)
         offline = float(np.median([p["images_per_s"] for p in passes]))
         offline_cpu = float(np.median([p["cpu_ms_per_image"] for p in passes]))
         log(f"    offline {offline:.1f} img/s ({offline_cpu:.2f} CPU ms an image)")
         top = [r for r in servers[f"server, batch <= {max_batch}"]
-               if r["client"] == "loadgen"][-1]
+               if r["client"] == "loadgen" and r["images_per_request"] == 1][-1]
         ratio = top["images_per_s"] / offline
-        spent = (top["server_cpu_ms_per_request"] or 0) + top["client_cpu_ms_per_request"]
+        spent = (top["server_cpu_ms_per_image"] or 0) + top["client_cpu_ms_per_image"]
         report["models"].append({
             "name": name, "model_dir": model_dir, "offline_images_per_s": offline,
             "offline_cpu_ms_per_image": offline_cpu, "offline_passes": passes,
