@@ -179,8 +179,11 @@ def mean_interval(values, confidence: float = 0.95, bounds: tuple[float, float] 
 
 
 def _verdict(out: dict) -> dict:
-    # "larger than seed noise": the interval of the difference excludes 0
-    out["significant"] = bool(np.isfinite(out["low"]) and (out["low"] > 0 or out["high"] < 0))
+    # "larger than seed noise": the interval of the difference excludes 0. A zero-width
+    # interval (two seeds whose differences happen to be equal: accuracies are multiples of
+    # 1/test size) estimates no noise at all, so it is no evidence either way.
+    out["significant"] = bool(np.isfinite(out["low"]) and out["high"] > out["low"]
+                              and (out["low"] > 0 or out["high"] < 0))
     return out
 
 

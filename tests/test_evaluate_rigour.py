@@ -45,6 +45,15 @@ def test_paired_difference_sees_a_consistent_gain_that_unpaired_noise_hides():
     assert not paired_difference(noisy, control)["significant"]
 
 
+def test_a_zero_width_interval_is_no_evidence():
+    # two seeds whose differences are equal (accuracies are multiples of 1 / test size): the
+    # t interval has zero width, which estimates no noise, so it must not read as a finding
+    d = paired_difference(np.array([0.52, 0.60]), np.array([0.50, 0.58]))
+    assert d["diff"] == pytest.approx(0.02) and d["low"] == pytest.approx(d["high"])
+    assert not d["significant"]
+    assert not welch_difference(np.array([0.6, 0.6]), np.array([0.5, 0.5, 0.5]))["significant"]
+
+
 def test_welch_interval_against_the_hand_computed_value():
     a, b = np.array([0.80, 0.82, 0.84, 0.86]), np.array([0.70, 0.74])
     d = welch_difference(a, b)
