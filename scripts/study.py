@@ -72,7 +72,7 @@ SCALES = {
                   targets=["fashion-mnist:per_class=100", "mnist", "digits",
                            "emoji-twitter-subcategory", "emoji-twitter-category"],
                   probe_params={"refine": 0},
-                  lite0=dict(input_size=96, epochs=1, per_class=2),
+                  lite0=dict(input_size=96, epochs=2, per_class=3),
                   fashion=dict(per_class=200, epochs=5, finer_min_size=20), budget_min=50),
     "full": dict(epochs=16, input_size=48, width=32, max_per_class=200,
                  targets=["fashion-mnist:per_class=200", "mnist", "digits",
