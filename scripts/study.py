@@ -634,7 +634,7 @@ def discussion(models: dict, vs_control: dict) -> list[str]:
                f"{rnd['wins']}/{rnd['n']} targets); where random features come close, a target "
                "cannot separate the methods.")
     eff = compare(models, "EfficientNet-Lite0 ImageNet", ref)
-    out.append(f"EfficientNet-Lite0 (ImageNet, 224 px): {eff['mean']:+.1f} points against Net-S, "
+    out.append(f"EfficientNet-Lite0 (ImageNet weights, not tuned): {eff['mean']:+.1f} points against Net-S, "
                f"at {_fmt(models['EfficientNet-Lite0 ImageNet'].get('images_per_s'), '{:.0f}')} "
                f"images/s against {_fmt(models[ref].get('images_per_s'), '{:.0f}')}: the scale "
                "of its pre-training data, not its source-problem recipe, sets its level.")
