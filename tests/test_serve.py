@@ -161,9 +161,10 @@ def test_batcher_shares_waiting_requests_between_idle_workers():
 
 
 def test_batcher_queue_bound_failures_and_cancellation():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
 
     def run(items):
+        started.set()
         gate.wait(10)
         if "bad" in items:
             raise ValueError("boom")
@@ -172,9 +173,7 @@ def test_batcher_queue_bound_failures_and_cancellation():
     batcher = Batcher(run, max_batch=1, max_delay_s=0, max_queue=2, workers=1)
     try:
         first = batcher.submit(["a"])
-        deadline = time.monotonic() + 5
-        while batcher.depth_ and time.monotonic() < deadline:  # the worker took it
-            time.sleep(0.01)
+        assert started.wait(10)  # the worker took it: the queue is empty again
         bad = batcher.submit(["bad"])
         dropped = batcher.submit(["c"])
         with pytest.raises(QueueFull, match="max-queue 2"):
@@ -281,7 +280,7 @@ def running_server(model_dir, *args, timeout=90):
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError("server not ready in time")
-            time.sleep(0.2)
+            time.sleep(0.05)
         yield port, proc
     finally:
         if proc.poll() is None:

@@ -127,22 +127,42 @@ def check_model(service: Service, name: str, version: str | None) -> ServedModel
     return service.model
 
 
-def declared_size(service: Service, declared: str | None) -> None:
-    """Refuse (413) a body whose Content-Length exceeds --max-body-mb, before reading it."""
-    if declared is None:
-        return
-    try:
-        size = int(declared)
-    except ValueError:
-        raise HTTPError(400, f"Content-Length is not a number: {declared!r}") from None
-    if size > service.max_body:
-        raise HTTPError(413, f"the body has {size} bytes, more than --max-body-mb "
-                        f"{service.max_body / 2**20:g} MiB allows; send fewer or smaller images")
+async def read_limited_body(service: Service, declared: str | None, receive) -> bytes | None:
+    """The request body from ASGI `receive`, refused (413) as soon as it is known to exceed
+    --max-body-mb: from Content-Length before reading anything, else while streaming. None if
+    the client disconnected first."""
+    limit = service.max_body
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPError(400, f"Content-Length is not a number: {declared!r}") from None
+        if size > limit:
+            raise HTTPError(413, f"the body has {size} bytes, more than --max-body-mb "
+                            f"{limit / 2**20:g} MiB allows; send fewer or smaller images")
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise HTTPError(413, f"the body exceeds --max-body-mb {limit / 2**20:g} MiB; "
+                            "send fewer or smaller images")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def body_too_large(service: Service) -> HTTPError:
-    return HTTPError(413, f"the body exceeds --max-body-mb {service.max_body / 2**20:g} MiB; "
-                     "send fewer or smaller images")
+def failure(e: Exception, path: str) -> tuple[int, str, dict]:
+    """An exception from a handler -> (status, message, headers) of the error answer."""
+    if isinstance(e, HTTPError):
+        return e.status, e.message, e.headers
+    if isinstance(e, ProtocolError):
+        return 400, str(e), {}
+    log.exception("%s failed", path, exc_info=e)  # a bug costs one request, never the server
+    return 500, f"internal error: {type(e).__name__}: {e}", {}
 
 
 async def infer(service: Service, name: str, version: str | None, body: bytes,
@@ -194,42 +214,23 @@ class InferEndpoint:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope["headers"]}
         try:
-            declared_size(service, headers.get("content-length"))
-            body = await self._read(receive)
+            body = await read_limited_body(service, headers.get("content-length"), receive)
             if body is None:
                 return  # the client went away: nobody to answer
             payload, extra = await infer(service, match.group(1), match.group(2), body,
                                          headers.get(HEADER_LENGTH.lower()))
             status = 200
-        except HTTPError as e:
-            status, payload, extra = e.status, _error_body(e.message), {
-                "content-type": "application/json", **{k.lower(): v for k, v in e.headers.items()}}
-        except ProtocolError as e:
-            status, payload, extra = 400, _error_body(str(e)), {"content-type": "application/json"}
-        except Exception as e:  # a bug must cost one request, never the server
-            log.exception("%s failed", scope["path"])
-            status, extra = 500, {"content-type": "application/json"}
-            payload = _error_body(f"internal error: {type(e).__name__}: {e}")
+        except Exception as e:
+            status, message, error_headers = failure(e, scope["path"])
+            payload = _error_body(message)
+            extra = {"content-type": "application/json",
+                     **{k.lower(): v for k, v in error_headers.items()}}
         response_headers = [(b"content-length", str(len(payload)).encode())] + [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status,
                     "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
         service.metrics.observe_request("infer", status, time.perf_counter() - start)
-
-    async def _read(self, receive) -> bytes | None:
-        chunks, total, limit = [], 0, self.service.max_body
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > limit:
-                raise body_too_large(self.service)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _error_body(message: str) -> bytes:
@@ -254,13 +255,8 @@ def build_app(service: Service):
                 start = time.perf_counter()
                 try:
                     response = await handler(request)
-                except HTTPError as e:
-                    response = error(e.status, e.message, e.headers)
-                except ProtocolError as e:
-                    response = error(400, str(e))
-                except Exception as e:  # a bug must cost one request, never the server
-                    log.exception("%s failed", request.url.path)
-                    response = error(500, f"internal error: {type(e).__name__}: {e}")
+                except Exception as e:
+                    response = error(*failure(e, request.url.path))
                 service.metrics.observe_request(endpoint, response.status_code,
                                                 time.perf_counter() - start)
                 return response
@@ -272,16 +268,11 @@ def build_app(service: Service):
                            request.path_params.get("version"))
 
     async def read_body(request: Request) -> bytes:
-        """The body, refusing (413) as soon as it is known to exceed --max-body-mb: from
-        Content-Length before reading anything, else while streaming."""
-        declared_size(service, request.headers.get("content-length"))
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > service.max_body:
-                raise body_too_large(service)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        body = await read_limited_body(service, request.headers.get("content-length"),
+                                       request.receive)
+        if body is None:
+            raise HTTPError(400, "the client disconnected before sending its whole body")
+        return body
 
     @observed("live")
     async def live(request: Request) -> Response:
