@@ -82,6 +82,12 @@ async def run_load(host: str, port: int, requests_bytes: list[bytes], clients: i
     finally:
         for _, writer in connections:
             writer.close()
+    return summarise(latencies, statuses, clients, requests, wall, cpu)
+
+
+def summarise(latencies: list[float], statuses: dict[int, int], clients: int, requests: int,
+              wall: float, cpu: float) -> dict:
+    """One closed-loop run as the benchmark's row (any client that timed its requests)."""
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": requests, "wall_s": wall,
             "failures": sum(n for s, n in statuses.items() if s != 200),

@@ -131,31 +131,28 @@ def request_body(jpegs: list[bytes]) -> tuple[bytes, dict]:
 async def _httpx_load(port: int, bodies: list, clients: int, requests: int) -> dict:
     """The same closed loop with httpx.AsyncClient in this process (a typical Python client)."""
     import httpx
+
+    from benchmarks.loadgen import summarise
     url = f"http://127.0.0.1:{port}/v2/models/m/infer"
     latencies: list[float] = []
-    failures = 0
+    statuses: dict[int, int] = {}
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def one_client():
-            nonlocal failures
             for k in counter:
                 body, headers = bodies[k % len(bodies)]
                 start = time.perf_counter()
                 r = await client.post(url, content=body, headers=headers)
                 latencies.append(time.perf_counter() - start)
-                failures += r.status_code != 200
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         for k in range(min(clients, len(bodies))):  # warm-up: connections, first batches
             body, headers = bodies[k]
             await client.post(url, content=body, headers=headers)
         cpu0, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": requests, "failures": failures,
-            "images_per_s": requests / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)),
-            "client_cpu_ms_per_request": 1000 * cpu / requests}
+    return summarise(latencies, statuses, clients, requests, wall, cpu)
 
 
 def _loadgen(port: int, bodies_npz: str, clients: int, requests: int) -> dict:
