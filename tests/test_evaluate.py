@@ -297,7 +297,7 @@ def test_evaluate_never_imports_torch(two_models, digits_small, tmp_path):
         f"          '--no-cache', '--probe', 'svm', '--out', {str(tmp_path / 'r')!r}])\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
-        "import runtime.pipeline, runtime.probes, runtime.report\n"
+        "import runtime.pipeline, runtime.probes, runtime.evaluation.report\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('NO TORCH')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
