@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from common.data import load_dataset
-from runtime import universality as U
-from runtime.evaluate import EvaluationError, evaluate, evaluate_models, split_target
+from runtime.cli.evaluate import evaluate
+from runtime.evaluation import EvaluationError, evaluate_models, split_target
+from runtime.evaluation import statistics as U
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A short regularisation sweep where a test checks plumbing rather than the probe protocol.

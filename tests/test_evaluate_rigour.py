@@ -10,14 +10,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.data import load_dataset, stratified_split
-from runtime.evaluate import EvaluationError, compare_units, evaluate, evaluate_models
-from runtime.probes import LogisticRegressionProbe
-from runtime.universality import (
+from runtime.cli.evaluate import evaluate
+from runtime.evaluation import EvaluationError, compare_units, evaluate_models
+from runtime.evaluation.statistics import (
     bootstrap_difference,
     mean_interval,
     paired_difference,
     welch_difference,
 )
+from runtime.probes import LogisticRegressionProbe
 
 # ---------------------------------------------------------------------------------------------
 # statistics on constructed cases
