@@ -391,3 +391,22 @@ def test_probe_predict_runs_without_torch(model_dir, digits_features, digits_sma
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout.strip().splitlines()[0])
     assert record["id"] == image and record["label"] in list(range(10))
+
+
+def test_load_probe_for_checks_the_backbone(digits_features, tmp_path):
+    """One loader for the service, bulk jobs and the probe commands: dims and fingerprint."""
+    from common.errors import UserError
+    from runtime.probes import ProbeMismatchError, load_probe_for
+    X, y, _, _, description = digits_features
+    probe = make_probe("ncm").fit(X, y)
+    save_probe(probe, str(tmp_path / "good"),
+               {"model_fingerprint": description_fingerprint(description)})
+    save_probe(probe, str(tmp_path / "other"), {"model_fingerprint": "0" * 16})
+    loaded = load_probe_for(description, str(tmp_path / "good"))
+    np.testing.assert_allclose(loaded.predict_proba(X[:5]), probe.predict_proba(X[:5]))
+    with pytest.raises(ProbeMismatchError, match="fingerprint 0000000000000000") as caught:
+        load_probe_for(description, str(tmp_path / "other"))
+    assert isinstance(caught.value, UserError) and "refit the probe" in caught.value.reason
+    narrow = {**description.to_dict(), "feature_dim": X.shape[1] + 1}
+    with pytest.raises(ProbeMismatchError, match=f"expects {X.shape[1]}-d features"):
+        load_probe_for(narrow, str(tmp_path / "good"))

@@ -176,21 +176,29 @@ def plot_report(report: dict, path: str) -> None:
                plt.get_cmap("turbo")(np.linspace(0.05, 0.95, len(names))))
     bar = 0.8 / len(names)
     x = np.arange(len(targets))
+    whiskers = bar_intervals(report)
     for i, name in enumerate(names):
-        accs = [100 * models[name]["targets"][t]["top1"] for t in targets]
-        axes[0].bar(x + (i - (len(names) - 1) / 2) * bar, accs, bar, label=name, color=colours[i])
+        values, err = whiskers[name]
+        bars = axes[0].bar(x + (i - (len(names) - 1) / 2) * bar, values[:-1], bar, label=name,
+                           color=colours[i], yerr=err[:, :-1], capsize=2,
+                           error_kw={"elinewidth": 0.8})
+        axes[0].bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
     axes[0].set_xticks(x, [t if len(t) <= 18 else t[:16] + ".." for t in targets],
                        rotation=20, ha="right")
     axes[0].set_ylabel("top-1 accuracy (%)")
-    axes[0].set_ylim(0, 100)
-    axes[0].set_title(f"per target ({report['probe']} probe)")
+    axes[0].set_ylim(0, 105)
+    seeds = len(report.get("seeds") or [report.get("seed")])
+    axes[0].set_title(f"per target ({report['probe']} probe)" + (
+        f"; whiskers: {100 * report.get('confidence', 0.95):.0f}% interval over {seeds} seeds"
+        if seeds > 1 else ""), fontsize=9)
     axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22),
                    ncol=min(4, len(names)), frameon=False)
-    bars = axes[1].bar(np.arange(len(names)), [100 * models[n]["mean"] for n in names],
-                       color=colours)
-    axes[1].bar_label(bars, fmt="%.1f", fontsize=7)
+    bars = axes[1].bar(np.arange(len(names)), [whiskers[n][0][-1] for n in names],
+                       color=colours, yerr=np.hstack([whiskers[n][1][:, -1:] for n in names]),
+                       capsize=3, error_kw={"elinewidth": 0.8})
+    axes[1].bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     axes[1].set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
-    axes[1].set_ylim(0, 100)
+    axes[1].set_ylim(0, 105)
     axes[1].set_title("mean accuracy (%)")
     if has_ref:
         bars = axes[2].bar(np.arange(len(names)), [models[n]["mnrg"] for n in names],
@@ -220,6 +228,34 @@ def plot_report(report: dict, path: str) -> None:
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     _write_atomic(path, buffer.getvalue())
+
+
+def bar_intervals(report: dict) -> dict:
+    """{model: (values, whiskers)} of the accuracy bars, in percent: values [T + 1] (each
+    target, then the mean over targets), whiskers [2, T + 1] (below, above; 0 where a value
+    has no interval: one seed). The mean's interval is the t interval of the mean over targets
+    per seed, so it covers seed noise as the per-target ones do."""
+    import numpy as np
+
+    from .statistics import mean_interval
+
+    targets, confidence = list(report["targets"]), report.get("confidence", 0.95)
+    out = {}
+    for name, m in report["models"].items():
+        cells = [m["targets"][t] for t in targets]
+        values = np.array([100 * c["top1"] for c in cells] + [100 * m["mean"]])
+        lows, highs = values.copy(), values.copy()
+        for j, c in enumerate(cells):
+            if c.get("top1_interval"):
+                lows[j], highs[j] = (100 * v for v in c["top1_interval"])
+        per_seed = [c.get("seeds", {}).get("top1") for c in cells]
+        if cells and all(p and len(p) > 1 for p in per_seed):
+            stats = mean_interval(np.mean(np.asarray(per_seed, dtype=np.float64), axis=0),
+                                  confidence, bounds=(0.0, 1.0))
+            lows[-1], highs[-1] = 100 * stats["low"], 100 * stats["high"]
+        whiskers = np.nan_to_num(np.vstack([values - lows, highs - values]))
+        out[name] = (values, np.maximum(whiskers, 0.0))
+    return out
 
 
 def write_report(report: dict, out_dir: str) -> dict[str, str]:
