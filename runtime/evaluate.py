@@ -31,8 +31,8 @@ from common.atomic import atomic_open
 from common.data import DataError, ImageDataset, load_dataset, stratified_split
 from common.data import cache_dir as unirep_cache_dir
 from common.description import ModelDescription
+from runtime.cli.options import PipelineOptions, pipeline_options
 
-from .options import PipelineOptions, pipeline_options
 from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
 
 if TYPE_CHECKING:  # imported where used: the pipeline loads onnxruntime

@@ -14,9 +14,8 @@ from typing import Any
 import click
 
 from common.checks import FiniteFloat, data_spec, writable_output
-from runtime.bulk.cli import bulk_options
-
-from .options import PipelineOptions, pipeline_options
+from runtime.cli.bulk import bulk_options
+from runtime.cli.options import PipelineOptions, pipeline_options
 
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
@@ -300,13 +299,13 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
       python cli.py probe predict models/spe probes/mnist photos/ --out preds/ --shard-size 5000
     """
     if not out.endswith(".jsonl"):
-        from runtime.bulk.cli import run_bulk
+        from runtime.cli.bulk import run_bulk
         return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
                         pipeline=pipeline.pipeline_kwargs(), **bulk)
     import numpy as np
     from tqdm import tqdm
 
-    from runtime.cli_items import collect_items
+    from runtime.cli.items import collect_items
 
     estimator = _load_probe_or_fail(probe_dir)
     items = collect_items(inputs)

@@ -10,8 +10,8 @@ import time
 import click
 
 from common.checks import writable_output
-from runtime.bulk.cli import bulk_options
-from runtime.cli_items import collect_items
+from runtime.cli.bulk import bulk_options
+from runtime.cli.items import collect_items
 
 from .options import PipelineOptions, pipeline_options
 
@@ -74,7 +74,7 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
       python cli.py embed models/spe shards/*.tar --out feats/ --engine ray --address auto
     """
     if not out.endswith(".npy"):
-        from runtime.bulk.cli import run_bulk
+        from runtime.cli.bulk import run_bulk
         return run_bulk(model_dir, inputs, out, probe_dirs=probe_dirs,
                         pipeline=pipeline.pipeline_kwargs(), **bulk)
     if probe_dirs:

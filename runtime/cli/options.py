@@ -98,7 +98,7 @@ class PipelineOptions:
     def resolve(self, *, cores: int, gpu: bool):
         """The plan these options give on `cores` cores (runtime.resolve), without opening
         anything."""
-        from .resolve import resolve_pipeline_config
+        from runtime.resolve import resolve_pipeline_config
         return resolve_pipeline_config(cores=cores, gpu=gpu, batch_size=self.batch_size,
                                        threads=self.threads, decode_threads=self.decode_threads,
                                        decode_processes=self.decode_processes)
