@@ -14,6 +14,8 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common.errors import UserError  # a leaf module: imports nothing heavy
+
 # Subcommands live with their stage and are imported only when used, so `--help` is instant
 # and the runtime commands work without torch installed.
 COMMANDS = {
@@ -29,30 +31,11 @@ COMMANDS = {
 }
 
 
-# The project's own error types: raised for bad input the user can fix, they end a command
-# with one line, "Error: <message>", and exit status 1 instead of a traceback. Matched by
-# (module, class name) over the exception's bases, so nothing is imported to check them.
-KNOWN_ERRORS = {
-    ("common.model_dir", "ModelError"),       # missing, corrupt or inconsistent model folder
-    ("common.data", "DataError"),             # bad dataset spec or folder
-    ("export.onnx_export", "ExportError"),    # export cannot proceed
-    ("runtime.evaluate", "EvaluationError"),  # bad evaluate inputs
-    ("runtime.fuse", "FuseError"),            # probe does not fit the model
-    ("runtime.probes", "ProbeError"),         # bad or corrupt probe files
-}
-
-
-def known_error(e: BaseException) -> bool:
-    return any((c.__module__, c.__name__) in KNOWN_ERRORS for c in type(e).__mro__)
-
-
 class LazyGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except Exception as e:
-            if not known_error(e):
-                raise
+        except UserError as e:  # bad input the user can fix: one line, exit status 1
             raise click.ClickException(" ".join(str(e).split())) from e
 
     def list_commands(self, ctx):

@@ -31,6 +31,7 @@ from common.atomic import atomic_open
 from common.data import DataError, ImageDataset, load_dataset, stratified_split
 from common.data import cache_dir as unirep_cache_dir
 from common.description import ModelDescription
+from common.errors import UserError
 from runtime.cli.options import PipelineOptions, pipeline_options
 
 from .universality import aggregate_models, mean_per_class_accuracy, top1_accuracy
@@ -43,7 +44,7 @@ DEFAULT_TEST_FRACTION = 0.3
 CACHE_FORMAT = 2        # bump when the cached arrays or the key change meaning (2: content)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Evaluation cannot run as asked; the message says what is wrong and what to do."""
 
 

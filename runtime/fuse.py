@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_open
+from common.errors import UserError
 
 from .probes import KNNProbe, Probe, load_probe, model_mismatch
 
@@ -34,7 +35,7 @@ CLASSES_METADATA_KEY = "unirep.probe.classes"
 PROBABILITIES, LABEL = "probabilities", "label"
 
 
-class FuseError(ValueError):
+class FuseError(UserError, ValueError):
     """The probe cannot be fused into this model; the message says why and what to do."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from common.checks import FiniteFloat, data_spec, writable_output
+from common.errors import renamed
 from runtime.cli.bulk import bulk_options
 from runtime.cli.options import PipelineOptions, pipeline_options
 
@@ -54,7 +55,7 @@ def embed_items(pipe, items: list[tuple[str, str]], desc: str):
         for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
             vectors[row:row + len(batch)] = batch
             for j, message in batch_errors.items():
-                errors[row + j] = message.replace(items[row + j][1], items[row + j][0], 1)
+                errors[row + j] = renamed(message, items[row + j][1], items[row + j][0])
             row += len(batch)
             bar.update(len(batch))
     return vectors, errors
@@ -339,7 +340,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
                     if not ok[j] or not finite[j]:
                         message = batch_errors.get(j, "embedding is not finite" if not ok[j]
                                                    else "probe probabilities are not finite")
-                        errors[row + j] = message.replace(path, item_id, 1)
+                        errors[row + j] = renamed(message, path, item_id)
                         record = {"id": item_id, "error": errors[row + j]}
                     else:
                         best = [(_plain(estimator.classes_[c]), float(probabilities[j, c]))

@@ -31,11 +31,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from common.errors import UserError
 
 PROBE_FORMAT = "unirep.probe"
 PROBE_FORMAT_VERSION = 1
@@ -839,7 +840,7 @@ def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> Non
         "state": {a: _jsonable(getattr(probe, a)) for a in probe._scalar_attrs},
         "metadata": {k: _jsonable(v) for k, v in meta.items()},
     }
-    from common.atomic import make_temp_dir, temp_prefix
+    from common.atomic import make_temp_dir, replace_folder
     parent = os.path.dirname(path_dir)
     tmp = make_temp_dir(parent, tag="probe")
     try:
@@ -853,20 +854,13 @@ def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> Non
             json.dump(doc, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path_dir):
-            old = tempfile.mkdtemp(prefix=temp_prefix("old-probe"), dir=parent)
-            os.rmdir(old)
-            os.rename(path_dir, old)
-        os.rename(tmp, path_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, path_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class ProbeFileError(ValueError):
+class ProbeFileError(UserError, ValueError):
     """A probe folder that cannot be loaded; the message names the file and the problem."""
 
 

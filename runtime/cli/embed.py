@@ -10,6 +10,7 @@ import time
 import click
 
 from common.checks import writable_output
+from common.errors import renamed
 from runtime.cli.bulk import bulk_options
 from runtime.cli.items import collect_items
 
@@ -112,7 +113,7 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
         for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
             vectors[row:row + len(batch)] = batch
             for j, message in batch_errors.items():
-                errors[row + j] = message.replace(items[row + j][1], ids[row + j], 1)
+                errors[row + j] = renamed(message, items[row + j][1], ids[row + j])
             row += len(batch)
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
