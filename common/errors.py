@@ -42,7 +42,7 @@ class ItemError(UserError):
         return _rebuild, (type(self), self.item_id, self.reason)
 
 
-def _rebuild(cls: type, item_id: str, reason: str) -> ItemError:
+def _rebuild(cls: type[ItemError], item_id: str, reason: str) -> ItemError:
     err = cls.__new__(cls)
     ItemError.__init__(err, item_id, reason)
     return err

@@ -33,6 +33,32 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
     return stem + ".ids.json", stem + ".errors.json"
 
 
+def embed_items(pipe, items: list[tuple[str, str]]):
+    """(N x D vectors with NaN rows for failures, {row: '<id>: cause'}, seconds) for (id, path)
+    items, with a progress bar; says first which model, provider and threads run."""
+    import numpy as np
+    from tqdm import tqdm
+
+    note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
+    click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
+               f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
+               f"{pipe.provider_}{note}; threads {pipe.threads_} + "
+               + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
+                  else f"{pipe.decode_threads_} decode"), err=True)
+    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
+    errors: dict[int, str] = {}
+    start, row = time.perf_counter(), 0
+    with tqdm(total=len(items), unit="img", file=sys.stderr, desc="embed",
+              dynamic_ncols=True, disable=None) as bar:
+        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
+            vectors[row:row + len(batch)] = batch
+            for j, message in batch_errors.items():
+                errors[row + j] = renamed(message, items[row + j][1], items[row + j][0])
+            row += len(batch)
+            bar.update(len(batch))
+    return vectors, errors, time.perf_counter() - start
+
+
 @click.command("embed")
 @click.argument("model_dir")  # checked by common.model_dir, which says what is wrong
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
@@ -81,9 +107,6 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
     if probe_dirs:
         raise click.UsageError("--probe needs a folder --out (Parquet shards); for a .npy "
                                "use `probe predict`")
-    import numpy as np
-    from tqdm import tqdm
-
     from common.description import save_json_atomic
     from common.model_dir import ModelError
     from runtime.pipeline import FeaturePipeline
@@ -97,26 +120,9 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
         raise
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e))
-    note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
-    click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
-               f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
-               f"{pipe.provider_}{note}; threads {pipe.threads_} + "
-               + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
-                  else f"{pipe.decode_threads_} decode"), err=True)
-
     ids = [i for i, _ in items]
-    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
-    errors: dict[int, str] = {}
-    start, row = time.perf_counter(), 0
-    with pipe, tqdm(total=len(items), unit="img", file=sys.stderr, desc="embed",
-                    dynamic_ncols=True, disable=None) as bar:
-        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
-            vectors[row:row + len(batch)] = batch
-            for j, message in batch_errors.items():
-                errors[row + j] = renamed(message, items[row + j][1], ids[row + j])
-            row += len(batch)
-            bar.update(len(batch))
-    elapsed = time.perf_counter() - start
+    with pipe:
+        vectors, errors, elapsed = embed_items(pipe, items)
 
     ids_path, errors_path = sidecar_paths(out)
     save_npy_atomic(out, vectors)
