@@ -4,17 +4,15 @@ Heavy imports (numpy, onnxruntime) happen inside the command so `cli.py --help` 
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import click
 
 from common.checks import writable_output
-from common.errors import renamed
 from runtime.cli.bulk import bulk_options
-from runtime.cli.items import collect_items
+from runtime.cli.items import collect_items, embed_items
 
-from .options import PipelineOptions, pipeline_options
+from .options import PipelineOptions, open_pipeline, pipeline_options
 
 MAX_ERRORS_SHOWN = 50
 
@@ -33,30 +31,14 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
     return stem + ".ids.json", stem + ".errors.json"
 
 
-def embed_items(pipe, items: list[tuple[str, str]]):
-    """(N x D vectors with NaN rows for failures, {row: '<id>: cause'}, seconds) for (id, path)
-    items, with a progress bar; says first which model, provider and threads run."""
-    import numpy as np
-    from tqdm import tqdm
-
+def describe_pipeline(pipe) -> str:
+    """One line: the model, its size and input, and where and with how many threads it runs."""
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
-    click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
-               f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
-               f"{pipe.provider_}{note}; threads {pipe.threads_} + "
-               + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
-                  else f"{pipe.decode_threads_} decode"), err=True)
-    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
-    errors: dict[int, str] = {}
-    start, row = time.perf_counter(), 0
-    with tqdm(total=len(items), unit="img", file=sys.stderr, desc="embed",
-              dynamic_ncols=True, disable=None) as bar:
-        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
-            vectors[row:row + len(batch)] = batch
-            for j, message in batch_errors.items():
-                errors[row + j] = renamed(message, items[row + j][1], items[row + j][0])
-            row += len(batch)
-            bar.update(len(batch))
-    return vectors, errors, time.perf_counter() - start
+    return (f"model {pipe.model_path_}: {pipe.description_.architecture}, "
+            f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
+            f"{pipe.provider_}{note}; threads {pipe.threads_} + "
+            + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
+               else f"{pipe.decode_threads_} decode"))
 
 
 @click.command("embed")
@@ -108,21 +90,17 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
         raise click.UsageError("--probe needs a folder --out (Parquet shards); for a .npy "
                                "use `probe predict`")
     from common.description import save_json_atomic
-    from common.model_dir import ModelError
-    from runtime.pipeline import FeaturePipeline
 
     items = collect_items(inputs)
     if not items:
         raise click.UsageError("no images to embed: the inputs named none")
-    try:
-        pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
-    except ModelError:  # one line, exit status 1, through cli.py's handler
-        raise
-    except (FileNotFoundError, ValueError) as e:
-        raise click.UsageError(str(e))
+    pipe = open_pipeline(model_dir, pipeline)
+    click.echo(describe_pipeline(pipe), err=True)
     ids = [i for i, _ in items]
+    start = time.perf_counter()
     with pipe:
-        vectors, errors, elapsed = embed_items(pipe, items)
+        vectors, errors = embed_items(pipe, items)
+    elapsed = time.perf_counter() - start
 
     ids_path, errors_path = sidecar_paths(out)
     save_npy_atomic(out, vectors)
