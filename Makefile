@@ -15,7 +15,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
-# Style and types (settings in pyproject.toml; mypy checks common/ and runtime/).
+# Style and types (settings in pyproject.toml; mypy checks common/, runtime/ and cli.py).
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy

@@ -14,6 +14,8 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common.errors import UserError  # a leaf module: imports nothing heavy
+
 # Subcommands live with their stage and are imported only when used, so `--help` is instant
 # and the runtime commands work without torch installed.
 COMMANDS = {
@@ -21,38 +23,19 @@ COMMANDS = {
               "Train a backbone on a dataset (methods: specific, generic, multilevel, finer, fsft)."),
     "export": ("export.commands", "export", "Export trained runs to ONNX (and Caffe2), with proven parity."),
     "inspect": ("export.commands", "inspect", "Show an exported model: description, I/O, formats, parity, sizes."),
-    "embed": ("runtime.commands", "embed", "Embed images with an exported model (onnxruntime)."),
+    "embed": ("runtime.cli.embed", "embed", "Embed images with an exported model (onnxruntime)."),
     "probe": ("runtime.cli.probe", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
     "evaluate": ("runtime.cli.evaluate", "evaluate", "Measure universality: linear probes on many targets, mNRG."),
-    "serve": ("runtime.service.commands", "serve", "Serve a model over HTTP (KServe v2 protocol), batched."),
+    "serve": ("runtime.cli.serve", "serve", "Serve a model over HTTP (KServe v2 protocol), batched."),
     "bench": ("benchmarks.commands", "bench", "Benchmark the runtime against PyTorch, side by side."),
 }
-
-
-# The project's own error types: raised for bad input the user can fix, they end a command
-# with one line, "Error: <message>", and exit status 1 instead of a traceback. Matched by
-# (module, class name) over the exception's bases, so nothing is imported to check them.
-KNOWN_ERRORS = {
-    ("common.model_dir", "ModelError"),       # missing, corrupt or inconsistent model folder
-    ("common.data", "DataError"),             # bad dataset spec or folder
-    ("export.onnx_export", "ExportError"),    # export cannot proceed
-    ("runtime.evaluate", "EvaluationError"),  # bad evaluate inputs
-    ("runtime.fuse", "FuseError"),            # probe does not fit the model
-    ("runtime.probes", "ProbeError"),         # bad or corrupt probe files
-}
-
-
-def known_error(e: BaseException) -> bool:
-    return any((c.__module__, c.__name__) in KNOWN_ERRORS for c in type(e).__mro__)
 
 
 class LazyGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except Exception as e:
-            if not known_error(e):
-                raise
+        except UserError as e:  # bad input the user can fix: one line, exit status 1
             raise click.ClickException(" ".join(str(e).split())) from e
 
     def list_commands(self, ctx):

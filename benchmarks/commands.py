@@ -5,7 +5,7 @@ import os
 
 import click
 
-from runtime.options import PipelineOptions, pipeline_options
+from runtime.cli.options import PipelineOptions, pipeline_options
 
 
 @click.command("bench")

@@ -3,6 +3,8 @@
 Everything the project persists (checkpoints, models, features, probes, reports) goes through
 `atomic_open`: write to a temporary file in the same folder, flush and fsync, then rename over
 the destination (rename is atomic within a file system). On any error the temporary is removed.
+Whole folders (models, probes, caches) are built in a temporary sibling and swapped in with
+`replace_folder`.
 
 A process killed with SIGKILL cannot remove its temporaries, so every temporary is named
 `.tmp-PID-...` after the process that writes it, and the next write into the same folder removes
@@ -103,6 +105,73 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _fsync_tree(folder: str) -> None:
+    """fsync every file under `folder`, then the folders themselves (their entries)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_folder(tmp: str, out: str, *, keep_existing: bool = False,
+                   fsync: bool = True) -> bool:
+    """Swap the finished folder `tmp` (a sibling of `out`, from `make_temp_dir`) in for `out`.
+
+    Its files are fsynced first (`fsync=False` for caches that are rebuilt when lost); an old
+    `out` is renamed aside, the new one renamed in, then the old one deleted, so a reader finds
+    the old complete folder or the new one, never a mix. If the second rename fails, the old
+    folder is put back. With `keep_existing`, a non-empty `out` (another process finished
+    first) is kept and `tmp` deleted. Returns whether `tmp` went in; on an error `tmp` is left
+    for the caller's cleanup."""
+    if fsync:
+        _fsync_tree(tmp)
+    if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
+        os.rmdir(out)
+    parent, base = os.path.split(os.path.abspath(out))
+    if not os.path.lexists(out):
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (keep_existing and os.path.lexists(out)):
+                raise
+        else:
+            if fsync:
+                _fsync_dir(parent)
+            return True
+    if keep_existing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    old = tempfile.mkdtemp(prefix=temp_prefix(f"{base}.old"), dir=parent)
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if fsync:
+        _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
 def build_folder_once(out: str, build, marker: str) -> str:
     """Return folder `out`, building it first if `out/marker` is missing.
 
@@ -114,11 +183,11 @@ def build_folder_once(out: str, build, marker: str) -> str:
     tmp = make_temp_dir(parent, tag=os.path.basename(out))
     try:
         build(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first: keep theirs
-            if not os.path.exists(os.path.join(out, marker)):
-                raise
+        # a cache: rebuilt when lost, so not worth an fsync per file (datasets hold thousands)
+        replace_folder(tmp, out, keep_existing=True, fsync=False)
+        if not os.path.exists(os.path.join(out, marker)):
+            raise FileExistsError(f"{out} exists but is not a finished build (no {marker}); "
+                                  "remove it to rebuild")
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,10 @@ import tempfile
 
 import click
 
+from .errors import UserError
 
-class OutputError(ValueError):
+
+class OutputError(UserError, ValueError):
     """An output path that cannot be written; the message names it and says why."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import build_folder_once
 from .description import Level, save_json_atomic
+from .errors import UserError
 from .files import iter_image_files
 
 SPLIT_NAMES = ("train", "test")
@@ -35,7 +36,7 @@ MANIFEST = "manifest.json"
 log = logging.getLogger("unirep.data")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot be used as given; the message says what is wrong and what to do."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .atomic import atomic_open
+from .errors import UserError
 
 FORMAT_VERSION = 1
 ONNX_METADATA_KEY = "unirep.description"
@@ -23,7 +24,7 @@ ONNX_METADATA_KEY = "unirep.description"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-class DescriptionError(ValueError):
+class DescriptionError(UserError, ValueError):
     """A model description that cannot be used; the message names the file when there is one."""
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .description import Preprocessing
+from .errors import ItemError, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".pnm")
@@ -37,8 +38,22 @@ ARRAY_DTYPES = ("uint8", "uint16")
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-class ImageDecodeError(ValueError):
-    """An input could not be turned into an image; the message names the input and the cause."""
+class ImageDecodeError(ItemError, ValueError):
+    """An input could not be turned into an image; the message names the input and the cause.
+
+    `ImageDecodeError(name, reason)` carries the input's name as its item id;
+    `ImageDecodeError(message)` is one whose message already says everything (a setting, or an
+    input with no name), kept as given."""
+
+    def __init__(self, item_or_message: str, reason: str | None = None):
+        if reason is not None:
+            super().__init__(item_or_message, reason)
+            return
+        UserError.__init__(self, item_or_message)
+        self.item_id, self.reason = "", str(item_or_message)
+
+    def __reduce__(self):
+        return (type(self), (self.reason,)) if not self.item_id else super().__reduce__()
 
 
 def max_pixels() -> int:
@@ -145,7 +160,7 @@ def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
             img = _array_to_pil(src)
         elif isinstance(src, (str, os.PathLike)):
             if not os.path.exists(src):
-                raise ImageDecodeError(f"{src}: file not found")
+                raise ImageDecodeError(str(src), "file not found")
             with open(src, "rb") as f:
                 data = f.read()
             apply_pixel_limit()
@@ -158,7 +173,7 @@ def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
             img = Image.open(io.BytesIO(src.read()))
         else:
             raise ImageDecodeError(
-                f"{_describe(src)}: unsupported input type; give a path, bytes, a PIL image "
+                _describe(src), "unsupported input type; give a path, bytes, a PIL image "
                 "or an HxW / HxWxC uint8 or uint16 array")
         check_pixels(img.size, _describe(src))  # on the header: nothing decoded yet
         img.load()
@@ -167,11 +182,12 @@ def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
     except ImageDecodeError as e:
         if str(e).startswith(("<", _describe(src))):
             raise
-        raise ImageDecodeError(f"{_describe(src)}: {e}") from e
+        raise ImageDecodeError(_describe(src), str(e)) from e
     except Image.DecompressionBombError as e:  # PIL's own check, at twice our limit
         raise bomb_error(_describe(src), e) from e
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise ImageDecodeError(f"{_describe(src)}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise ImageDecodeError(_describe(src),
+                               f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
@@ -179,14 +195,14 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageDecodeError(f"{name}: expected HxW or HxWxC with C in 1, 3, 4")
+        raise ImageDecodeError(name, "expected HxW or HxWxC with C in 1, 3, 4")
     if arr.dtype == np.uint16:  # like a 16-bit file: scaled by the bit depth, never clipped
         arr = (arr.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
     elif arr.dtype != np.uint8:
         hint = (" (for floats in [0, 1]: (x * 255).round().astype(np.uint8))"
                 if np.issubdtype(arr.dtype, np.floating) else "")
         raise ImageDecodeError(
-            f"{name}: arrays must be {' or '.join(ARRAY_DTYPES)}, not {arr.dtype}; "
+            name, f"arrays must be {' or '.join(ARRAY_DTYPES)}, not {arr.dtype}; "
             f"convert the array first{hint}")
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
     return Image.fromarray(np.ascontiguousarray(arr if mode != "L" else arr[:, :, 0]), mode)

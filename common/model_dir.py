@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import Any
 
 from common.description import ONNX_METADATA_KEY, ModelDescription
+from common.errors import UserError
 
 MODEL_FILE = "model.onnx"
 VARIANT_FILES = {"fp32": MODEL_FILE, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
@@ -33,7 +34,7 @@ CAFFE2_FILES = (CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, CAFFE2_VALUE_INFO)
 EXPORT_HINT = "make one with `python cli.py export RUN_DIR --out MODEL_DIR`"
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """An exported model folder or one of its files is missing, corrupt or inconsistent."""
 
 

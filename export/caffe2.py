@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from common.errors import UserError
 from common.model_dir import CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, CAFFE2_VALUE_INFO
 
 from .caffe2_proto import (
@@ -47,7 +48,7 @@ __all__ = ["NetDef", "OperatorDef", "Argument", "TensorProto", "DeviceOption", "
 # Conversion
 # --------------------------------------------------------------------------------------------
 
-class UnsupportedOnnxOp(ValueError):
+class UnsupportedOnnxOp(UserError, ValueError):
     """An ONNX node (or a form of it) that has no Caffe2 mapping; the message names op and node."""
 
 

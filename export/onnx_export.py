@@ -17,14 +17,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
 
 import numpy as np
 
-from common.atomic import make_temp_dir, temp_prefix
+from common.atomic import make_temp_dir, replace_folder
 from common.description import ModelDescription, save_json_atomic
 from common.model_dir import CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
 
@@ -352,26 +351,6 @@ def check_out_dir(out_dir: str, run_dirs: list[str], overwrite: bool) -> None:
                               "replace it, or choose another --out")
 
 
-def move_into_place(tmp_dir: str, out_dir: str) -> None:
-    """Rename the finished temp folder to out_dir; an old out_dir is renamed away first, then
-    deleted, so out_dir is always either the old or the new complete model."""
-    if os.path.isdir(out_dir) and not os.listdir(out_dir):
-        os.rmdir(out_dir)
-    if os.path.exists(out_dir):
-        parent, base = os.path.split(os.path.abspath(out_dir))
-        old = tempfile.mkdtemp(prefix=temp_prefix(f"{base}.old"), dir=parent)
-        os.rmdir(old)
-        os.rename(out_dir, old)
-        try:
-            os.rename(tmp_dir, out_dir)
-        except BaseException:
-            os.rename(old, out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp_dir, out_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # The export
 
@@ -471,7 +450,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
                            if not name.startswith(".")}
         save_json_atomic(os.path.join(tmp_dir, EXPORT_REPORT_FILE), report)
         check_out_dir(out_dir, run_dirs, overwrite)  # still true after the minutes spent here?
-        move_into_place(tmp_dir, out_dir)
+        replace_folder(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -11,9 +11,10 @@ import json
 import os
 
 from common.description import ONNX_METADATA_KEY
+from common.errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot go ahead or failed its checks; the message says why and what to do."""
 
 

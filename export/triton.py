@@ -18,6 +18,8 @@ import re
 import shutil
 import tempfile
 
+from common.atomic import replace_folder
+
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
@@ -92,9 +94,7 @@ def write_triton_repository(model_dir: str, repo: str, *, name: str | None = Non
         with open(os.path.join(tmp, "config.pbtxt"), "w") as f:
             f.write(config)
         (front.description or description).save(os.path.join(tmp, "description.json"))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)  # keeps the old model until the new one is whole
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

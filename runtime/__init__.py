@@ -2,7 +2,7 @@
 
 Never imports torch (not even indirectly): an application embedding this package needs only
 onnxruntime(-gpu), numpy and pillow. Names are imported on first use, so the CLI's command
-modules (`runtime.commands`, ...) load without pulling in onnxruntime.
+modules (`runtime.cli.embed`, ...) load without pulling in onnxruntime.
 
     from runtime import FeaturePipeline, LogisticRegressionProbe
     features = FeaturePipeline("models/spe").embed(["a.jpg", "b.png"]).vectors  # or "photos/"

@@ -137,7 +137,11 @@ class Engine:
         """Open MODEL (a model folder, a .onnx file or a ModelDir) on `device` with `threads`
         onnxruntime threads (`fallback_threads` if a GPU was asked for and the session lands
         on the CPU). `buckets`: the batch sizes the GPU path pads to (powers of two up to
-        batch_size when None). Raises ModelError for a missing, corrupt or inconsistent model."""
+        batch_size when None). Raises ModelError for a missing, corrupt or inconsistent model.
+
+        Long because it is the one opening sequence of the inference core (check the model,
+        try the uint8 front, open the session, fall back, then read the facts off the session),
+        kept in order in one place so that the fallback rules read top to bottom."""
         from .resolve import resolve_buckets
 
         if device not in P.DEVICES:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.description import ONNX_METADATA_KEY, ModelDescription
+from common.errors import UserError
 
 log = logging.getLogger("unirep.runtime")
 
@@ -34,7 +35,7 @@ INPUT_LAYOUT = "uint8 NHWC"
 _PREFIX = "unirep_normalise"
 
 
-class PrefixError(ValueError):
+class PrefixError(UserError, ValueError):
     """The model's input is not one a uint8 front can be put on (the float path still works)."""
 
 

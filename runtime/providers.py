@@ -168,25 +168,10 @@ def _new_session(model_path, so, chain, options):
     return session, _ep_error(captured.getvalue())
 
 
-def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
-                   device_id: int = 0, fp16: bool = False, cache_dir: str | None = None,
-                   cuda_graph: bool = False, input_chw: tuple[int, int, int] | None = None,
-                   batch_sizes: tuple[int, int, int] | None = None, input_name: str = "image",
-                   cache_optimized: bool = False, model: bytes | None = None,
-                   cache_tag: str = "", int8: bool = False) -> SessionInfo:
-    """Open `model_path` on `device` (auto|cpu|cuda|tensorrt) and report what it really got.
-
-    `model`: the serialised graph to run instead of the file's own (a rewritten form of it, such
-    as the uint8-input graph); `model_path` still names it in messages and cache keys, with
-    `cache_tag` telling the forms apart. `input_chw`: the per-image input shape for TensorRT's
-    profile (whatever the layout).
-
-    `auto` skips the GPU providers quietly when no CUDA device exists; an explicit GPU request is
-    always tried, and a fallback is announced with a ProviderFallbackWarning."""
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
-    if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"{model_path}: no such ONNX model")
+def provider_chain(device: str) -> tuple[list[str], list[str], bool]:
+    """(providers to try, reasons for those left out, whether the CPU is the expected outcome)
+    for `device`: what this onnxruntime build and machine can offer, GPU libraries loaded.
+    `auto` on a machine without a CUDA device goes to the CPU quietly."""
     requested = list(DEVICES[device])
     available = ort.get_available_providers()
     reasons = [f"this onnxruntime build has no {p} (install onnxruntime-gpu)"
@@ -207,6 +192,30 @@ def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
                 chain, expected_cpu = [CPU], True
         else:
             preload_gpu_libraries()
+    return chain, reasons, expected_cpu
+
+
+def create_session(model_path: str, device: str = "auto", threads: int = 1, *,
+                   device_id: int = 0, fp16: bool = False, cache_dir: str | None = None,
+                   cuda_graph: bool = False, input_chw: tuple[int, int, int] | None = None,
+                   batch_sizes: tuple[int, int, int] | None = None, input_name: str = "image",
+                   cache_optimized: bool = False, model: bytes | None = None,
+                   cache_tag: str = "", int8: bool = False) -> SessionInfo:
+    """Open `model_path` on `device` (auto|cpu|cuda|tensorrt) and report what it really got.
+
+    `model`: the serialised graph to run instead of the file's own (a rewritten form of it, such
+    as the uint8-input graph); `model_path` still names it in messages and cache keys, with
+    `cache_tag` telling the forms apart. `input_chw`: the per-image input shape for TensorRT's
+    profile (whatever the layout).
+
+    `auto` skips the GPU providers quietly when no CUDA device exists; an explicit GPU request is
+    always tried, and a fallback is announced with a ProviderFallbackWarning."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"{model_path}: no such ONNX model")
+    requested = list(DEVICES[device])
+    chain, reasons, expected_cpu = provider_chain(device)
     cache_dir = cache_dir or default_cache_dir(model_path)
     options = [provider_options(p, device_id=device_id, fp16=fp16, cache_dir=os.path.join(
         cache_dir, "tensorrt"), cuda_graph=cuda_graph, input_name=input_name,

@@ -272,10 +272,10 @@ def test_ray_engine_survives_a_killed_actor(model_dir, pipe, digit_paths, tmp_pa
     """Two actors on a local Ray instance; one is SIGKILLed after the first shard is written.
     Ray restarts it and retries its tasks, and the output still has every input once."""
     pytest.importorskip("ray")
-    from runtime.bulk.cli import model_identity
     from runtime.bulk.job import run_job
     from runtime.bulk.ray_engine import RayEngine
     from runtime.bulk.sources import ItemsSource
+    from runtime.cli.bulk import model_identity
 
     model, _ = model_identity(model_dir, "fp32")
     source = ItemsSource([(p, p) for p in digit_paths], "digits")

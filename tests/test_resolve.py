@@ -4,7 +4,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from runtime.options import PipelineOptions, pipeline_options
+from runtime.cli.options import PipelineOptions, pipeline_options
 from runtime.resolve import bucket_sizes, resolve_buckets, resolve_pipeline_config
 
 

@@ -470,7 +470,7 @@ def test_metrics_count_requests_batches_and_images(server, images):
 def test_probe_for_another_backbone_is_refused_at_start(model_dir, probes):
     from click.testing import CliRunner
 
-    from runtime.service.commands import serve
+    from runtime.cli.serve import serve
     result = CliRunner().invoke(serve, [model_dir, "--probe", f"x={probes['other']}",
                                         "--port", "1"])
     assert result.exit_code == 2
@@ -611,7 +611,7 @@ def test_ray_serve_deployment_with_two_replicas(model_dir, images, library):
 
 def test_service_modules_stay_off_the_light_import_paths():
     """`import runtime`, the pipeline and the serve command's module import no web stack."""
-    code = ("import sys, runtime, cli, runtime.service.commands, runtime.service.protocol, "
+    code = ("import sys, runtime, cli, runtime.cli.serve, runtime.service.protocol, "
             "runtime.service.batcher\nfrom runtime import FeaturePipeline\n"
             "heavy = [m for m in ('starlette', 'fastapi', 'uvicorn', 'prometheus_client', "
             "'tritonclient', 'ray', 'httpx', 'multipart') if m in sys.modules]\n"

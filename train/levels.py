@@ -55,27 +55,9 @@ def _resolve_leaf(label: str, leaves: list[str], by_last: dict[str, list[str]]) 
     return matches[0] if matches else None
 
 
-def apply_mapping(dataset: ImageDataset, csv_path: str) -> ImageDataset:
-    """Add coarser levels from a CSV whose rows are `fine_label, parent, grandparent, ...`.
-
-    The fine label is a leaf class of the dataset, as its full path ('tops/shirt') or its last
-    component ('shirt') when that is unambiguous. Ancestors go from nearest to farthest, and every
-    row has the same number of them. Blank lines and lines starting with '#' are skipped; a first
-    '#' line with one name per column names the levels (e.g. `# specific, generic`), otherwise
-    they are called mapped0 (coarsest), mapped1, ...
-
-    Returns a dataset whose levels are the mapped ones, coarsest first (level 0), then the leaf
-    level, unchanged. Coarser class names are the names written in the file.
-    Raises DataError for unknown labels, leaves left unmapped, rows of different depths, a label
-    mapped twice differently, or a class with two parents.
-    """
-    if not os.path.exists(csv_path):
-        raise DataError(f"{csv_path}: mapping file not found")
-    leaves = dataset.leaf_classes
-    by_last: dict[str, list[str]] = {}
-    for leaf in leaves:
-        by_last.setdefault(leaf.split("/")[-1], []).append(leaf)
-
+def _read_mapping(csv_path: str) -> tuple[list[str] | None, list[tuple[int, list[str]]], int]:
+    """(header names or None, [(line number, cells)], ancestors per row) of a mapping CSV;
+    raises DataError when it holds no rows or rows of different depths."""
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
     with open(csv_path, newline="") as f:
@@ -102,6 +84,31 @@ def apply_mapping(dataset: ImageDataset, csv_path: str) -> ImageDataset:
         raise DataError(f"{csv_path}: every row must give a fine label and the same number (>= 1) "
                         f"of ancestors; found {detail}")
     n_ancestors = depths.pop() - 1
+    return header, rows, n_ancestors
+
+
+def apply_mapping(dataset: ImageDataset, csv_path: str) -> ImageDataset:
+    """Add coarser levels from a CSV whose rows are `fine_label, parent, grandparent, ...`.
+
+    The fine label is a leaf class of the dataset, as its full path ('tops/shirt') or its last
+    component ('shirt') when that is unambiguous. Ancestors go from nearest to farthest, and every
+    row has the same number of them. Blank lines and lines starting with '#' are skipped; a first
+    '#' line with one name per column names the levels (e.g. `# specific, generic`), otherwise
+    they are called mapped0 (coarsest), mapped1, ...
+
+    Returns a dataset whose levels are the mapped ones, coarsest first (level 0), then the leaf
+    level, unchanged. Coarser class names are the names written in the file.
+    Raises DataError for unknown labels, leaves left unmapped, rows of different depths, a label
+    mapped twice differently, or a class with two parents.
+    """
+    if not os.path.exists(csv_path):
+        raise DataError(f"{csv_path}: mapping file not found")
+    leaves = dataset.leaf_classes
+    by_last: dict[str, list[str]] = {}
+    for leaf in leaves:
+        by_last.setdefault(leaf.split("/")[-1], []).append(leaf)
+
+    header, rows, n_ancestors = _read_mapping(csv_path)
 
     ancestors_of: dict[str, list[str]] = {}
     unknown: list[str] = []

@@ -233,13 +233,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
     heads = [h["name"] for h in plan.problem.heads]
     weights = list(cfg.loss_weights or [1.0] * len(heads))
     if dist.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
-        head_list = ", ".join(f"{h['name']} ({len(h['classes'])})" for h in plan.problem.heads)
-        log(dist, f"{plan.problem.dataset.summary()}\ntraining {plan.desc.architecture} "
-                   f"({cfg.method}; heads {head_list}) "
-                   f"on {len(plan.train_set)} images, evaluating on {len(plan.eval_set)} "
-                   f"({plan.problem.eval_name}); device {dist.device}, {dist.world_size} process(es)")
+        _start_run(plan)
 
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -253,20 +247,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
     optimizer = plan.optimizer
     scheduler = make_schedule(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
-    start_epoch = 0
-    if cfg.resume:
-        ckpt = torch.load(os.path.join(run_dir, CHECKPOINT), map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch = int(ckpt["epoch"])
-        log(dist, f"resuming after epoch {start_epoch}/{cfg.epochs}")
-        if dist.is_main:
-            truncate_metrics(os.path.join(run_dir, METRICS), start_epoch)
-    elif dist.is_main and os.path.exists(os.path.join(run_dir, METRICS)):
-        os.unlink(os.path.join(run_dir, METRICS))
+    start_epoch = _resume(plan, optimizer, scheduler, scaler)
 
     step_model = torch.compile(model) if cfg.compile else model
     if dist.enabled:
@@ -279,10 +260,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
         seed_epoch(cfg.seed, epoch)
         sampler.set_epoch(epoch)
         plan.train_set.augment_seed = cfg.seed * 100_003 + epoch
-        loader = torch.utils.data.DataLoader(
-            plan.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-            pin_memory=dist.device.type == "cuda", drop_last=drop_last, collate_fn=collate_skipping,
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        loader = _epoch_loader(plan, sampler, epoch, drop_last)
         model.train()
         sums = torch.zeros(2 + 2 * len(heads), dtype=torch.float64, device=dist.device)
         skipped = 0
@@ -310,11 +288,7 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
         bar.close()
         train_seconds = time.perf_counter() - t0
         sums = all_reduce_sum(sums.tolist() + [skipped], dist)
-        record = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),
-                  "train_loss": sums[0] / max(1.0, sums[1]),
-                  "train_acc": {h: sums[2 + 2 * i] / max(1.0, sums[3 + 2 * i])
-                                for i, h in enumerate(heads)},
-                  "images_per_s": sums[1] / max(train_seconds, 1e-9), "skipped_images": int(sums[-1])}
+        record = _train_record(epoch, optimizer, sums, heads, train_seconds)
         if len(plan.eval_set):
             eval_loss, eval_acc = evaluate(model, plan.eval_set, cfg, dist, weights,
                                            plan.problem.eval_parents,
@@ -322,25 +296,90 @@ def fit(plan: Plan, on_epoch_end: Callable[[int, dict], None] | None = None) -> 
             record.update(eval_loss=eval_loss, eval_acc=dict(zip(heads, eval_acc)))
         record["seconds"] = time.perf_counter() - t0
         if dist.is_main:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "rng": rng_state(), "config": cfg.to_dict()},
-                        os.path.join(run_dir, CHECKPOINT))
-            with open(os.path.join(run_dir, METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(dist, format_record(record, cfg.epochs))
+            _save_epoch(plan, record, optimizer, scheduler, scaler)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
     if dist.is_main:
-        metrics = read_metrics(run_dir)
-        plan.desc.extra["final_metrics"] = metrics[-1] if metrics else {}
-        plan.desc.extra["epochs_trained"] = cfg.epochs
-        if plan.train_set.pixels is None and metrics:  # decoded on the fly: counted per epoch
-            plan.desc.data["skipped"] = metrics[-1]["skipped_images"]
-        save_run(model.cpu(), plan.desc, run_dir)
-        if metrics:
-            plot_curves(metrics, os.path.join(run_dir, "curves.png"))
-        log(dist, f"run written to {run_dir}")
+        _finish_run(plan)
     barrier(dist)
     return run_dir
+
+
+def _epoch_loader(plan: Plan, sampler, epoch: int, drop_last: bool):
+    """This epoch's batches, shuffled by the sampler and augmented from a seed per epoch."""
+    cfg, dist = plan.cfg, plan.dist
+    return torch.utils.data.DataLoader(
+        plan.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=dist.device.type == "cuda", drop_last=drop_last, collate_fn=collate_skipping,
+        generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+
+
+def _train_record(epoch: int, optimizer, sums: list, heads: list[str],
+                  train_seconds: float) -> dict:
+    """The epoch's training figures from the summed statistics: [loss sum, images, then per head
+    correct and labelled, ..., skipped images]."""
+    return {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),
+            "train_loss": sums[0] / max(1.0, sums[1]),
+            "train_acc": {h: sums[2 + 2 * i] / max(1.0, sums[3 + 2 * i])
+                          for i, h in enumerate(heads)},
+            "images_per_s": sums[1] / max(train_seconds, 1e-9), "skipped_images": int(sums[-1])}
+
+
+def _start_run(plan: Plan) -> None:
+    """The run folder and its config, and one line saying what is about to be trained."""
+    cfg, dist = plan.cfg, plan.dist
+    os.makedirs(cfg.out, exist_ok=True)
+    save_json_atomic(os.path.join(cfg.out, CONFIG_FILE), cfg.to_dict())
+    head_list = ", ".join(f"{h['name']} ({len(h['classes'])})" for h in plan.problem.heads)
+    log(dist, f"{plan.problem.dataset.summary()}\ntraining {plan.desc.architecture} "
+               f"({cfg.method}; heads {head_list}) "
+               f"on {len(plan.train_set)} images, evaluating on {len(plan.eval_set)} "
+               f"({plan.problem.eval_name}); device {dist.device}, {dist.world_size} process(es)")
+
+
+def _resume(plan: Plan, optimizer, scheduler, scaler) -> int:
+    """The epoch to start from: 0, or the checkpoint's with --resume (model, optimizer,
+    schedule, scaler and random state restored, later metrics lines dropped)."""
+    cfg, dist, run_dir = plan.cfg, plan.dist, plan.cfg.out
+    if not cfg.resume:
+        if dist.is_main and os.path.exists(os.path.join(run_dir, METRICS)):
+            os.unlink(os.path.join(run_dir, METRICS))
+        return 0
+    ckpt = torch.load(os.path.join(run_dir, CHECKPOINT), map_location="cpu", weights_only=True)
+    plan.model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    start_epoch = int(ckpt["epoch"])
+    log(dist, f"resuming after epoch {start_epoch}/{cfg.epochs}")
+    if dist.is_main:
+        truncate_metrics(os.path.join(run_dir, METRICS), start_epoch)
+    return start_epoch
+
+
+def _save_epoch(plan: Plan, record: dict, optimizer, scheduler, scaler) -> None:
+    """The checkpoint to resume from after this epoch, and its line of metrics."""
+    cfg, run_dir = plan.cfg, plan.cfg.out
+    save_atomic({"model": plan.model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": record["epoch"], "rng": rng_state(), "config": cfg.to_dict()},
+                os.path.join(run_dir, CHECKPOINT))
+    with open(os.path.join(run_dir, METRICS), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    log(plan.dist, format_record(record, cfg.epochs))
+
+
+def _finish_run(plan: Plan) -> None:
+    """The trained run: model and description (with the final metrics) and the curves."""
+    run_dir = plan.cfg.out
+    metrics = read_metrics(run_dir)
+    plan.desc.extra["final_metrics"] = metrics[-1] if metrics else {}
+    plan.desc.extra["epochs_trained"] = plan.cfg.epochs
+    if plan.train_set.pixels is None and metrics:  # decoded on the fly: counted per epoch
+        plan.desc.data["skipped"] = metrics[-1]["skipped_images"]
+    save_run(plan.model.cpu(), plan.desc, run_dir)
+    if metrics:
+        plot_curves(metrics, os.path.join(run_dir, "curves.png"))
+    log(plan.dist, f"run written to {run_dir}")

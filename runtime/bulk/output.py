@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_open
+from common.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "unirep-bulk/1"
 SHARD_FILE = re.compile(r"shard-\d{6,}\.parquet")
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """The output folder belongs to another job, or cannot be written: one line."""
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import UserError
 from common.files import iter_image_files
 from common.images import is_image_file
 
@@ -38,7 +39,7 @@ ID_COLUMNS = ("id", "key", "image_id")
 MAX_ITEM_BYTES = 64 << 20  # a tar member or table cell above this is refused, not read
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An input that cannot be used at all (unreadable table, unknown column): one line."""
 
 

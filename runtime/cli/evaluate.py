@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from common.data import DataError
+from runtime.cli.options import PipelineOptions, pipeline_options
 from runtime.evaluation import DEFAULT_TEST_FRACTION, PROBES, EvaluationError, EvaluationPlan, run_plan
-from runtime.options import PipelineOptions, pipeline_options
 
 
 @click.command("evaluate")

@@ -15,8 +15,10 @@ import click
 
 from common.checks import FiniteFloat, data_spec, writable_output
 from common.errors import ItemError
-from runtime.bulk.cli import bulk_options
-from runtime.options import PipelineOptions, pipeline_options
+from runtime.cli.bulk import bulk_options
+from runtime.cli.items import embed_items
+from runtime.cli.options import PipelineOptions, pipeline_options
+from runtime.cli.options import open_pipeline as open_command_pipeline
 
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
@@ -27,38 +29,11 @@ _pipeline_options = pipeline_options(decode="fast")
 
 
 def open_pipeline(model_dir, pipeline: PipelineOptions):
-    from common.model_dir import ModelError
-    from runtime.pipeline import FeaturePipeline
-    try:
-        pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
-    except ModelError:  # one line, exit status 1, through cli.py's handler
-        raise
-    except (FileNotFoundError, ValueError) as e:
-        raise click.UsageError(str(e))
+    pipe = open_command_pipeline(model_dir, pipeline)
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
     click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
                f"{pipe.feature_dim_}-d; provider {pipe.provider_}{note}", err=True)
     return pipe
-
-
-def embed_items(pipe, items: list[tuple[str, str]], desc: str):
-    """(id, path) items -> ((N, D) float32 with NaN rows for failures, {row: message}),
-    with a progress bar on stderr."""
-    import numpy as np
-    from tqdm import tqdm
-
-    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
-    errors: dict[int, str] = {}
-    row = 0
-    with tqdm(total=len(items), unit="img", file=sys.stderr, desc=desc, dynamic_ncols=True,
-              disable=None) as bar:
-        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
-            vectors[row:row + len(batch)] = batch
-            for j, message in batch_errors.items():
-                errors[row + j] = _item_message(items[row + j], message)
-            row += len(batch)
-            bar.update(len(batch))
-    return vectors, errors
 
 
 def _item_message(item: tuple[str, str], message: str) -> str:
@@ -328,10 +303,10 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
       python cli.py probe predict models/spe probes/mnist photos/ --out preds/ --shard-size 5000
     """
     if not out.endswith(".jsonl"):
-        from runtime.bulk.cli import run_bulk
+        from runtime.cli.bulk import run_bulk
         return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
                         pipeline=pipeline.pipeline_kwargs(), **bulk)
-    from runtime.cli_items import collect_items
+    from runtime.cli.items import collect_items
 
     estimator = _load_probe_or_fail(probe_dir, model_dir, pipeline.variant)
     items = collect_items(inputs)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from common.description import Preprocessing
+from common.errors import UserError
 from common.images import ImageDecodeError
 
 from ..decode import JPEG_MAGIC, _name, _read_bytes, jpeg_segments, load_crop
@@ -33,7 +34,7 @@ from .resample import SUPPORTS, WindowPlan, plan_window
 log = logging.getLogger("unirep.runtime")
 
 
-class GpuUnavailable(RuntimeError):
+class GpuUnavailable(UserError, RuntimeError):
     """GPU decoding cannot run here; the message says why and what to install."""
 
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,7 @@ def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> Non
         "state": {a: _jsonable(getattr(probe, a)) for a in probe._scalar_attrs},
         "metadata": {k: _jsonable(v) for k, v in meta.items()},
     }
-    from common.atomic import make_temp_dir, temp_prefix
+    from common.atomic import make_temp_dir, replace_folder
     parent = os.path.dirname(path_dir)
     tmp = make_temp_dir(parent, tag="probe")
     try:
@@ -68,14 +67,7 @@ def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> Non
             json.dump(doc, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path_dir):
-            old = tempfile.mkdtemp(prefix=temp_prefix("old-probe"), dir=parent)
-            os.rmdir(old)
-            os.rename(path_dir, old)
-        os.rename(tmp, path_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, path_dir, fsync=False)  # the two files are fsynced above
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,13 +6,12 @@ is decoded, which is the CPU pipeline's interleaved schedule with the batcher as
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-_CAUSE = re.compile(r"^#\d+: ")
+from common.errors import ItemError
 
 
 @dataclass
@@ -53,7 +52,8 @@ class EmbedAdapter:
         result = self.pipeline_.embed(items)
         # the pipeline names an in-memory item by its place in this batch ('#7: cause'), which
         # means nothing to the client whose request was one part of the batch: keep the cause
-        errors = {i: _CAUSE.sub("", message, count=1) for i, message in result.errors.items()}
+        errors = {i: ItemError.from_message(message, f"#{i}").reason
+                  for i, message in result.errors.items()}
         return Embedded(result.vectors, errors)
 
     def close(self) -> None:

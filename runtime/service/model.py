@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
+
 from .protocol import InferRequest, ProtocolError, decode_base64
 
 log = logging.getLogger("unirep.serve")
@@ -28,7 +30,7 @@ log = logging.getLogger("unirep.serve")
 IMAGE_INPUT, PIXELS_INPUT = "image", "pixels"
 
 
-class ProbeMismatch(ValueError):
+class ProbeMismatch(UserError, ValueError):
     """A probe fitted on another backbone (or unreadable); the message says which and why."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 DTYPES: dict[str, Any] = {
@@ -33,7 +35,7 @@ DTYPES: dict[str, Any] = {
 }
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError, ValueError):
     """A request that does not follow the protocol; the message says what to fix (HTTP 400)."""
 
 

@@ -110,7 +110,7 @@ def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
     from runtime.bulk.job import JobError, pipeline_engine, run_job
     from runtime.bulk.output import OutputError
     from runtime.bulk.sources import SourceError, open_source
-    from runtime.cli_items import collect_items
+    from runtime.cli.items import collect_items
 
     if os.path.splitext(os.path.normpath(out))[1] and not os.path.isdir(out):
         raise click.UsageError(f"--out {out}: the output file must end in {file_suffix}, or "

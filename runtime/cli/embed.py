@@ -4,16 +4,15 @@ Heavy imports (numpy, onnxruntime) happen inside the command so `cli.py --help` 
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import click
 
 from common.checks import writable_output
-from runtime.bulk.cli import bulk_options
-from runtime.cli_items import collect_items
+from runtime.cli.bulk import bulk_options
+from runtime.cli.items import collect_items, embed_items
 
-from .options import PipelineOptions, pipeline_options
+from .options import PipelineOptions, open_pipeline, pipeline_options
 
 MAX_ERRORS_SHOWN = 50
 
@@ -30,6 +29,16 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
     """FEATURES.npy -> (FEATURES.ids.json, FEATURES.errors.json)."""
     stem = features_path[:-4] if features_path.endswith(".npy") else features_path
     return stem + ".ids.json", stem + ".errors.json"
+
+
+def describe_pipeline(pipe) -> str:
+    """One line: the model, its size and input, and where and with how many threads it runs."""
+    note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
+    return (f"model {pipe.model_path_}: {pipe.description_.architecture}, "
+            f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
+            f"{pipe.provider_}{note}; threads {pipe.threads_} + "
+            + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
+               else f"{pipe.decode_threads_} decode"))
 
 
 @click.command("embed")
@@ -74,47 +83,23 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
       python cli.py embed models/spe shards/*.tar --out feats/ --engine ray --address auto
     """
     if not out.endswith(".npy"):
-        from runtime.bulk.cli import run_bulk
+        from runtime.cli.bulk import run_bulk
         return run_bulk(model_dir, inputs, out, probe_dirs=probe_dirs,
                         pipeline=pipeline.pipeline_kwargs(), **bulk)
     if probe_dirs:
         raise click.UsageError("--probe needs a folder --out (Parquet shards); for a .npy "
                                "use `probe predict`")
-    import numpy as np
-    from tqdm import tqdm
-
     from common.description import save_json_atomic
-    from common.model_dir import ModelError
-    from runtime.pipeline import FeaturePipeline
 
     items = collect_items(inputs)
     if not items:
         raise click.UsageError("no images to embed: the inputs named none")
-    try:
-        pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
-    except ModelError:  # one line, exit status 1, through cli.py's handler
-        raise
-    except (FileNotFoundError, ValueError) as e:
-        raise click.UsageError(str(e))
-    note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
-    click.echo(f"model {pipe.model_path_}: {pipe.description_.architecture}, "
-               f"{pipe.feature_dim_}-d, input {pipe.input_shape_[1]} px; provider "
-               f"{pipe.provider_}{note}; threads {pipe.threads_} + "
-               + (f"{pipe.decode_processes_} decode processes" if pipe.decode_processes_
-                  else f"{pipe.decode_threads_} decode"), err=True)
-
+    pipe = open_pipeline(model_dir, pipeline)
+    click.echo(describe_pipeline(pipe), err=True)
     ids = [i for i, _ in items]
-    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
-    errors: dict[int, str] = {}
-    start, row = time.perf_counter(), 0
-    with pipe, tqdm(total=len(items), unit="img", file=sys.stderr, desc="embed",
-                    dynamic_ncols=True, disable=None) as bar:
-        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
-            vectors[row:row + len(batch)] = batch
-            for j, message in batch_errors.items():
-                errors[row + j] = message.replace(items[row + j][1], ids[row + j], 1)
-            row += len(batch)
-            bar.update(len(batch))
+    start = time.perf_counter()
+    with pipe:
+        vectors, errors = embed_items(pipe, items)
     elapsed = time.perf_counter() - start
 
     ids_path, errors_path = sidecar_paths(out)

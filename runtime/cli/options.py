@@ -7,7 +7,8 @@ evaluate, bench): the same names, types, ranges and help everywhere.
         pipe = FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
 
 Values are checked by click before any work starts (ranges, devices, a sane thread cap), and
-resolve through runtime.resolve like the library's arguments. Only click is imported here.
+resolve through runtime.resolve like the library's arguments. Only click is imported at module
+level (the pipeline itself is imported by `open_pipeline`, when a command runs).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class PipelineOptions:
     def resolve(self, *, cores: int, gpu: bool):
         """The plan these options give on `cores` cores (runtime.resolve), without opening
         anything."""
-        from .resolve import resolve_pipeline_config
+        from runtime.resolve import resolve_pipeline_config
         return resolve_pipeline_config(cores=cores, gpu=gpu, batch_size=self.batch_size,
                                        threads=self.threads, decode_threads=self.decode_threads,
                                        decode_processes=self.decode_processes)
@@ -176,3 +177,16 @@ def pipeline_options(*, decode: str = "fast", device: bool = True, variant: bool
             wrapper = option(wrapper)
         return wrapper
     return decorate
+
+
+def open_pipeline(model_dir: str, pipeline: PipelineOptions):
+    """runtime.FeaturePipeline for a command: a bad model folder is a ModelError (one line,
+    exit status 1, through cli.py), other refusals of the options are usage errors."""
+    from common.model_dir import ModelError
+    from runtime.pipeline import FeaturePipeline
+    try:
+        return FeaturePipeline(model_dir, **pipeline.pipeline_kwargs())
+    except ModelError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from e

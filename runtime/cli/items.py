@@ -1,11 +1,15 @@
 """The INPUT arguments of the commands (embed, probe predict, bulk jobs) as (id, path) pairs:
-image files, folders, list files and built-in datasets. A leaf module, so every command and
-the bulk engine can share it without importing each other."""
+image files, folders, list files and built-in datasets, and `embed_items`, which runs such
+pairs through a pipeline. A leaf module, so every command and the bulk engine can share it
+without importing each other."""
 from __future__ import annotations
 
 import os
+import sys
 
 import click
+
+from common.errors import renamed
 
 
 def _list_file_items(path: str) -> list[tuple[str, str]]:
@@ -56,3 +60,23 @@ def collect_items(inputs: tuple[str, ...]) -> list[tuple[str, str]]:
         else:  # an image file, or a missing one: reported as a failed item, rows stay aligned
             items.append((arg, arg))
     return items
+
+
+def embed_items(pipe, items: list[tuple[str, str]], desc: str = "embed"):
+    """(id, path) items -> ((N, D) float32 with NaN rows for failures, {row: '<id>: cause'}),
+    with a progress bar on stderr."""
+    import numpy as np
+    from tqdm import tqdm
+
+    vectors = np.full((len(items), pipe.feature_dim_), np.nan, np.float32)
+    errors: dict[int, str] = {}
+    row = 0
+    with tqdm(total=len(items), unit="img", file=sys.stderr, desc=desc, dynamic_ncols=True,
+              disable=None) as bar:
+        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
+            vectors[row:row + len(batch)] = batch
+            for j, message in batch_errors.items():
+                errors[row + j] = renamed(message, items[row + j][1], items[row + j][0])
+            row += len(batch)
+            bar.update(len(batch))
+    return vectors, errors

@@ -59,7 +59,7 @@ def serve(model_dir, probe_specs, name, host, port, device, max_batch, max_delay
 
     SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits.
     """
-    from .model import ProbeMismatch, ServedModel, load_probes, model_description, parse_probe_specs
+    from runtime.service.model import ProbeMismatch, ServedModel, load_probes, model_description, parse_probe_specs
 
     try:
         probes = parse_probe_specs(list(probe_specs))
@@ -76,7 +76,7 @@ def serve(model_dir, probe_specs, name, host, port, device, max_batch, max_delay
 
     import uvicorn
 
-    from .app import Service, build_app
+    from runtime.service.app import Service, build_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     server: uvicorn.Server | None = None
