@@ -1,9 +1,13 @@
 # Quick start: `make demo` (train -> export -> probes, < 10 min on 2 cores) and `make test`.
-.PHONY: setup demo test test-fast lint bench study clean
+.PHONY: setup caffe2-env demo test test-fast lint bench study clean
 PY := .venv/bin/python
 
 setup:
 	@bash scripts/setup.sh
+
+# The real Caffe2 runtime (Python 3.8 + torch 1.8.1) that proves exported Caffe2 nets; part of setup.
+caffe2-env:
+	@bash scripts/setup_caffe2.sh
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -97,6 +97,10 @@ class ModelDir:
     def has_caffe2(self) -> bool:
         return all(os.path.isfile(self.file(n)) for n in CAFFE2_FILES)
 
+    def caffe2_paths(self) -> tuple[str, str]:
+        """(init_net.pb, predict_net.pb) of a folder exported with --format caffe2."""
+        return self.file(CAFFE2_INIT_NET), self.file(CAFFE2_PREDICT_NET)
+
     def _info(self, path: str) -> dict:
         """The parsed graph facts of one ONNX file (parsed once per ModelDir)."""
         if path not in self._infos:

@@ -231,6 +231,13 @@ def _constant_fill(ws, op, args):
     return [np.full([int(d) for d in args.get("shape", [])], args.get("value", 0.0), dtype=np.float32)]
 
 
+def _argmax(ws, op, args):
+    x = ws.get(op, 0)
+    axis = int(args.get("axis", -1)) % x.ndim
+    index = np.argmax(x, axis=axis).astype(np.int64)
+    return [np.expand_dims(index, axis) if int(args.get("keepdims", 1)) else index]
+
+
 def _unary(fn):
     return lambda ws, op, args: [fn(ws.get(op, 0)).astype(ws.get(op, 0).dtype, copy=False)]
 
@@ -269,6 +276,7 @@ OPERATORS = {
     "Reshape": _reshape,
     "Concat": _concat,
     "Softmax": _softmax,
+    "ArgMax": _argmax,
     "Normalize": _normalize,
     "Copy": lambda ws, op, args: [ws.get(op, 0).copy()],
     "Dropout": _dropout,

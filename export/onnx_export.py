@@ -25,7 +25,7 @@ import numpy as np
 
 from common.atomic import make_temp_dir, replace_folder
 from common.description import ModelDescription, save_json_atomic
-from common.model_dir import CAFFE2_INIT_NET, CAFFE2_PREDICT_NET, DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
+from common.model_dir import DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
 
 from . import parity as parity_mod
 from . import variants as variants_mod
@@ -474,18 +474,13 @@ def caffe2_modules():
 
 
 def export_caffe2(model_path: str, out_dir: str, images: np.ndarray) -> dict:
-    """Convert the fp32 ONNX graph to Caffe2 nets and prove them against onnxruntime."""
-    caffe2, caffe2_exec = caffe2_modules()
-    log("export: Caffe2 conversion and parity (NumPy executor vs onnxruntime)")
-    t0 = time.perf_counter()
-    info = caffe2.convert_onnx_file(model_path, out_dir)
-    convert_s = time.perf_counter() - t0
-    init_net, predict_net = (os.path.join(out_dir, n) for n in (CAFFE2_INIT_NET, CAFFE2_PREDICT_NET))
-
-    def run(batch):
-        return caffe2_exec.run_caffe2(init_net, predict_net, {"image": batch})
-    result = parity_mod.check_against(model_path, run, images, label="Caffe2")
-    result["convert_s"] = round(convert_s, 3)
-    result["converter"] = {k: v for k, v in (info or {}).items()
-                           if isinstance(v, (str, int, float, bool, list, dict))}
+    """Convert the fp32 ONNX graph to Caffe2 nets and prove them against onnxruntime, with the
+    NumPy reference executor and, where `make caffe2-env` built it, the real Caffe2 runtime."""
+    caffe2_modules()
+    from .caffe2_proof import prove_caffe2
+    log("export: Caffe2 conversion and parity (reference executor and real Caffe2 runtime vs onnxruntime)")
+    result = prove_caffe2(model_path, out_dir, images)
+    real = result["real_runtime"]
+    log("export: Caffe2 proven by " + " and ".join(result["proved_by"])
+        + ("" if real.get("available") else f" ({real['reason']})"))
     return result

@@ -16,3 +16,4 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
   touch "$stamp"
 fi
 bash scripts/setup_data.sh
+bash scripts/setup_caffe2.sh

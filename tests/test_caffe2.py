@@ -241,9 +241,8 @@ def test_unsupported_op_error_names_op_and_node():
         onnx_to_caffe2(model)
 
 
-def test_small_graph_forms_fold_and_run(tmp_path):
-    """Shape arithmetic for a dynamic batch, constant inputs and HardSwish/Clip/MatMul forms."""
-    import onnxruntime as ort
+def small_forms_graph():
+    """(model, input): shape arithmetic for a dynamic batch, constant inputs, HardSwish/Clip/MatMul."""
     helper, nh = onnx.helper, onnx.numpy_helper
     rng = np.random.default_rng(0)
     inits = [nh.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w"),
@@ -271,9 +270,15 @@ def test_small_graph_forms_fold_and_run(tmp_path):
     ]
     model = _graph(nodes, [_info("image", ["batch", 8, 6, 6])], [_info("embedding", ["batch", 5])], inits)
     onnx.checker.check_model(model)
+    return model, rng.standard_normal((3, 8, 6, 6)).astype(np.float32) * 4
+
+
+def test_small_graph_forms_fold_and_run(tmp_path):
+    """Shape arithmetic for a dynamic batch, constant inputs and HardSwish/Clip/MatMul forms."""
+    import onnxruntime as ort
+    model, x = small_forms_graph()
     path = str(tmp_path / "forms.onnx")
     onnx.save(model, path)
-    x = rng.standard_normal((3, 8, 6, 6)).astype(np.float32) * 4
     expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     init_net, predict_net, value_info = onnx_to_caffe2(model)
     got = run_nets(init_net, predict_net, {"image": x})["embedding"]
@@ -288,10 +293,10 @@ def test_small_graph_forms_fold_and_run(tmp_path):
     assert value_info == {"image": [onnx.TensorProto.FLOAT, [1, 8, 6, 6]]}
 
 
-def test_operator_forms_match_onnxruntime():
-    """Grouped/dilated/strided conv with asymmetric pads, BatchNormalization, both pooling pad rules,
-    Gemm without transB and with alpha/beta, Softmax, Dropout, Identity, (Un)squeeze, Transpose."""
-    import onnxruntime as ort
+def operator_forms_graph():
+    """(model, input): grouped/dilated/strided conv with asymmetric pads, BatchNormalization, both
+    pooling pad rules, Gemm without transB and with alpha/beta, Softmax, Dropout, Identity,
+    (Un)squeeze, Transpose."""
     helper, nh = onnx.helper, onnx.numpy_helper
     rng = np.random.default_rng(1)
 
@@ -326,7 +331,14 @@ def test_operator_forms_match_onnxruntime():
     ]
     model = _graph(nodes, [_info("image", ["batch", 4, 9, 8])], [_info("embedding", ["batch", 4])], inits)
     onnx.checker.check_model(model)
-    x = rng.standard_normal((2, 4, 9, 8)).astype(np.float32)
+    return model, rng.standard_normal((2, 4, 9, 8)).astype(np.float32)
+
+
+def test_operator_forms_match_onnxruntime():
+    """Grouped/dilated/strided conv with asymmetric pads, BatchNormalization, both pooling pad rules,
+    Gemm without transB and with alpha/beta, Softmax, Dropout, Identity, (Un)squeeze, Transpose."""
+    import onnxruntime as ort
+    model, x = operator_forms_graph()
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"image": x})[0]
     init_net, predict_net, _ = onnx_to_caffe2(model)

@@ -79,7 +79,7 @@ def test_the_scan_finds_the_errors_of_every_stage():
     found = exception_classes()
     for qualname in ("common.model_dir.ModelError", "common.model_dir.MissingModelError",
                      "common.data.DataError", "common.images.ImageDecodeError",
-                     "export.onnx_files.ExportError", "export.caffe2.UnsupportedOnnxOp",
+                     "export.onnx_files.ExportError", "export.caffe2_ops.UnsupportedOnnxOp",
                      "train.pretrained.PretrainedUnavailable", "runtime.bulk.job.JobError",
                      "runtime.service.protocol.ProtocolError", "runtime.prefix.PrefixError"):
         assert qualname in found, qualname

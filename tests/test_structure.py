@@ -206,7 +206,7 @@ LONG_REASON = "long because"
 SIZE_CHECK_PENDING = (
     "runtime/service/app.py",                                       # h22
     "runtime/bulk/job.py",                                          # h23
-    "export/onnx_export.py", "export/commands.py", "export/caffe2.py",  # h20
+    "export/onnx_export.py", "export/commands.py",  # h20
 )
 
 
