@@ -24,7 +24,7 @@ bench: setup
 	bash scripts/bench_runtime.sh
 
 study: setup
-	$(PY) scripts/study.py --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),1)
+	$(PY) -m study --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),1)
 
 clean:
 	rm -rf out/demo bench-out

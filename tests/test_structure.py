@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGES = ("common", "train", "export", "runtime")
+PACKAGES = ("common", "train", "export", "runtime", "benchmarks", "study")
 TOP_MODULES = ("cli",)
 
 
@@ -184,8 +184,16 @@ def test_no_two_modules_import_each_other(graph):
     ("runtime", {"torch", "torchvision", "train"}, "the runtime serves with onnxruntime only"),
     ("train", {"runtime", "onnxruntime"}, "training does not depend on the serving stage"),
     ("common", {"train", "export", "runtime", "cli"}, "common is shared by every stage"),
+    ("study", {"benchmarks", "cli"}, "the study uses the stages (the CLI in child processes)"),
 ])
 def test_each_stage_imports_only_what_it_may(graph, package, forbidden, why):
     _, raw = graph
     found = forbidden_imports(raw, package, forbidden)
     assert not found, f"{why}: " + ", ".join(found)
+
+
+def test_nothing_imports_the_study(graph):
+    _, raw = graph
+    found = [f"{module} imports {name}" for module, names in raw.items()
+             if _top(module) != "study" for name in names if _top(name) == "study"]
+    assert not found, "the study is an application of the toolkit: " + ", ".join(found)
