@@ -21,7 +21,7 @@ lint: setup
 	.venv/bin/mypy
 
 bench: setup
-	bash scripts/bench_runtime.sh
+	$(PY) -m benchmarks.bench_runtime
 
 study: setup
 	$(PY) -m study --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),1)
