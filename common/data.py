@@ -366,7 +366,7 @@ def _build_digits(out: str, opts: dict) -> dict:
 
 
 EMOJI_STYLES = ("google", "twitter")
-EMOJI_LEVELS = ("category", "subcategory", "emoji")
+EMOJI_LEVELS: tuple[str, ...] = ("category", "subcategory", "emoji")
 
 
 def _emoji_file(out: str, split: str, cls: str, file_name: str, label: str | None) -> str:
