@@ -25,10 +25,10 @@ lint: setup
 	.venv/bin/mypy
 
 bench: setup
-	bash scripts/bench_runtime.sh
+	$(PY) -m benchmarks.bench_runtime
 
 study: setup
-	$(PY) scripts/study.py --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),1)
+	$(PY) -m study --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),1)
 
 clean:
 	rm -rf out/demo bench-out

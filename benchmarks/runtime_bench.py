@@ -15,57 +15,17 @@ hits all of them alike. Same model, batch size and thread count everywhere:
 from __future__ import annotations
 
 import os
-import platform
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from common.atomic import atomic_open
 from common.model_dir import VARIANT_FILES
+
+from .harness import Config, log, machine_info, pyplot, save_figure, time_round_robin, versions
 
 FLOORS_NOTE = "floors set for resnet18 at 224 px, batch 32, on the 2-core CPU"
 TORCH_RECIPE_WORKERS = 2
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# machine and versions
-
-def machine_info() -> dict:
-    from runtime.providers import available_cores
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": available_cores(),
-            "load_average": load, "platform": platform.platform()}
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    found = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "numpy", "pillow",
-                 "simplejpeg"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,57 +164,22 @@ def ours_model_only(pipe, arrays: np.ndarray) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# timing
-
-@dataclass
-class Config:
-    key: str
-    label: str
-    run: object          # () -> images processed
-    seconds: list
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (DataLoader workers)."""
-    import resource
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def time_round_robin(configs: list[Config], repeats: int) -> dict:
-    """Run each config once per repeat, in turn; {key: figures} with the median images/s and
-    the median CPU milliseconds per image (less sensitive than wall time to a shared machine)."""
-    for r in range(repeats):
-        for c in configs:
-            t0, cpu0 = time.perf_counter(), cpu_seconds()
-            n = c.run()
-            c.seconds.append((time.perf_counter() - t0, cpu_seconds() - cpu0, n))
-            log(f"bench: repeat {r + 1}/{repeats} {c.label}: {n / c.seconds[-1][0]:.1f} images/s")
-    out = {}
-    for c in configs:
-        rates = [n / s for s, _, n in c.seconds]
-        cpu = [1000 * u / n for _, u, n in c.seconds]
-        out[c.key] = {"label": c.label, "images_per_s": round(float(np.median(rates)), 2),
-                      "runs_images_per_s": [round(x, 2) for x in rates],
-                      "cpu_ms_per_image": round(float(np.median(cpu)), 2),
-                      "images": c.seconds[0][2]}
-    return out
-
+# latency
 
 def latency(pipe, probe, paths: list[str], count: int, warmup: int = 3) -> dict:
     """Single image file -> embedding -> probe prediction, one at a time: milliseconds."""
     paths = [paths[i % len(paths)] for i in range(count + warmup)]
-    times = []
+    times: list[float] = []
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
         result = pipe.embed(path)
         probe.predict(result.vectors)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1000)
-    times = np.array(times)
-    return {"images": int(len(times)), "p50_ms": round(float(np.percentile(times, 50)), 2),
-            "p99_ms": round(float(np.percentile(times, 99)), 2),
-            "mean_ms": round(float(times.mean()), 2)}
+    ms = np.array(times)
+    return {"images": int(len(ms)), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "mean_ms": round(float(ms.mean()), 2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,67 +256,109 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
     from common.model_dir import ModelDir
     from runtime.providers import available_cores
 
-    from .corpus import corpus_info, ensure_corpus
-
     threads = threads or available_cores()
     torch.set_num_threads(threads)
     md = ModelDir(model_dir)
     md.check_model("fp32")  # a missing or corrupt model.onnx: one ModelError line
     desc = md.description
-    pre = desc.preprocessing
-    report = {"model_dir": os.path.abspath(model_dir), "architecture": desc.architecture,
-              "combination": desc.combination, "feature_dim": desc.feature_dim,
-              "input_size": pre.input_size, "batch_size": batch_size, "repeats": repeats,
-              "machine": machine_info(), "versions": versions()}
-
-    if images is None:
-        log("bench: building (or reusing) the JPEG corpus")
-        images = ensure_corpus()
+    report: dict = {"model_dir": os.path.abspath(model_dir), "architecture": desc.architecture,
+                    "combination": desc.combination, "feature_dim": desc.feature_dim,
+                    "input_size": desc.preprocessing.input_size, "batch_size": batch_size,
+                    "repeats": repeats, "machine": machine_info(), "versions": versions()}
+    images = images or _default_corpus()
     paths, as_folder = image_files(images, limit)
-    report["images"] = {"folder": os.path.abspath(images), "count": len(paths),
-                        "imagefolder": as_folder, "corpus": corpus_info(images),
-                        "mean_kb": round(sum(os.path.getsize(p) for p in paths)
-                                         / len(paths) / 1024, 1)}
-
-    int8_path = md.file(VARIANT_FILES["int8"])
-    if int8 and not os.path.exists(int8_path):
-        log(f"bench: no model.int8.onnx; quantising with {min(calib_images, len(paths))} "
-            "calibration images of the image folder")
-        make_int8(model_dir, paths[:calib_images], pre)
-        report["int8_made_by_bench"] = True
-    use_int8 = int8 is not False and os.path.exists(int8_path)
-    report["int8"] = ("measured" if use_int8 else "left out (--no-int8)" if int8 is False
-                      else "no model.int8.onnx (pass --int8 to make one)")
+    report["images"] = _images_section(images, paths, as_folder)
+    use_int8 = _int8_variant(report, md, int8, paths[:calib_images])
 
     log("bench: loading the ONNX pipeline(s) and the PyTorch model")
     fp32 = pipeline(model_dir, "fp32", batch_size, threads, decode_threads, fast_decode)
     q8 = (pipeline(model_dir, "int8", batch_size, threads, decode_threads, fast_decode)
           if use_int8 else None)
     model = torch_model(resolve_source_runs(desc, model_dir))
-    report["threads"] = {"intra_op": fp32.threads_, "decode": fp32.decode_threads_,
-                         "stream_workers": fp32.stream_workers_,
-                         "stream_intra_op": fp32.stream_threads_,
-                         "normalize_in_model": fp32.normalize_in_model_,
-                         "torch": torch.get_num_threads(),
-                         "torch_recipe_workers": TORCH_RECIPE_WORKERS,
-                         "fast_decode": fp32.fast_decode}
+    report["threads"] = _threads_section(fp32, torch.get_num_threads())
+    arrays, paths = _model_inputs(fp32, paths, images, report)
+    _warm_up([p for p in (fp32, q8) if p is not None], model, arrays[:batch_size], batch_size)
+    configs = _speed_configs(fp32, q8, model, arrays, paths, (images, as_folder),
+                             desc.preprocessing, batch_size)
+    report["speed"] = time_round_robin(configs, repeats)
+    del arrays, configs  # frees the decoded images
+    report["ratios"] = _ratios(report["speed"])
+    probe = _probe_section(report, fp32, q8, target, paths, threads)
+    log(f"bench: single-image latency ({latency_images} images)")
+    report["latency"] = latency(fp32, probe, paths, latency_images)
+    for pipe in filter(None, (fp32, q8)):
+        pipe.close()
+    report["machine"]["load_average_end"] = machine_info()["load_average"]
+    # the pipeline may grow its decode workers while the model waits for images
+    report["threads"]["decode_end"] = getattr(fp32, "decode_parallelism_", fp32.decode_threads_)
+    report["floors"] = floors(report)
+    return report
 
+
+def _default_corpus() -> str:
+    from .corpus import ensure_corpus
+    log("bench: building (or reusing) the JPEG corpus")
+    return ensure_corpus()
+
+
+def _images_section(images: str, paths: list[str], as_folder: bool) -> dict:
+    from .corpus import corpus_info
+    return {"folder": os.path.abspath(images), "count": len(paths), "imagefolder": as_folder,
+            "corpus": corpus_info(images),
+            "mean_kb": round(sum(os.path.getsize(p) for p in paths) / len(paths) / 1024, 1)}
+
+
+def _int8_variant(report: dict, md, int8: bool | None, calib_paths: list[str]) -> bool:
+    """Whether INT8 is measured (made first when `int8` asks for it and it is missing); says
+    which in report["int8"]."""
+    int8_path = md.file(VARIANT_FILES["int8"])
+    if int8 and not os.path.exists(int8_path):
+        log(f"bench: no model.int8.onnx; quantising with {len(calib_paths)} "
+            "calibration images of the image folder")
+        make_int8(md.path, calib_paths, md.description.preprocessing)
+        report["int8_made_by_bench"] = True
+    use_int8 = int8 is not False and os.path.exists(int8_path)
+    report["int8"] = ("measured" if use_int8 else "left out (--no-int8)" if int8 is False
+                      else "no model.int8.onnx (pass --int8 to make one)")
+    return use_int8
+
+
+def _threads_section(fp32, torch_threads: int) -> dict:
+    return {"intra_op": fp32.threads_, "decode": fp32.decode_threads_,
+            "stream_workers": fp32.stream_workers_, "stream_intra_op": fp32.stream_threads_,
+            "normalize_in_model": fp32.normalize_in_model_, "torch": torch_threads,
+            "torch_recipe_workers": TORCH_RECIPE_WORKERS, "fast_decode": fp32.fast_decode}
+
+
+def _model_inputs(fp32, paths: list[str], images: str, report: dict
+                  ) -> tuple[np.ndarray, list[str]]:
+    """The preprocessed arrays of the model-only figures, and the files both sides then read
+    (those that decode: an undecodable file is skipped on both sides, and said)."""
     log(f"bench: preprocessing {len(paths)} images for the model-only figures")
     arrays, errors = fp32.preprocess(paths)
-    if errors:  # both sides then read only the good files
+    if errors:
         for position, message in sorted(errors.items()):
             log(f"bench: skipped {paths[position]}: {message}")
         paths = [p for i, p in enumerate(paths) if i not in errors]
         report["images"].update(count=len(paths), skipped=len(errors))
         if not paths:
             raise FileNotFoundError(f"{images}: none of the images could be decoded")
+    return arrays, paths
+
+
+def _warm_up(pipes: list, model, warm: np.ndarray, batch_size: int) -> None:
     log("bench: warm-up")
-    warm = arrays[:batch_size]
-    for pipe in filter(None, (fp32, q8)):
+    for pipe in pipes:
         pipe.embed_arrays(warm)  # the float-input model (model-only figures)
         pipe.warmup()            # the session embed() runs (uint8 input when normalised inside)
     torch_model_only(model, warm, batch_size)
 
+
+def _speed_configs(fp32, q8, model, arrays: np.ndarray, paths: list[str],
+                   folder: tuple[str, bool], pre, batch_size: int) -> list[Config]:
+    """The configurations timed round robin: both sides model-only and end to end (INT8 too
+    when `q8`); `folder` is (the image folder, whether it has class folders)."""
+    images, as_folder = folder
     configs = [
         Config("ort_model_only_fp32", "ORT model-only fp32",
                lambda: ours_model_only(fp32, arrays), []),
@@ -407,9 +374,10 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
                            lambda: ours_model_only(q8, arrays), []),
                     Config("ours_end_to_end_int8", "ours end-to-end int8",
                            lambda: ours_end_to_end(q8, paths), [])]
-    speed = time_round_robin(configs, repeats)
-    arrays = None  # frees the decoded images (the lambdas above read this variable when called)
-    report["speed"] = speed
+    return configs
+
+
+def _ratios(speed: dict) -> dict:
     rate = {k: v["images_per_s"] for k, v in speed.items()}
     ratios = {
         "model_only_ort_vs_torch": rate["ort_model_only_fp32"] / rate["torch_model_only"],
@@ -418,7 +386,7 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
         "end_to_end_fraction_of_model_only":
             rate["ours_end_to_end_fp32"] / rate["ort_model_only_fp32"],
     }
-    if q8 is not None:
+    if "ort_model_only_int8" in rate:
         ratios.update({
             "int8_vs_fp32_model_only": rate["ort_model_only_int8"] / rate["ort_model_only_fp32"],
             "int8_vs_fp32_end_to_end": rate["ours_end_to_end_int8"] / rate["ours_end_to_end_fp32"],
@@ -427,9 +395,13 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
             "int8_end_to_end_fraction_of_model_only":
                 rate["ours_end_to_end_int8"] / rate["ort_model_only_int8"],
         })
-    report["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    return {k: round(v, 3) for k, v in ratios.items()}
 
-    # probes: accuracy on the target (fp32, int8) and the probe used for latency
+
+def _probe_section(report: dict, fp32, q8, target: str | None, paths: list[str],
+                   threads: int):
+    """Probe accuracy on the target (fp32, int8) into report["probe"]; returns the probe the
+    latency figure uses (without a target: one fitted on the image folder's own classes)."""
     accuracy = {}
     if target:
         log(f"bench: probe accuracy on {target} (fp32)")
@@ -451,24 +423,16 @@ def run_benchmark(model_dir: str, images: str | None = None, batch_size: int = 3
     if "int8" in accuracy:
         report["probe"]["int8_change_points"] = round(100 * (accuracy["int8"] - accuracy["fp32"]),
                                                       2)
-
-    log(f"bench: single-image latency ({latency_images} images)")
-    report["latency"] = latency(fp32, probe, paths, latency_images)
-    for pipe in filter(None, (fp32, q8)):
-        pipe.close()
-    report["machine"]["load_average_end"] = machine_info()["load_average"]
-    # the pipeline may grow its decode workers while the model waits for images
-    report["threads"]["decode_end"] = getattr(fp32, "decode_parallelism_", fp32.decode_threads_)
-    report["floors"] = floors(report)
-    return report
+    return probe
 
 
 def floors(report: dict) -> list[dict]:
     """The issue's floors as figures (PASS/MISS), never assertions."""
     r = report["ratios"]
-    rows = [("end-to-end fp32 >= 1.9x PyTorch recipe", r["end_to_end_ours_vs_torch_recipe"], 1.9),
-            ("end-to-end fp32 >= 95% of ORT model-only", r["end_to_end_fraction_of_model_only"],
-             0.95)]
+    rows: list[tuple[str, float, float | None]] = [
+        ("end-to-end fp32 >= 1.9x PyTorch recipe", r["end_to_end_ours_vs_torch_recipe"], 1.9),
+        ("end-to-end fp32 >= 95% of ORT model-only", r["end_to_end_fraction_of_model_only"],
+         0.95)]
     if "int8_end_to_end_vs_torch_recipe" in r:
         rows.append(("end-to-end int8 >= 3x PyTorch recipe", r["int8_end_to_end_vs_torch_recipe"],
                      3.0))
@@ -563,9 +527,7 @@ def format_report(report: dict) -> str:
 
 def write_chart(report: dict, path: str) -> None:
     """A bar chart of images/s per configuration, written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     speed = report["speed"]
     labels = [v["label"] for v in speed.values()]
     values = [v["images_per_s"] for v in speed.values()]
@@ -579,8 +541,4 @@ def write_chart(report: dict, path: str) -> None:
                  f"{report['machine']['cpu'][:40]}", fontsize=9)
     ax.set_xlim(0, max(values) * 1.18)
     fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

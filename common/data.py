@@ -3,7 +3,8 @@
 A dataset is a directory (`root/animals/birds/x.png`: level 0 `animals`, level 1 `animals/birds`;
 the leaf folder is the specific class; `train/` and `test/` subfolders are the splits) or a
 built-in name, optionally with options: `fashion-mnist`, `mnist`, `digits`,
-`emoji:styles=google+twitter,skin=2`, any with `per_class=N`. Built-ins are materialised once as
+`emoji:styles=google+twitter,skin=2` (`label=subcategory`: one level, flat classes named
+`category--subcategory`), any with `per_class=N`. Built-ins are materialised once as
 ImageFolders (PNG files plus `manifest.json`) under the cache folder (`$UNIREP_CACHE`, default
 `~/.cache/unirep`), so every consumer reads images the same way.
 
@@ -217,6 +218,8 @@ BUILTIN_OPTIONS: dict[str, dict[str, tuple]] = {
                    "google, twitter or google+twitter"),
         "test_styles": (lambda v: all(s in ("google", "twitter") for s in v.split("+") if s),
                         "google, twitter or google+twitter"),
+        # a flat dataset labelled by one level (a probe target with several images per class)
+        "label": (lambda v: v in EMOJI_LEVELS, "category, subcategory or emoji"),
     },
 }
 
@@ -364,6 +367,18 @@ def _build_digits(out: str, opts: dict) -> dict:
 
 
 EMOJI_STYLES = ("google", "twitter")
+EMOJI_LEVELS: tuple[str, ...] = ("category", "subcategory", "emoji")
+
+
+def _emoji_file(out: str, split: str, cls: str, file_name: str, label: str | None) -> str:
+    """Where one emoji image goes: under its class path, or with `label` in a flat class folder
+    named by the levels down to `label` ('category--subcategory'), the rest of its path kept in
+    the file name so images stay apart ('emoji--twitter.png')."""
+    parts = cls.split("/") + [file_name]
+    if label:
+        depth = EMOJI_LEVELS.index(label) + 1
+        parts = ["--".join(parts[:depth]), "--".join(parts[depth:])]
+    return os.path.join(out, split, *parts)
 
 
 def emoji_package_dir(style: str) -> str:
@@ -387,6 +402,7 @@ def _build_emoji(out: str, opts: dict) -> dict:
     skin = int(opts.get("skin", 0))
     per_class = int(opts.get("per_class", 0)) or None
     test_styles = [s for s in opts.get("test_styles", "").split("+") if s]
+    label = opts.get("label")
     count = 0
     for style in styles + [s for s in test_styles if s not in styles]:
         pkg = emoji_package_dir(style)
@@ -408,11 +424,12 @@ def _build_emoji(out: str, opts: dict) -> dict:
                 src = os.path.join(pkg, "img", style, "64", image)
                 if not os.path.exists(src):
                     continue
-                d = os.path.join(out, split if test_styles else "", cls)
-                os.makedirs(d, exist_ok=True)
-                shutil.copyfile(src, os.path.join(d, f"{style}{suffix}.png"))
+                dst = _emoji_file(out, split if test_styles else "", cls,
+                                  f"{style}{suffix}.png", label)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
                 count += 1
-    return {"level_names": ["category", "subcategory", "emoji"], "styles": styles,
+    return {"level_names": [label] if label else list(EMOJI_LEVELS), "styles": styles,
             "test_styles": test_styles, "skin_variants": skin, "images": count,
             "source": "npm emoji-datasource-{" + ",".join(styles + test_styles) + "}",
             "licence": "google: Apache-2.0; twitter (Twemoji): CC-BY-4.0"}

@@ -174,7 +174,7 @@ def st_model(c: Check) -> dict:
     corpus = ensure_corpus(count=c.args.images)
     paths, _ = image_files(corpus)
     c.state["corpus"], c.state["paths"] = corpus, paths
-    from bench_gpu import prepare_model
+    from benchmarks.bench_gpu import prepare_model
     run_dir, model_dir = prepare_model(c.args.arch, c.args.work, corpus)
     c.state["run_dir"], c.state["model_dir"] = run_dir, model_dir
     out = {"corpus": corpus, "jpegs": len(paths), "model_dir": model_dir}
@@ -233,8 +233,7 @@ def _pipes(c: Check, **kwargs):
 
 
 def st_model_only(c: Check) -> dict:
-    from bench_gpu import torch_model_only, torch_side
-
+    from benchmarks.bench_gpu import torch_model_only, torch_side
     from benchmarks.runtime_bench import Config, time_round_robin
     device = c.state["device"]
     half = device == "cuda"
@@ -316,8 +315,7 @@ def st_tensorrt(c: Check) -> dict:
 
 
 def st_end_to_end(c: Check) -> dict:
-    from bench_gpu import torch_recipe
-
+    from benchmarks.bench_gpu import torch_recipe
     from benchmarks.runtime_bench import Config, time_round_robin
     device, paths, bs = c.state["device"], c.state["paths"], c.args.batch_size
     variant = "fp16" if device == "cuda" else "fp32"

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGES = ("common", "train", "export", "runtime")
+PACKAGES = ("common", "train", "export", "runtime", "benchmarks", "study")
 TOP_MODULES = ("cli",)
 
 
@@ -184,6 +184,7 @@ def test_no_two_modules_import_each_other(graph):
     ("runtime", {"torch", "torchvision", "train"}, "the runtime serves with onnxruntime only"),
     ("train", {"runtime", "onnxruntime"}, "training does not depend on the serving stage"),
     ("common", {"train", "export", "runtime", "cli"}, "common is shared by every stage"),
+    ("study", {"benchmarks", "cli"}, "the study uses the stages (the CLI in child processes)"),
 ])
 def test_each_stage_imports_only_what_it_may(graph, package, forbidden, why):
     _, raw = graph
@@ -260,3 +261,10 @@ def test_the_size_checks_can_fail(tmp_path):
         f"def short():\n    return 1\n\n\ndef long():\n{body}\n\n\n"
         f'def explained():\n    """Long because it is one table."""\n{body}\n')
     assert long_functions(str(tmp_path / "m.py")) == ["long (86 lines)"]
+
+
+def test_nothing_imports_the_study(graph):
+    _, raw = graph
+    found = [f"{module} imports {name}" for module, names in raw.items()
+             if _top(module) != "study" for name in names if _top(name) == "study"]
+    assert not found, "the study is an application of the toolkit: " + ", ".join(found)

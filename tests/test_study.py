@@ -1,5 +1,6 @@
-"""The reproduction study script: its plan covers the issue's networks, controls and targets,
-and the cross-style emoji target is a real flat ImageFolder labelled by subcategory."""
+"""The reproduction study (`python -m study`): its plan covers the issue's networks, controls and
+targets, the cross-style emoji target is the built-in emoji data labelled by subcategory, and
+the page is the same for the same records."""
 import json
 import os
 import subprocess
@@ -9,18 +10,24 @@ import numpy as np
 import pytest
 
 from common.data import load_dataset
+from study import page as study_page
+from study import plan as study
+from study import stages, views
+from study.plots import plot_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "study")
 
-import study  # noqa: E402
+
+def _plan_json(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "study", *args, "--plan-only"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize("scale", ["pilot", "small", "full"])
 def test_plan_lists_every_network_control_and_target(scale):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--scale",
-                          scale, "--plan-only"], capture_output=True, text=True, check=True)
-    plan = json.loads(out.stdout)
+    plan = _plan_json("--scale", scale)
     runs = {t["name"]: t["args"] for t in plan["train"]}
     methods = {a[a.index("--method") + 1] for a in runs.values() if "--method" in a}
     assert methods == {"specific", "generic", "multilevel", "finer", "fsft"}
@@ -47,7 +54,9 @@ def test_plan_lists_every_network_control_and_target(scale):
 
 
 def test_twitter_target_is_labelled_by_subcategory(tmp_path):
-    root = study.emoji_style_target("subcategory", str(tmp_path / "tw-sub"))
+    assert study.STYLE_TARGETS["emoji-twitter-subcategory"] == "emoji:styles=twitter,label=subcategory"
+    root = stages.resolve_target("emoji-twitter-subcategory", str(tmp_path))
+    assert root == str(tmp_path / "targets" / "emoji-twitter-subcategory")  # the page's name
     target = load_dataset(root)
     source = load_dataset("emoji:styles=twitter")
     assert len(target.levels) == 1
@@ -56,14 +65,15 @@ def test_twitter_target_is_labelled_by_subcategory(tmp_path):
     assert len(labels) == len(source.paths(next(iter(source.splits))))
     assert np.bincount(labels).max() > 20                   # several images per class
     assert all("--" in c for c in target.leaf_classes)      # category--subcategory
-    assert study.emoji_style_target("subcategory", root) == root   # built once
+    # the files of a folder an older study built: category--subcategory/emoji--style.png
+    rel = os.path.relpath(target.paths(next(iter(target.splits)))[0], root)
+    assert rel.count(os.sep) == 1 and rel.endswith("--twitter.png")
+    assert stages.resolve_target("emoji-twitter-subcategory", str(tmp_path)) == root   # reused
+    assert stages.resolve_target("digits", str(tmp_path)) == "digits"    # other specs as given
 
 
 def test_seeded_plan_has_replicates_the_lite0_arm_and_known_pairs():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--scale",
-                          "smoke", "--seeds", "2", "--plan-only"], capture_output=True, text=True,
-                         check=True)
-    plan = json.loads(out.stdout)
+    plan = _plan_json("--scale", "smoke", "--seeds", "2")
     runs = {t["name"]: t["args"] for t in plan["train"]}
     # the specific networks (replicates and the seed controls) all have their own seed
     seeds = [a[a.index("--seed") + 1] for n, a in runs.items() if n.startswith("specific")]
@@ -87,7 +97,7 @@ def test_page_view_turns_groups_into_mean_rows():
     report = {"models": {"ref": model({"x": 0.5, "y": 0.6}),
                          "G[0]": model({"x": 0.7, "y": 0.8}), "G[1]": model({"x": 0.9, "y": 0.8})},
               "groups": {"G": {"members": ["G[0]", "G[1]"]}}, "comparisons": []}
-    view = study.page_view(report, ["ref", "G"], "ref")
+    view = views.page_view(report, ["ref", "G"], "ref")
     assert set(view["models"]) == {"ref", "G"}
     assert view["models"]["G"]["targets"]["x"]["top1"] == pytest.approx(0.8)
     assert view["models"]["G"]["mean"] == pytest.approx(0.8)
@@ -172,19 +182,19 @@ def test_fashion_view_counts_every_target_but_its_source_domain():
     source = {"models": {"F: Net-S specific": model({fm: 0.9}),
                          "F: FiNet (finer)": model({fm: 0.1})},
               "groups": {}, "comparisons": [comparison(-0.8, [fm])], "targets": {fm: {}}}
-    merged = study.merge_target_reports(counted, source, [fm, "x", "y"])
+    merged = views.merge_target_reports(counted, source, [fm, "x", "y"])
     assert list(merged["targets"]) == [fm, "x", "y"]
     assert list(merged["models"]["F: FiNet (finer)"]["targets"]) == [fm, "x", "y"]
     assert merged["comparisons"][0]["targets"][fm]["diff"] == -0.8
     assert merged["comparisons"][0]["mean"]["diff"] == 0.25        # the counted targets' mean
-    view = study.page_view(merged, ["F: Net-S specific", "F: FiNet (finer)"],
+    view = views.page_view(merged, ["F: Net-S specific", "F: FiNet (finer)"],
                            "F: Net-S specific", counted=["x", "y"])
     finer = view["models"]["F: FiNet (finer)"]
     # fashion-mnist (0.1 against 0.9) would pull both down; over x and y only:
     assert finer["mean"] == pytest.approx(0.775)
     assert finer["mnrg"] == pytest.approx(100 * np.median([0.25 / 0.5, 0.2 / 0.4]))
-    vs = study.aggregate_counted(view["models"], "F: Net-S specific", ["x", "y"])
-    table = study.results_table(view["models"], [fm, "x", "y"], ["x", "y"], vs, {})
+    vs = views.aggregate_counted(view["models"], "F: Net-S specific", ["x", "y"])
+    table = study_page.results_table(view["models"], [fm, "x", "y"], ["x", "y"], vs, {})
     assert f"| {fm} (source domain, not counted) | x | y |" in table[0]
     assert table[3].startswith("| F: FiNet (finer) | 8 | 0.00M | 10.0 | 75.0 | 80.0 | 77.5 |")
 
@@ -196,7 +206,38 @@ def test_a_finished_emoji_run_is_reused_and_a_changed_one_refused(tmp_path):
     run.mkdir()
     (run / "study_args.json").write_text(json.dumps(SPECIFIC_SMALL_RECORD))
     (run / "model.pt").write_bytes(b"")          # finished: train_run must not start training
-    assert study.train_run(specific, str(run), threads=1) is False
+    assert stages.train_run(specific, str(run), threads=1) is False
     (run / "study_args.json").write_text(json.dumps(SPECIFIC_SMALL_RECORD[:-1] + ["standard"]))
     with pytest.raises(click.ClickException, match="other options"):
-        study.train_run(specific, str(run), threads=1)
+        stages.train_run(specific, str(run), threads=1)
+
+
+def test_the_page_is_the_same_for_the_same_records(tmp_path):
+    """records.json: synthetic evaluation records (every row, 2 replicates, the F arm's source
+    domain apart); page.md: what scripts/study.py wrote for them before the study became a
+    package. The page must not change while only the code around it moves."""
+    with open(os.path.join(FIXTURES, "records.json")) as f:
+        records = json.load(f)
+    with open(os.path.join(FIXTURES, "page.md")) as f:
+        expected = f.read()
+    rows = {arm: [r.label for r in study.ROWS.values() if r.arm == arm]
+            for arm in ("emoji", "fashion")}
+    text, page_views = study_page.build_page(records, rows, "results.png")
+    assert text == expected
+    with_reading, _ = study_page.build_page(records, rows, "results.png", reading="Read me.\n")
+    assert with_reading.replace("Read me.\n\n", "", 1) == expected
+    assert with_reading.index("Read me.") < with_reading.index("## Discussion (generated")
+    png = tmp_path / "results.png"
+    plot_results(page_views["report"], str(png))
+    from PIL import Image
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 600
+
+
+def test_rows_pairs_and_claims_refer_to_known_rows():
+    assert set(study.BY_LABEL) == set(study.SINGLES.values()) | set(study.COMBINATIONS)
+    assert all(a in study.ROWS and c in study.ROWS for a, c in study.PAIR_IDS)
+    assert all(r.runs[0] == r.id for r in study.ROWS.values() if r.single)
+    claimed = [row for _, _, row, _ in study_page.PAPER_CLAIMS]
+    claimed += [r for r, c, _ in study_page.SIZE_CLAIMS] + [c for _, c, _ in study_page.SIZE_CLAIMS]
+    assert all(r in study.ROWS for r in claimed)

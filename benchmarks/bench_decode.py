@@ -7,9 +7,9 @@ does, and prints images/s
 (median of --repeats, round robin) and the ratio. On few cores the two should be close; the
 gap grows with the number of workers, because threads share one GIL.
 
-    python scripts/bench_decode.py                       # workers = usable cores
-    python scripts/bench_decode.py --workers 1,2 --images 512
-    python scripts/bench_decode.py --model bench-out/models/resnet18-224   # + end to end
+    python -m benchmarks.bench_decode                    # workers = usable cores
+    python -m benchmarks.bench_decode --workers 1,2 --images 512
+    python -m benchmarks.bench_decode --model bench-out/models/resnet18-224   # + end to end
 
 With --model it also times the whole pipeline on the same files, on the CPU: its default
 schedule, decode threads beside the model, and decode processes beside the model.
@@ -17,20 +17,17 @@ schedule, decode threads beside the model, and decode processes beside the model
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 
-from benchmarks.corpus import ensure_corpus
 from common.description import Preprocessing
 from runtime.pipeline import iter_folder
 from runtime.procdecode import DecodeProcesses, decode_rows
 from runtime.providers import available_cores
+
+from .corpus import ensure_corpus
 
 
 def slices(items: list, batch: int, parts: int):

@@ -14,8 +14,8 @@ command; the Ray actors load their model inside the job's time), with the ratios
 single-process job. Floor: sharding and Ray each keep at least 90% of it.
 Saves the figures as JSON and a PNG chart.
 
-    python scripts/bench_bulk.py                                  # 5,120 JPEGs, ResNet-18 + CNN
-    python scripts/bench_bulk.py --count 64 --archs small_cnn:32 --out /tmp/bb   # dry run
+    python -m benchmarks.bench_bulk                               # 5,120 JPEGs, ResNet-18 + CNN
+    python -m benchmarks.bench_bulk --count 64 --archs small_cnn:32 --out /tmp/bb   # dry run
 
 On 2 cores the Ray job gives each actor one CPU, a pipeline with one onnxruntime thread that
 decodes a batch and then runs it, which is what the single-process job does with its two
@@ -24,7 +24,6 @@ interleaved workers; the driver (reading inputs, writing shards) shares those co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -32,8 +31,9 @@ import subprocess
 import sys
 import time
 
+from .harness import pyplot, save_figure, write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 FLOOR = 0.90
 SUMMARY = re.compile(r"(\d+)/(\d+) images.*? in ([\d.]+) s \(([\d.]+) img/s"
@@ -92,9 +92,7 @@ def run_mode(mode: str, model: str, corpus: str, work: str, args, py: str) -> di
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = list(report["models"])
     modes = ["npy", "parquet", "ray"]
     fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, 4.5 * len(models)), 4.2),
@@ -115,8 +113,7 @@ def plot(report: dict, path: str) -> None:
     fig.suptitle(f"bulk embedding on {report['machine']['cores']} cores\nnpy: one process; "
                  f"parquet: resumable shards; ray: {report['actors']} actors", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -134,9 +131,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench-out/bulk")
     args = parser.parse_args(argv)
 
-    from benchmarks.corpus import ensure_corpus
     from common.files import iter_image_files
+    from common.machine import load_average
     from runtime.providers import available_cores
+
+    from .corpus import ensure_corpus
 
     py = sys.executable
     os.makedirs(args.out, exist_ok=True)
@@ -145,11 +144,10 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     report = {"count": count, "corpus": corpus, "batch_size": args.batch_size,
               "shard_size": args.shard_size, "actors": args.actors,
-              "machine": {"cores": available_cores(), "load": list(os.getloadavg())},
+              "machine": {"cores": available_cores(), "load": load_average()},
               "floor": FLOOR, "models": {}}
     print(f"corpus    {count} images, {corpus}")
-    print(f"machine   {available_cores()} usable cores; load average "
-          f"{[round(x, 2) for x in os.getloadavg()]}")
+    print(f"machine   {available_cores()} usable cores; load average {load_average()}")
     print(f"jobs      batch {args.batch_size}, shards of {args.shard_size}, ray "
           f"{args.actors} actors x {args.cpus_per_actor:g} CPU")
     failed = False
@@ -183,8 +181,7 @@ def main(argv=None) -> int:
                           f"of npy: {ratio:.3f}")
         report["models"][f"{arch}-{size}"] = {"runs": runs}
     stem = os.path.join(args.out, "bench-bulk")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(stem + ".json", report)
     if set(modes) == {"npy", "parquet", "ray"}:
         plot(report, stem + ".png")
     print(f"\nwrote {stem}.json" + (" and .png" if os.path.exists(stem + ".png") else ""))

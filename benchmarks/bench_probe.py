@@ -2,8 +2,8 @@
 """Probe-fitting benchmark: the original full C sweep against the fast subsample sweep, side by
 side in one run, on real embeddings (seconds, chosen C and test accuracy per target).
 
-    python scripts/bench_probe.py                           # full size (~10 min on 2 cores)
-    python scripts/bench_probe.py --fmnist-per-class 30 --max-per-class 30 --train-per-class 20
+    python -m benchmarks.bench_probe                        # full size (~10 min on 2 cores)
+    python -m benchmarks.bench_probe --fmnist-per-class 30 --max-per-class 30 --train-per-class 20
                                                             # dry run (a minute)
 
 Features: a 768-d MuCaLe-style combination of three small CNNs (256-d each, 32 px), exported to
@@ -16,19 +16,19 @@ sweep within 60 s on the largest target and within 0.2 point of the full sweep's
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
+from common.machine import cpu_name, load_average
+
+from .harness import save_figure, write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLOOR_SECONDS = 60.0
 FLOOR_POINTS = 0.2
@@ -110,7 +110,6 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.atomic import atomic_open
     targets = list(result["targets"])
     sweeps = result["sweeps"]
     fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(targets), 3.8))
@@ -137,9 +136,7 @@ def plot(result: dict, path: str) -> None:
     ax_a.set_title("same answers? test accuracy", fontsize=9)
     fig.suptitle(result["machine"], fontsize=7)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,10 +156,6 @@ def plot(result: dict, path: str) -> None:
 @click.option("--threads", default=2, show_default=True, help="Threads for training/embedding.")
 def main(work, train_per_class, epochs, fmnist_per_class, max_per_class, sweeps, n_jobs, threads):
     """Time the full and the fast C sweep on the same real embeddings; write JSON + PNG."""
-    from study import emoji_style_target
-
-    from common.atomic import atomic_open
-
     sweeps = [s.strip() for s in sweeps.split(",") if s.strip()]
     if not sweeps or any(s != "full" and not (s == "subsample" or (
             s.startswith("subsample@") and s.partition("@")[2].isdigit())) for s in sweeps):
@@ -175,11 +168,9 @@ def main(work, train_per_class, epochs, fmnist_per_class, max_per_class, sweeps,
     model = export_combination(runs, os.path.join(work, f"model-{train_per_class}-{epochs}"))
     fm = "fashion-mnist" + (f":per_class={fmnist_per_class}" if fmnist_per_class else "")
     targets = {"fashion-mnist": (fm, None), "mnist": ("mnist", max_per_class),
-               "emoji-twitter-category": (emoji_style_target(
-                   "category", os.path.join(work, "targets", "emoji-twitter-category")),
-                   max_per_class)}
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-                         f"cores, load {os.getloadavg()[0]:.1f}",
+               "emoji-twitter-category": ("emoji:styles=twitter,label=category", max_per_class)}
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, load "
+                         f"{(load_average() or [0.0])[0]:.1f}",
               "features": "MuCaLe-style concat of small_cnn specific + generic (trained on "
                           f"{source}, {epochs} epoch(s)) + random twin, 32 px, L-inf normalised",
               "model": model, "sweeps": sweeps, "targets": {}}
@@ -218,8 +209,7 @@ def main(work, train_per_class, epochs, fmnist_per_class, max_per_class, sweeps,
                   f"{'PASS' if result['floors']['pass_accuracy'] else 'MISS'} ("
                   + ", ".join(f"{t} {g:+.2f}" for t, g in gaps.items()) + ")"]
     click.echo("\n".join(lines))
-    with atomic_open(os.path.join(work, "bench-probe.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(work, "bench-probe.json"), result)
     plot(result, os.path.join(work, "bench-probe.png"))
     click.echo(f"wrote {work}/bench-probe.json and {work}/bench-probe.png")
 

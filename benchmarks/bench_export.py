@@ -2,7 +2,7 @@
 """Export every registered architecture (seeded random weights) and report export time, model
 sizes fp32/fp16/int8, parity, int8 probe-accuracy change and onnxruntime CPU images/s fp32 vs int8.
 
-    .venv/bin/python scripts/bench_export.py [--archs resnet18,small_cnn] [--out bench.json]
+    .venv/bin/python -m benchmarks.bench_export [--archs resnet18,small_cnn] [--out bench.json]
 
 Runs sequentially in one process, so the throughput figures of one run compare with each other.
 Images are real (Fashion-MNIST from the built-in, upscaled to each architecture's input size).
@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .harness import median_rate, write_json
 
 
 def images_per_second(model_path: str, images, batch_size: int, repeats: int = 3) -> float:
@@ -26,13 +24,13 @@ def images_per_second(model_path: str, images, batch_size: int, repeats: int = 3
     opts.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
     session.run(None, {"image": images[:batch_size]})  # first call allocates: not timed
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def one_pass() -> int:
         for start in range(0, len(images), batch_size):
             session.run(None, {"image": images[start:start + batch_size]})
-        rates.append(len(images) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        return len(images)
+
+    return median_rate(one_pass, repeats, warmup=0)
 
 
 def main() -> None:
@@ -95,8 +93,7 @@ def main() -> None:
         print(" | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
                          for k in header))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"load_average": os.getloadavg(), "rows": rows}, f, indent=2)
+        write_json(args.out, {"load_average": os.getloadavg(), "rows": rows})
 
 
 if __name__ == "__main__":

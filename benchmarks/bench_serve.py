@@ -14,9 +14,9 @@ client's CPU time per request (Linux /proc), which is what sets the ceiling here
 and writes OUT.json and OUT.png. Run it on a quiet machine: the figures are timings. Models are
 exported like scripts/bench_runtime.sh does:
 
-    python scripts/bench_serve.py --export resnet18:224 --export small_cnn:32 \
+    python -m benchmarks.bench_serve --export resnet18:224 --export small_cnn:32 \
         --work bench-out/serve --requests 512 --out bench-out/serve/bench-serve
-    python scripts/bench_serve.py --model models/spe --requests 32 --concurrency 1,4  # quick
+    python -m benchmarks.bench_serve --model models/spe --requests 32 --concurrency 1,4  # quick
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import click
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 FLOOR = 0.85  # at the most clients, batched server >= 85% of the offline throughput
 
@@ -315,6 +314,7 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
     from benchmarks.corpus import ensure_corpus
     from common.description import save_json_atomic
     from common.files import iter_image_files
+    from common.machine import cpu_name
     from runtime.providers import available_cores
     from runtime.service.protocol import HEADER_LENGTH
 
@@ -345,7 +345,7 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
         multi = (images_per_request, f"{out}-bodies-{images_per_request}.npz")
         save_bodies(multi[1], [(b, int(h[HEADER_LENGTH]))
                                for b, h in map(request_body, groups or [jpegs])])
-    report: dict = {"machine": {"cpu": _cpu(), "cores": available_cores(),
+    report: dict = {"machine": {"cpu": cpu_name(), "cores": available_cores(),
                                 "load_average": list(os.getloadavg())},
                     "settings": {"images": len(paths), "requests": requests,
                                  "concurrency": levels, "max_batch": max_batch,
@@ -385,17 +385,6 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
     write_chart(report, f"{out}.png")
     click.echo(format_table(report))
     log(f"wrote {out}.json and {out}.png")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -6,18 +6,15 @@ dataset, decoded and resized by the reference transform to each architecture's i
 On CUDA it also compares, in the same run, ResNet-50 at 224 px in fp32 against bf16 autocast
 with channels_last.
 
-    python scripts/bench_train.py                                  # small_cnn + resnet18 on CPU
-    python scripts/bench_train.py --archs small_cnn,mobilenet_v3_small --steps 3
-    python scripts/bench_train.py --archs all --device cuda --batch-size 128 --steps 20
+    python -m benchmarks.bench_train                               # small_cnn + resnet18 on CPU
+    python -m benchmarks.bench_train --archs small_cnn,mobilenet_v3_small --steps 3
+    python -m benchmarks.bench_train --archs all --device cuda --batch-size 128 --steps 20
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
