@@ -265,6 +265,8 @@ def running_server(model_dir, *args, timeout=90):
     import httpx
     port = _free_port()
     log = open(os.path.join(os.path.dirname(model_dir), f"serve-{port}.log"), "w+")
+    if "--grpc-port" not in args:
+        args = (*args, "--grpc-port", "0")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "serve", model_dir,
                              "--port", str(port), "--device", "cpu", *args],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
