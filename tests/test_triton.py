@@ -176,3 +176,30 @@ def test_export_refuses_triton_options_without_the_format(fmnist_small):
     from export.commands import export
     result = CliRunner().invoke(export, ["run", "--out", "m", "--triton-repo", "r"])
     assert result.exit_code == 2 and "--format triton" in result.output
+
+
+def test_export_writes_the_repository_from_a_model_folder(triton_model, tmp_path):
+    from click.testing import CliRunner
+
+    from export.commands import export
+    from runtime import load_probe, save_probe
+
+    repo = str(tmp_path / "repo")
+    args = [triton_model["dir"], "--format", "triton", "--out", repo,
+            "--triton-probe", f"fm={triton_model['probe_dir']}"]
+    result = CliRunner().invoke(export, args)
+    assert result.exit_code == 0, result.output
+    name = os.path.basename(triton_model["dir"])
+    assert sorted(os.listdir(repo)) == [name, f"{name}_decode", f"{name}_images"]
+    assert [o.name for o in _config(os.path.join(repo, name)).output] == [
+        "embedding", "fm_probabilities", "fm_label"]
+    again = CliRunner().invoke(export, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    other = load_probe(triton_model["probe_dir"])
+    other.metadata_ = dict(other.metadata_, model_fingerprint="0" * 16)
+    save_probe(other, str(tmp_path / "other"))
+    refused = CliRunner().invoke(export, [triton_model["dir"], "--format", "triton", "--out",
+                                          str(tmp_path / "repo2"), "--triton-probe",
+                                          f"x={tmp_path / 'other'}"])
+    assert refused.exit_code == 2 and "0000000000000000" in refused.output
+    assert not os.path.exists(tmp_path / "repo2" / name)  # nothing half-written
