@@ -226,7 +226,8 @@ def measure_server(model_dir: str, bodies: list, bodies_npz: str, concurrency: l
                 assert grpc_npz is not None
                 row = _loadgen(grpc_port, grpc_npz, c, n, grpc=True)
             else:
-                row = _loadgen(port, bodies_npz if per_request == 1 else multi[1], c, n)
+                npz = bodies_npz if per_request == 1 or multi is None else multi[1]
+                row = _loadgen(port, npz, c, n)
             after = _process_cpu_s(proc.pid)
             images = n * per_request
             row["images_per_request"] = per_request
