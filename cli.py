@@ -22,8 +22,8 @@ COMMANDS = {
     "export": ("export.commands", "export", "Export trained runs to ONNX (and Caffe2), with proven parity."),
     "inspect": ("export.commands", "inspect", "Show an exported model: description, I/O, formats, parity, sizes."),
     "embed": ("runtime.commands", "embed", "Embed images with an exported model (onnxruntime)."),
-    "probe": ("runtime.probe_commands", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
-    "evaluate": ("runtime.evaluate", "evaluate", "Measure universality: linear probes on many targets, mNRG."),
+    "probe": ("runtime.cli.probe", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
+    "evaluate": ("runtime.cli.evaluate", "evaluate", "Measure universality: linear probes on many targets, mNRG."),
     "serve": ("runtime.service.commands", "serve", "Serve a model over HTTP (KServe v2 protocol), batched."),
     "bench": ("benchmarks.commands", "bench", "Benchmark the runtime against PyTorch, side by side."),
 }

@@ -21,8 +21,10 @@ _EXPORTS = {
     "cuda_device_count": "providers", "create_session": "providers",
     "LogisticRegressionProbe": "probes", "LinearSVMProbe": "probes",
     "NearestClassMeanProbe": "probes", "KNNProbe": "probes", "make_probe": "probes",
-    "save_probe": "probes", "load_probe": "probes", "fuse_probe": "fuse",
-    "evaluate_models": "evaluate", "mnrg": "universality", "anrg": "universality",
+    "save_probe": "probes", "load_probe": "probes", "fuse_probe": "probes",
+    "load_probe_for": "probes",
+    "evaluate_models": "evaluation", "EvaluationPlan": "evaluation", "mnrg": "evaluation",
+    "anrg": "evaluation",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from common.data import load_dataset
-from runtime import universality as U
-from runtime.evaluate import EvaluationError, evaluate, evaluate_models, split_target
+from runtime.cli.evaluate import evaluate
+from runtime.evaluation import EvaluationError, evaluate_models, split_target
+from runtime.evaluation import statistics as U
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A short regularisation sweep where a test checks plumbing rather than the probe protocol.
@@ -297,7 +298,7 @@ def test_evaluate_never_imports_torch(two_models, digits_small, tmp_path):
         f"          '--no-cache', '--probe', 'svm', '--out', {str(tmp_path / 'r')!r}])\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
-        "import runtime.pipeline, runtime.probes, runtime.report\n"
+        "import runtime.pipeline, runtime.probes, runtime.evaluation.report\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('NO TORCH')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

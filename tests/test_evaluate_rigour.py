@@ -10,14 +10,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.data import load_dataset, stratified_split
-from runtime.evaluate import EvaluationError, compare_units, evaluate, evaluate_models
-from runtime.probes import LogisticRegressionProbe
-from runtime.universality import (
+from runtime.cli.evaluate import evaluate
+from runtime.evaluation import EvaluationError, compare_units, evaluate_models
+from runtime.evaluation.statistics import (
     bootstrap_difference,
     mean_interval,
     paired_difference,
     welch_difference,
 )
+from runtime.probes import LogisticRegressionProbe
 
 # ---------------------------------------------------------------------------------------------
 # statistics on constructed cases
@@ -146,6 +147,13 @@ def test_seeds_groups_and_controls_end_to_end(models, digits_small, tmp_path):
     text = open(tmp_path / "rep" / "report.md").read()
     assert "## Groups" in text and "## Paired comparisons" in text and "A - b" in text
     assert os.path.getsize(tmp_path / "rep" / "report.png") > 1000
+    # the PNG's bars: values in percent with whiskers down to the interval's ends
+    from runtime.evaluation.report import bar_intervals
+    values, whiskers = bar_intervals(report)["b"]
+    assert values[0] == pytest.approx(100 * cell["top1"])
+    assert whiskers[:, 0] == pytest.approx([100 * (cell["top1"] - low), 100 * (high - cell["top1"])])
+    assert values[-1] == pytest.approx(100 * report["models"]["b"]["mean"])
+    assert (whiskers >= 0).all() and whiskers[:, -1].sum() > 0   # the mean's, over 2 seeds
 
 
 def test_one_seed_falls_back_to_the_bootstrap(models, digits_small, tmp_path):
@@ -210,6 +218,21 @@ def test_same_names_and_sizes_with_new_content_give_new_embeddings(models, digit
     assert not np.allclose(fresh, cached)
 
 
+def test_a_plan_gives_a_typed_report(models, digits_small, tmp_path):
+    from common.errors import UserError
+    from runtime.evaluation import EvaluationPlan, ModelResult, run_plan
+    plan = EvaluationPlan([models["a0"], models["b"]], [digits_small], reference=models["b"],
+                          cache_dir=str(tmp_path / "cache"), device="cpu", progress=False,
+                          probe_params={"C": 1.0})
+    report = run_plan(plan)
+    assert isinstance(report.models["a0"], ModelResult) and report.reference == "b"
+    assert report.models["b"].mnrg == pytest.approx(0.0)
+    assert report.to_dict()["models"]["a0"]["mean"] == report.models["a0"].mean
+    with pytest.raises(UserError, match=r"^evaluate: confidence must be a finite number in "
+                                        r"\[0.5, 1\); got 1.5$"):
+        run_plan(EvaluationPlan([models["a0"]], [digits_small], confidence=1.5))
+
+
 def test_bad_options_fail_before_the_cache(models, digits_small, tmp_path):
     kw = dict(cache_dir=str(tmp_path / "cache"), progress=False, probe_params={"C": 1.0})
     evaluate_models([models["a0"]], [digits_small], None, device="cpu", **kw)   # fills the cache
@@ -258,6 +281,10 @@ def test_fast_sweep_gives_the_full_sweeps_answer(digits_pixels):
 
 def test_sweep_options_are_checked(digits_pixels):
     X, y, _, _ = digits_pixels
-    for bad in (dict(sweep="fast"), dict(sweep_rows=1), dict(n_jobs=0)):
-        with pytest.raises(ValueError):
+    from runtime.probes import ProbeParameterError
+    for bad, said in ((dict(sweep="fast"), "sweep must be one of 'full', 'subsample'; got 'fast'"),
+                      (dict(sweep_rows=1), "sweep_rows must be an int in [2, inf) or None; got 1"),
+                      (dict(n_jobs=0), "n_jobs must be an int in [1, inf) or None; got 0")):
+        with pytest.raises(ProbeParameterError) as caught:
             LogisticRegressionProbe(**bad).fit(X, y)
+        assert str(caught.value) == f"LogisticRegressionProbe: {said}"

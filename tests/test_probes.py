@@ -110,7 +110,7 @@ def test_logreg_matches_scikit_learn_at_fixed_C(digits_pixels):
 def test_fast_objective_matches_the_float64_one(digits_pixels, monkeypatch, kind):
     """The fast sweep's objective (float32, blocks of rows, row ranges in threads) gives the
     original float64 loss and gradient to float32 rounding, whatever the blocks and threads."""
-    from runtime import probes
+    from runtime.probes import objectives as probes
     X, y, _, _ = digits_pixels
     std = X.std(axis=0)
     Xs = (X - X.mean(axis=0)) / np.where(std > 0, std, 1.0)
@@ -228,8 +228,8 @@ def test_fused_model_matches_embed_plus_probe(model_dir, digits_features, digits
     import onnxruntime as ort
 
     from common.data import load_dataset
-    from runtime.fuse import fuse_probe, read_fused_classes
     from runtime.pipeline import FeaturePipeline
+    from runtime.probes import fuse_probe, read_fused_classes
 
     X, y, _, _, description = digits_features
     params = {"weights": "similarity"} if kind == "knn" else {}
@@ -257,7 +257,7 @@ def test_fused_model_matches_embed_plus_probe(model_dir, digits_features, digits
 
 
 def test_fuse_refuses_a_mismatched_model(model_dir, digits_features, tmp_path):
-    from runtime.fuse import FuseError, fuse_probe
+    from runtime.probes import FuseError, fuse_probe
     X, y, _, _, description = digits_features
     wrong = LinearSVMProbe(C=1.0).fit(X[:, :16], y)
     with pytest.raises(FuseError, match="16-d features .* 32-d"):
@@ -373,7 +373,7 @@ NO_TORCH = BLOCK_TORCH + textwrap.dedent("""
     result = CliRunner().invoke(cli.main, ["probe", "predict", sys.argv[2], sys.argv[3],
                                            sys.argv[4], "--out", sys.argv[5]])
     assert result.exit_code == 0, result.output
-    import runtime.fuse, runtime.probes
+    import runtime.probes.fuse, runtime.probes
     assert not any(k.split(".")[0] == "torch" for k in sys.modules)
     print(open(sys.argv[5]).read())
 """)
@@ -391,3 +391,22 @@ def test_probe_predict_runs_without_torch(model_dir, digits_features, digits_sma
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout.strip().splitlines()[0])
     assert record["id"] == image and record["label"] in list(range(10))
+
+
+def test_load_probe_for_checks_the_backbone(digits_features, tmp_path):
+    """One loader for the service, bulk jobs and the probe commands: dims and fingerprint."""
+    from common.errors import UserError
+    from runtime.probes import ProbeMismatchError, load_probe_for
+    X, y, _, _, description = digits_features
+    probe = make_probe("ncm").fit(X, y)
+    save_probe(probe, str(tmp_path / "good"),
+               {"model_fingerprint": description_fingerprint(description)})
+    save_probe(probe, str(tmp_path / "other"), {"model_fingerprint": "0" * 16})
+    loaded = load_probe_for(description, str(tmp_path / "good"))
+    np.testing.assert_allclose(loaded.predict_proba(X[:5]), probe.predict_proba(X[:5]))
+    with pytest.raises(ProbeMismatchError, match="fingerprint 0000000000000000") as caught:
+        load_probe_for(description, str(tmp_path / "other"))
+    assert isinstance(caught.value, UserError) and "refit the probe" in caught.value.reason
+    narrow = {**description.to_dict(), "feature_dim": X.shape[1] + 1}
+    with pytest.raises(ProbeMismatchError, match=f"expects {X.shape[1]}-d features"):
+        load_probe_for(narrow, str(tmp_path / "good"))

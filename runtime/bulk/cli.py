@@ -78,16 +78,15 @@ def model_identity(model_dir: str, variant: str) -> tuple[dict, object]:
 
 def load_probes(probe_dirs, description) -> list:
     from runtime.bulk.job import Probe
-    from runtime.probes import load_probe, model_mismatch
+    from runtime.probes import ProbeMismatchError, load_probe_for
     probes, names = [], set()
     for probe_dir in probe_dirs:
         try:
-            estimator = load_probe(probe_dir)
+            estimator = load_probe_for(description, probe_dir)
+        except ProbeMismatchError as e:
+            raise click.UsageError(f"probe {probe_dir} does not match the model: {e.reason}")
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise click.UsageError(f"cannot load probe {probe_dir}: {e}")
-        problem = model_mismatch(estimator, description)
-        if problem:
-            raise click.UsageError(f"probe {probe_dir} does not match the model: {problem}")
         name = "".join(c if c.isalnum() else "_" for c in os.path.basename(
             os.path.normpath(probe_dir))) or "probe"
         while name in names:

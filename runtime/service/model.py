@@ -66,17 +66,16 @@ def parse_probe_specs(specs: list[str]) -> dict[str, str]:
 def load_probes(specs: dict[str, str], description) -> list[ServedProbe]:
     """Load each probe and check it was fitted on this backbone; ProbeMismatch says why not.
     A probe saved before fingerprints existed is accepted with a warning."""
-    from runtime.probes import load_probe, model_mismatch
+    from runtime.probes import ProbeMismatchError, load_probe_for
 
     served = []
     for name, path in specs.items():
         try:
-            probe = load_probe(path)
+            probe = load_probe_for(description, path)
+        except ProbeMismatchError as e:
+            raise ProbeMismatch(f"--probe {name}={path}: {e.reason}") from e
         except (OSError, ValueError, KeyError) as e:
             raise ProbeMismatch(f"--probe {name}={path}: cannot load it ({e})") from e
-        reason = model_mismatch(probe, description)
-        if reason:
-            raise ProbeMismatch(f"--probe {name}={path}: {reason}")
         if not (getattr(probe, "metadata_", {}) or {}).get("model_fingerprint"):
             log.warning("--probe %s=%s records no model fingerprint (saved by an older "
                         "version); it is served, but nothing proves it was fitted on this "

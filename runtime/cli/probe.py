@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from common.checks import FiniteFloat, data_spec, writable_output
+from common.errors import ItemError
 from runtime.bulk.cli import bulk_options
-
-from .options import PipelineOptions, pipeline_options
+from runtime.options import PipelineOptions, pipeline_options
 
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
@@ -55,10 +55,16 @@ def embed_items(pipe, items: list[tuple[str, str]], desc: str):
         for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
             vectors[row:row + len(batch)] = batch
             for j, message in batch_errors.items():
-                errors[row + j] = message.replace(items[row + j][1], items[row + j][0], 1)
+                errors[row + j] = _item_message(items[row + j], message)
             row += len(batch)
             bar.update(len(batch))
     return vectors, errors
+
+
+def _item_message(item: tuple[str, str], message: str) -> str:
+    """The pipeline's '<path>: <cause>' for an (id, path) item, named by the item's id."""
+    item_id, path = item
+    return str(ItemError(path, message.removeprefix(f"{path}: ")).for_item(item_id))
 
 
 def _report_errors(errors: dict[int, str], what: str) -> None:
@@ -88,18 +94,21 @@ def resolve_level(levels, level: str | None) -> int:
     return names.index(level)
 
 
-def check_probe_fits_model(probe, pipe, probe_dir: str) -> None:
-    from runtime.probes import model_mismatch
-    problem = model_mismatch(probe, pipe.description_)
-    if problem:
-        raise click.UsageError(f"probe {probe_dir} does not match model {pipe.model_path_}: "
-                               f"{problem}")
+def _load_probe_or_fail(probe_dir: str, model_dir: str | None = None, variant: str = "fp32"):
+    """The probe of PROBE_DIR, once checked to fit MODEL_DIR when given (`load_probe_for`,
+    with the description read without opening a session)."""
+    from runtime.pipeline import load_description, resolve_model
+    from runtime.probes import ProbeMismatchError, load_probe, load_probe_for
 
-
-def _load_probe_or_fail(probe_dir: str):
-    from runtime.probes import load_probe
+    model_path = description = None
+    if model_dir is not None:  # a bad model folder is a ModelError of its own, not the probe's
+        model_path = resolve_model(model_dir, variant)
+        description = load_description(model_path)
     try:
-        return load_probe(probe_dir)
+        return load_probe(probe_dir) if description is None else load_probe_for(description,
+                                                                                probe_dir)
+    except ProbeMismatchError as e:
+        raise click.UsageError(f"probe {probe_dir} does not match model {model_path}: {e.reason}")
     except (FileNotFoundError, ValueError, KeyError) as e:  # ProbeFileError is a ValueError
         raise click.ClickException(f"cannot load probe {probe_dir}: {e}")
 
@@ -154,19 +163,52 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: P
     Example:
       python cli.py probe fit models/spe --data digits --kind logreg --out probes/digits
     """
-    import numpy as np
-
     from common.data import DataError, load_dataset
-    from runtime.probes import (
-        KNNProbe,
-        LinearSVMProbe,
-        LogisticRegressionProbe,
-        NearestClassMeanProbe,
-        description_fingerprint,
-        make_probe,
-        save_probe,
-    )
 
+    _check_fit_options(kind, C, k, out)
+    try:
+        dataset = load_dataset(data)
+    except DataError as e:
+        raise click.UsageError(str(e))
+    level_index = resolve_level(dataset.levels, level)
+    split = "train" if dataset.has_test_split else "all"
+    click.echo(dataset.summary(), err=True)
+
+    pipe = open_pipeline(model_dir, pipeline)
+    with pipe:
+        X, y, skipped = _embed_side(pipe, dataset, split, level_index)
+        if len(set(y.tolist())) < 2:
+            raise click.UsageError(f"{data}: need images of at least 2 classes at level "
+                                   f"{dataset.levels[level_index].name!r} to fit a probe; got "
+                                   f"{len(set(y.tolist()))}")
+        params: dict[str, Any] = {"seed": seed, "val_fraction": val_fraction}
+        params.update({"C": C} if kind in ("logreg", "svm") else {"k": k} if kind == "knn" else {})
+        estimator, fit_seconds, train_acc = _fit_and_echo(kind, params, X, y,
+                                                          dataset.levels[level_index].name)
+        summary = _echo_choice(estimator)
+        test_accuracy = _test_accuracy(pipe, dataset, level_index, estimator)
+        metadata = {
+            **_model_metadata(pipe, model_dir, pipeline.variant),
+            "data": data,
+            "data_fingerprint": dataset.fingerprint(),
+            "level": dataset.levels[level_index].name,
+            "split": split,
+            "n_train": int(len(y)),
+            "skipped": skipped,
+            "train_accuracy": train_acc,
+            "test_accuracy": test_accuracy,
+            "fit_seconds": round(fit_seconds, 3),
+            **summary,
+        }
+    from runtime.probes import save_probe
+    try:
+        save_probe(estimator, out, metadata)
+    except FileExistsError as e:
+        raise click.UsageError(str(e))
+    click.echo(f"wrote {out}", err=True)
+
+
+def _check_fit_options(kind: str, C, k, out: str) -> None:
     if C is not None and kind in ("ncm", "knn"):
         raise click.UsageError(f"--C applies to logreg and svm probes, not {kind}")
     if k is not None and kind != "knn":
@@ -174,97 +216,83 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: P
     if os.path.exists(out) and os.listdir(out) and not os.path.exists(
             os.path.join(out, "probe.json")):
         raise click.UsageError(f"--out {out} exists and is not a probe folder; choose another")
-    try:
-        dataset = load_dataset(data)
-    except DataError as e:
-        raise click.UsageError(str(e))
-    level_index = resolve_level(dataset.levels, level)
-    level_info = dataset.levels[level_index]
-    split = "train" if dataset.has_test_split else "all"
-    click.echo(dataset.summary(), err=True)
 
-    pipe = open_pipeline(model_dir, pipeline)
-    with pipe:
-        paths = dataset.paths(split)
-        items = [(os.path.relpath(p, dataset.root).replace(os.sep, "/"), p) for p in paths]
-        vectors, errors = embed_items(pipe, items, f"embed {split}")
-        _report_errors(errors, split)
-        ok = np.isfinite(vectors).all(axis=1)
-        names = np.array(level_info.classes)
-        X, y = vectors[ok], names[dataset.labels(split, level_index)[ok]]
-        if len(np.unique(y)) < 2:
-            raise click.UsageError(f"{data}: need images of at least 2 classes at level "
-                                   f"{level_info.name!r} to fit a probe; got {len(np.unique(y))}")
 
-        params = {"seed": seed, "val_fraction": val_fraction}
-        if kind in ("logreg", "svm"):
-            params["C"] = C
-        if kind == "knn":
-            params["k"] = k
-        estimator = make_probe(kind, **params)
-        start = time.perf_counter()
-        estimator.fit(X, y)
-        fit_seconds = time.perf_counter() - start
-        train_acc = estimator.score(X, y)
-        line = f"fitted {kind} probe on {len(y)} images, {len(estimator.classes_)} classes " \
-               f"(level {level_info.name}) in {fit_seconds:.2f} s; train accuracy {train_acc:.4f}"
-        click.echo(line)
-        # by the probe's class (what `kind` made), so that each branch reads its own attributes
-        summary: dict[str, Any] = {}
-        if isinstance(estimator, (LogisticRegressionProbe, LinearSVMProbe)):
-            if estimator.val_scores_:
-                summary = {"C": estimator.C_, "val_accuracy": estimator.val_scores_[estimator.C_]}
-                click.echo(f"validation: C = {estimator.C_:.4g} chosen from "
-                           f"{len(estimator.val_scores_)} values "
-                           f"({min(estimator.val_scores_):.3g}..{max(estimator.val_scores_):.3g}), "
-                           f"accuracy {summary['val_accuracy']:.4f}; refit on train+val")
-            else:
-                summary = {"C": estimator.C_}
-                click.echo(f"C = {estimator.C_:.4g} (given, or too few images to validate)")
-        elif isinstance(estimator, KNNProbe):
-            summary = {"k": estimator.k_}
-            click.echo(f"k = {estimator.k_}")
-        elif isinstance(estimator, NearestClassMeanProbe):
-            summary = {"temperature": estimator.temperature_}
-            click.echo(f"softmax temperature = {estimator.temperature_:.4g}")
+def _embed_side(pipe, dataset, split: str, level_index: int):
+    """(X, y, skipped) of one side of the data: the finite embeddings and their class names
+    at the level; failures are reported and counted."""
+    import numpy as np
 
-        test_accuracy = None
-        if dataset.has_test_split:
-            test_paths = dataset.paths("test")
-            test_items = [(os.path.relpath(p, dataset.root).replace(os.sep, "/"), p)
-                          for p in test_paths]
-            test_vectors, test_errors = embed_items(pipe, test_items, "embed test")
-            _report_errors(test_errors, "test")
-            test_ok = np.isfinite(test_vectors).all(axis=1)
-            y_test = names[dataset.labels("test", level_index)[test_ok]]
-            if test_ok.any():
-                test_accuracy = estimator.score(test_vectors[test_ok], y_test)
-                click.echo(f"test accuracy {test_accuracy:.4f} on {int(test_ok.sum())} images "
-                           f"(chance {1 / len(estimator.classes_):.4f})")
+    paths = dataset.paths(split)
+    items = [(os.path.relpath(p, dataset.root).replace(os.sep, "/"), p) for p in paths]
+    vectors, errors = embed_items(pipe, items, f"embed {split}")
+    _report_errors(errors, split)
+    ok = np.isfinite(vectors).all(axis=1)
+    names = np.array(dataset.levels[level_index].classes)
+    return vectors[ok], names[dataset.labels(split, level_index)[ok]], int(len(errors))
 
-        description = pipe.description_
-        metadata = {
-            "model_fingerprint": description_fingerprint(description),
+
+def _fit_and_echo(kind: str, params: dict, X, y, level_name: str):
+    """(fitted probe, seconds, train accuracy), with a line saying so."""
+    from runtime.probes import make_probe
+
+    estimator = make_probe(kind, **params)
+    start = time.perf_counter()
+    estimator.fit(X, y)
+    fit_seconds = time.perf_counter() - start
+    train_acc = estimator.score(X, y)
+    click.echo(f"fitted {kind} probe on {len(y)} images, {len(estimator.classes_)} classes "
+               f"(level {level_name}) in {fit_seconds:.2f} s; train accuracy {train_acc:.4f}")
+    return estimator, fit_seconds, train_acc
+
+
+def _echo_choice(estimator) -> dict[str, Any]:
+    """What validation chose (C, k or a temperature), echoed and returned for the metadata."""
+    from runtime.probes import KNNProbe, LinearSVMProbe, LogisticRegressionProbe, NearestClassMeanProbe
+
+    # by the probe's class (what `kind` made), so that each branch reads its own attributes
+    if isinstance(estimator, (LogisticRegressionProbe, LinearSVMProbe)):
+        scores = estimator.val_scores_
+        if not scores:
+            click.echo(f"C = {estimator.C_:.4g} (given, or too few images to validate)")
+            return {"C": estimator.C_}
+        summary = {"C": estimator.C_, "val_accuracy": scores[estimator.C_]}
+        click.echo(f"validation: C = {estimator.C_:.4g} chosen from {len(scores)} values "
+                   f"({min(scores):.3g}..{max(scores):.3g}), "
+                   f"accuracy {summary['val_accuracy']:.4f}; refit on train+val")
+        return summary
+    if isinstance(estimator, KNNProbe):
+        click.echo(f"k = {estimator.k_}")
+        return {"k": estimator.k_}
+    if isinstance(estimator, NearestClassMeanProbe):
+        click.echo(f"softmax temperature = {estimator.temperature_:.4g}")
+        return {"temperature": estimator.temperature_}
+    return {}
+
+
+def _test_accuracy(pipe, dataset, level_index: int, estimator) -> float | None:
+    """Accuracy on the data's test side, echoed (None without a test side or images)."""
+    if not dataset.has_test_split:
+        return None
+    X_test, y_test, _ = _embed_side(pipe, dataset, "test", level_index)
+    if not len(y_test):
+        return None
+    accuracy = estimator.score(X_test, y_test)
+    click.echo(f"test accuracy {accuracy:.4f} on {len(y_test)} images "
+               f"(chance {1 / len(estimator.classes_):.4f})")
+    return accuracy
+
+
+def _model_metadata(pipe, model_dir: str, variant: str) -> dict[str, Any]:
+    """The backbone a probe is fitted on, as its metadata records it (fingerprint first)."""
+    from runtime.probes import description_fingerprint
+
+    description = pipe.description_
+    return {"model_fingerprint": description_fingerprint(description),
             "architecture": description.architecture,
             "feature_dim": int(pipe.feature_dim_),
             "model_dir": os.path.abspath(model_dir),
-            "variant": pipeline.variant,
-            "data": data,
-            "data_fingerprint": dataset.fingerprint(),
-            "level": level_info.name,
-            "split": split,
-            "n_train": int(len(y)),
-            "skipped": int(len(errors)),
-            "train_accuracy": train_acc,
-            "test_accuracy": test_accuracy,
-            "fit_seconds": round(fit_seconds, 3),
-            **summary,
-        }
-    try:
-        save_probe(estimator, out, metadata)
-    except FileExistsError as e:
-        raise click.UsageError(str(e))
-    click.echo(f"wrote {out}", err=True)
+            "variant": variant}
 
 
 @probe.command("predict")
@@ -303,53 +331,20 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
         from runtime.bulk.cli import run_bulk
         return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
                         pipeline=pipeline.pipeline_kwargs(), **bulk)
-    import numpy as np
-    from tqdm import tqdm
-
     from runtime.cli_items import collect_items
 
-    estimator = _load_probe_or_fail(probe_dir)
+    estimator = _load_probe_or_fail(probe_dir, model_dir, pipeline.variant)
     items = collect_items(inputs)
     if not items:
         raise click.UsageError("no images to predict: the inputs named none")
     pipe = open_pipeline(model_dir, pipeline)
-    check_probe_fits_model(estimator, pipe, probe_dir)
     top_k = min(top_k, len(estimator.classes_))
 
     from common.atomic import make_temp_file
     fd, tmp = make_temp_file(os.path.dirname(os.path.abspath(out)), suffix=".jsonl")
-    errors: dict[int, str] = {}
-    row = 0
     try:
-        # streamed batch by batch: memory stays flat however many images there are
-        with os.fdopen(fd, "w") as f, pipe, tqdm(total=len(items), unit="img", file=sys.stderr,
-                                                desc="predict", dynamic_ncols=True,
-                                                disable=None) as bar:
-            for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
-                ok = np.isfinite(batch).all(axis=1)
-                probabilities = np.zeros((len(batch), len(estimator.classes_)))
-                if ok.any():
-                    probabilities[ok] = estimator.predict_proba(batch[ok])
-                # JSON has no NaN: a row whose probabilities are not finite becomes an error
-                finite = np.asarray(np.isfinite(probabilities).all(axis=1))
-                probabilities[~finite] = 0.0
-                order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-                for j in range(len(batch)):
-                    item_id, path = items[row + j]
-                    record: dict[str, Any]
-                    if not ok[j] or not finite[j]:
-                        message = batch_errors.get(j, "embedding is not finite" if not ok[j]
-                                                   else "probe probabilities are not finite")
-                        errors[row + j] = message.replace(path, item_id, 1)
-                        record = {"id": item_id, "error": errors[row + j]}
-                    else:
-                        best = [(_plain(estimator.classes_[c]), float(probabilities[j, c]))
-                                for c in order[j]]
-                        record = {"id": item_id, "label": best[0][0], "score": best[0][1],
-                                  "top_k": [list(pair) for pair in best]}
-                    f.write(json.dumps(record, allow_nan=False) + "\n")
-                row += len(batch)
-                bar.update(len(batch))
+        with os.fdopen(fd, "w") as f, pipe:
+            errors = _write_predictions(f, pipe, estimator, items, top_k)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -361,6 +356,52 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
     click.echo(f"predicted {done}/{len(items)} images; wrote {out}", err=True)
     if done == 0:
         raise click.ClickException(f"all {len(items)} images failed; see the errors above")
+
+
+def _write_predictions(f, pipe, estimator, items: list[tuple[str, str]], top_k: int
+                       ) -> dict[int, str]:
+    """One JSON line per item into `f`, streamed batch by batch (memory stays flat however
+    many images there are); returns {row: message} of the items that failed."""
+    from tqdm import tqdm
+
+    errors: dict[int, str] = {}
+    row = 0
+    with tqdm(total=len(items), unit="img", file=sys.stderr, desc="predict",
+              dynamic_ncols=True, disable=None) as bar:
+        for _, batch, batch_errors in pipe.iter_batches(p for _, p in items):
+            for record in _batch_records(estimator, batch, batch_errors, items[row:], top_k):
+                if "error" in record:
+                    errors[row] = record["error"]
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+                row += 1
+            bar.update(len(batch))
+    return errors
+
+
+def _batch_records(estimator, batch, batch_errors: dict[int, str], items, top_k: int) -> list[dict]:
+    """The prediction records of one batch; `items` starts at the batch's first row."""
+    import numpy as np
+
+    ok = np.isfinite(batch).all(axis=1)
+    probabilities = np.zeros((len(batch), len(estimator.classes_)))
+    if ok.any():
+        probabilities[ok] = estimator.predict_proba(batch[ok])
+    # JSON has no NaN: a row whose probabilities are not finite becomes an error
+    finite = np.asarray(np.isfinite(probabilities).all(axis=1))
+    probabilities[~finite] = 0.0
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    records: list[dict[str, Any]] = []
+    for j in range(len(batch)):
+        item_id = items[j][0]
+        if not ok[j] or not finite[j]:
+            message = batch_errors.get(j, "embedding is not finite" if not ok[j]
+                                       else "probe probabilities are not finite")
+            records.append({"id": item_id, "error": _item_message(items[j], message)})
+            continue
+        best = [(_plain(estimator.classes_[c]), float(probabilities[j, c])) for c in order[j]]
+        records.append({"id": item_id, "label": best[0][0], "score": best[0][1],
+                        "top_k": [list(pair) for pair in best]})
+    return records
 
 
 @probe.command("fuse")
@@ -381,7 +422,7 @@ def fuse(model_dir, probe_dir, out, variant):
     Example:
       python cli.py probe fuse models/spe probes/mnist --out models/spe-mnist.onnx
     """
-    from runtime.fuse import FuseError, fuse_probe
+    from runtime.probes import FuseError, fuse_probe
 
     if not out.endswith(".onnx"):
         raise click.UsageError(f"--out {out}: the fused model file must end in .onnx")

@@ -21,21 +21,23 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from common.atomic import atomic_open
 
-from .probes import KNNProbe, Probe, load_probe, model_mismatch
+from .base import Probe
+from .compat import model_mismatch
+from .errors import FuseError
+from .files import load_probe
+
+if TYPE_CHECKING:
+    from .similarity import KNNProbe
 
 PROBE_METADATA_KEY = "unirep.probe"
 CLASSES_METADATA_KEY = "unirep.probe.classes"
 PROBABILITIES, LABEL = "probabilities", "label"
-
-
-class FuseError(ValueError):
-    """The probe cannot be fused into this model; the message says why and what to do."""
 
 
 def _set_metadata(model, key: str, value: str) -> None:
@@ -56,42 +58,50 @@ def _probe_document(probe: Probe) -> dict:
             "metadata": getattr(probe, "metadata_", {}) or {}}
 
 
-def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str = "fp32",
-               embedding: str = "embedding") -> dict:
-    """Write `out_path`: the model of MODEL_DIR (or a .onnx path) with `probe` (a fitted probe
-    or a probe folder) appended. Returns a summary {"classes", "opset", "outputs", "path"}.
+class _GraphBuilder:
+    """Appends nodes and initialisers to a graph under fresh "probe/..." names."""
 
-    Raises FuseError when the probe does not match the model."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    def __init__(self, graph):
+        self.graph = graph
+        self.nodes: list = []
+        self.taken = {n for node in graph.node for n in (*node.input, *node.output)}
+        self.taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
 
-    from common.model_dir import ModelDir
+    def fresh(self, name: str) -> str:
+        base = candidate = f"probe/{name}"
+        k = 0
+        while candidate in self.taken:
+            k += 1
+            candidate = f"{base}_{k}"
+        self.taken.add(candidate)
+        return candidate
 
-    if isinstance(probe, (str, os.PathLike)):
-        probe = load_probe(os.fspath(probe))
-    md = ModelDir(model_dir)
-    model_path = md.model_path(variant)
-    md.check_model(variant)  # a corrupt file or foreign description: one ModelError line
-    model = onnx.load(model_path)
-    graph = model.graph
+    def const(self, name: str, array: np.ndarray, dtype=np.float32) -> str:
+        from onnx import numpy_helper
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array, dtype), self.fresh(name))
+        self.graph.initializer.append(tensor)
+        return tensor.name
 
-    problem = model_mismatch(probe, md.description.to_dict())
-    if problem:
-        raise FuseError(f"probe does not fit model {model_path}: {problem}")
+    def op(self, op_type: str, inputs: list[str], name: str, extra_outputs=(), **attrs):
+        """Append a node; returns its output name (a list when extra_outputs are named)."""
+        from onnx import helper
+        outs = [self.fresh(name)] + [self.fresh(f"{name}_{extra}") for extra in extra_outputs]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], **attrs))
+        return outs if extra_outputs else outs[0]
 
-    W: np.ndarray | None
-    b: np.ndarray | None
-    prep: dict[str, Any]
-    if isinstance(probe, KNNProbe):
-        W = b = None
-        prep = {"l2_normalize": True, "mean": None}
-    else:
-        try:
-            W, b, prep = probe.linear_form_(dtype=np.float32)
-        except NotImplementedError as e:
-            raise FuseError(str(e)) from e
-    dim = int(probe.n_features_in_)
 
+def _linear_form(probe: Probe) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
+    """(W, b, preprocessing) of the probe; (None, None, L2 normalisation) for a kNN vote."""
+    if probe.kind == "knn":  # a vote, not a linear form
+        return None, None, {"l2_normalize": True, "mean": None}
+    try:
+        return probe.linear_form_(dtype=np.float32)
+    except NotImplementedError as e:
+        raise FuseError(str(e)) from e
+
+
+def _check_outputs(graph, model_path: str, embedding: str, dim: int) -> dict:
+    """The graph's outputs by name, once the probe's outputs are known to fit among them."""
     outputs = {o.name: o for o in graph.output}
     if embedding not in outputs:
         raise FuseError(f"{model_path}: no output {embedding!r} to attach the probe to "
@@ -104,68 +114,79 @@ def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str =
     if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value != dim:
         raise FuseError(f"{model_path}: embedding has {dims[1].dim_value} dims; the probe "
                         f"expects {dim}")
+    return outputs
 
-    taken = {n for node in graph.node for n in (*node.input, *node.output)}
-    taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
 
+def _preprocessing_nodes(g: _GraphBuilder, x: str, prep: dict, dim: int) -> str:
+    """L2 normalisation and standardisation of the embedding, as the probe applies them."""
+    if prep.get("l2_normalize"):
+        # ||x|| via MatMul with a ones column: no opset-dependent ReduceSum signature
+        squares = g.op("Mul", [x, x], "squares")
+        norm = g.op("Sqrt", [g.op("MatMul", [squares, g.const("ones", np.ones((dim, 1)))],
+                                  "sum_squares")], "norm")
+        x = g.op("Div", [x, g.op("Max", [norm, g.const("eps", np.array(1e-12))], "safe_norm")],
+                 "l2_normalized")
+    if prep.get("mean") is not None:
+        x = g.op("Div", [g.op("Sub", [x, g.const("mean", prep["mean"])], "centred"),
+                         g.const("scale", prep["scale"])], "standardized")
+    return x
+
+
+def _batch_dim(dims):
+    batch = dims[0] if len(dims) else None
+    if batch is None:
+        return None
+    return (batch.dim_param or None) if not batch.HasField("dim_value") else batch.dim_value
+
+
+def fuse_probe(model_dir: str, probe: Probe | str, out_path: str, variant: str = "fp32",
+               embedding: str = "embedding") -> dict:
+    """Write `out_path`: the model of MODEL_DIR (or a .onnx path) with `probe` (a fitted probe
+    or a probe folder) appended. Returns a summary {"classes", "opset", "outputs", "path"}.
+
+    Raises FuseError when the probe does not match the model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from common.model_dir import ModelDir
+
+    if isinstance(probe, (str, os.PathLike)):
+        probe = load_probe(os.fspath(probe))
+    md = ModelDir(model_dir)
+    model_path = md.model_path(variant)
+    md.check_model(variant)  # a corrupt file or foreign description: one ModelError line
+    model = onnx.load(model_path)
+    graph = model.graph
+    problem = model_mismatch(probe, md.description.to_dict())
+    if problem:
+        raise FuseError(f"probe does not fit model {model_path}: {problem}")
+    W, b, prep = _linear_form(probe)
+    dim = int(probe.n_features_in_)
+    outputs = _check_outputs(graph, model_path, embedding, dim)
+    g = _GraphBuilder(graph)
     for name in (PROBABILITIES, LABEL):
-        if name in taken:
+        if name in g.taken:
             raise FuseError(f"{model_path}: the graph already uses the name {name!r}")
-
-    def fresh(name: str) -> str:
-        base = candidate = f"probe/{name}"
-        k = 0
-        while candidate in taken:
-            k += 1
-            candidate = f"{base}_{k}"
-        taken.add(candidate)
-        return candidate
-
-    def const(name: str, array: np.ndarray, dtype=np.float32) -> str:
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array, dtype), fresh(name))
-        graph.initializer.append(tensor)
-        return tensor.name
-
-    nodes = []
-
-    def op(op_type: str, inputs: list[str], name: str, extra_outputs=(), **attrs):
-        """Append a node; returns its output name (a list when extra_outputs are named)."""
-        outs = [fresh(name)] + [fresh(f"{name}_{extra}") for extra in extra_outputs]
-        nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], **attrs))
-        return outs if extra_outputs else outs[0]
 
     x = embedding
     if outputs[embedding].type.tensor_type.elem_type != TensorProto.FLOAT:
-        x = op("Cast", [x], "to_float", to=TensorProto.FLOAT)
-    if prep.get("l2_normalize"):
-        # ||x|| via MatMul with a ones column: no opset-dependent ReduceSum signature
-        squares = op("Mul", [x, x], "squares")
-        norm = op("Sqrt", [op("MatMul", [squares, const("ones", np.ones((dim, 1)))],
-                                 "sum_squares")], "norm")
-        x = op("Div", [x, op("Max", [norm, const("eps", np.array(1e-12))], "safe_norm")],
-               "l2_normalized")
-    if prep.get("mean") is not None:
-        x = op("Div", [op("Sub", [x, const("mean", prep["mean"])], "centred"),
-                       const("scale", prep["scale"])], "standardized")
-    if isinstance(probe, KNNProbe):
-        nodes.extend(_knn_nodes(probe, x, op, const))
+        x = g.op("Cast", [x], "to_float", to=TensorProto.FLOAT)
+    x = _preprocessing_nodes(g, x, prep, dim)
+    if W is None or b is None:
+        g.nodes.extend(_knn_nodes(probe, x, g.op, g.const))  # type: ignore[arg-type]
     else:
-        assert W is not None and b is not None  # every probe but kNN has a linear form
-        logits = op("Add", [op("MatMul", [x, const("weight", W)], "matmul"), const("bias", b)],
-                    "logits")
-        nodes.append(helper.make_node("Softmax", [logits], [PROBABILITIES],
-                                      name="probe/softmax", axis=1))
-    nodes.append(helper.make_node("ArgMax", [PROBABILITIES], [LABEL], name="probe/argmax",
-                                  axis=1, keepdims=0))
-    graph.node.extend(nodes)
+        logits = g.op("Add", [g.op("MatMul", [x, g.const("weight", W)], "matmul"),
+                              g.const("bias", b)], "logits")
+        g.nodes.append(helper.make_node("Softmax", [logits], [PROBABILITIES],
+                                        name="probe/softmax", axis=1))
+    g.nodes.append(helper.make_node("ArgMax", [PROBABILITIES], [LABEL], name="probe/argmax",
+                                    axis=1, keepdims=0))
+    graph.node.extend(g.nodes)
 
-    batch = dims[0] if len(dims) else None
-    batch_dim = (batch.dim_param or None) if batch is not None and not batch.HasField(
-        "dim_value") else (batch.dim_value if batch is not None else None)
+    batch = _batch_dim(outputs[embedding].type.tensor_type.shape.dim) or "batch"
     graph.output.append(helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT,
-                                                      [batch_dim or "batch", len(probe.classes_)]))
-    graph.output.append(helper.make_tensor_value_info(LABEL, TensorProto.INT64,
-                                                      [batch_dim or "batch"]))
+                                                      [batch, len(probe.classes_)]))
+    graph.output.append(helper.make_tensor_value_info(LABEL, TensorProto.INT64, [batch]))
     document = _probe_document(probe)
     _set_metadata(model, PROBE_METADATA_KEY, json.dumps(document))
     _set_metadata(model, CLASSES_METADATA_KEY, json.dumps(document["classes"]))
@@ -213,5 +234,5 @@ def read_fused_classes(path: str) -> list:
     meta = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_modelmeta()
     text = meta.custom_metadata_map.get(CLASSES_METADATA_KEY)
     if text is None:
-        raise ValueError(f"{path}: not a fused model (no '{CLASSES_METADATA_KEY}' metadata)")
+        raise FuseError(f"{path}: not a fused model (no '{CLASSES_METADATA_KEY}' metadata)")
     return json.loads(text)

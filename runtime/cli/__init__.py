@@ -1,0 +1,1 @@
+"""The command-line room: the only part of runtime that imports click."""
