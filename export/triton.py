@@ -13,7 +13,7 @@ writes three models, so Triton clients can send what they send to `cli.py serve`
     triton-repo/spe_images/    ensemble: `image` (BYTES, JPEG/PNG/...) -> decode -> spe
 
 The ONNX model gets the uint8 front of runtime/prefix.py (normalisation inside the graph, exactly
-as the pipeline does) and the probes fused by runtime/fuse.py. Every config.pbtxt parses into
+as the pipeline does) and the probes fused by runtime/probes/fuse.py. Every config.pbtxt parses into
 tritonclient's ModelConfig protobuf (tests check that, and run the Python-backend code with a
 stand-in for Triton's utilities). Triton's ONNX Runtime backend can use TensorRT
 (`tensorrt=True`: `gpu_execution_accelerator`). The models are built in a temporary folder
@@ -128,7 +128,7 @@ def fused_model(model_dir: str, probes: dict[str, str], work: str, variant: str 
     """The model of MODEL_DIR with each probe fused in (outputs NAME_probabilities,
     NAME_label), written under `work`; (its folder, {probe: class names})."""
     from common.model_dir import DESCRIPTION_FILE, MODEL_FILE, ModelDir
-    from runtime.fuse import LABEL, PROBABILITIES, fuse_probe
+    from runtime.probes.fuse import LABEL, PROBABILITIES, fuse_probe
 
     current, classes = model_dir, {}
     description = ModelDir(model_dir).file(DESCRIPTION_FILE)
