@@ -6,17 +6,21 @@ For each model: the offline FeaturePipeline's end-to-end throughput (JPEG files 
 batch --max-batch, no server running), then a server with dynamic batching (--max-batch,
 --max-delay-ms) and a batch-1 server (--max-batch 1 --max-delay-ms 0), each under 1, 8 and 32
 concurrent single-image clients (the binary tensor protocol, JPEG bytes from the benchmark
-corpus). The clients are benchmarks/loadgen.py in a process of their own: a lean closed-loop load
-generator (about 0.07 CPU ms a request), because on a 2-core machine the client's CPU is taken
-from the server it measures; one more row repeats the most clients with a Python httpx client
-(about 1-2 CPU ms a request) to show that cost. Each row also gives the server's and the
-client's CPU time per request (Linux /proc), which is what sets the ceiling here. Prints a table
-and writes OUT.json and OUT.png. Run it on a quiet machine: the figures are timings. Models are
-exported like scripts/bench_runtime.sh does:
+corpus), over HTTP and (batched server) over gRPC. The clients are benchmarks/loadgen.py and
+benchmarks/grpc_loadgen.py in a process of their own: lean closed-loop load generators, because
+on a 2-core machine the client's CPU is taken from the server it measures; one more row repeats
+the most clients with a Python httpx client (about 1-2 CPU ms a request) to show that cost.
+`--baseline DIR` adds the batched server of another checkout (e.g. `git archive` of the commit
+before a change) under the same HTTP load, so a change's before/after is in one run. Each row
+also gives the server's and the client's CPU time per request (Linux /proc), which is what sets
+the ceiling here. Prints a table and writes OUT.json and OUT.png. Run it on a quiet machine:
+the figures are timings. Models are exported like scripts/bench_runtime.sh does:
 
     python -m benchmarks.bench_serve --export resnet18:224 --export small_cnn:32 \
         --work bench-out/serve --requests 512 --out bench-out/serve/bench-serve
     python -m benchmarks.bench_serve --model models/spe --requests 32 --concurrency 1,4  # quick
+    git archive HEAD~1 | tar -x -C /tmp/before && python -m benchmarks.bench_serve ... \
+        --baseline /tmp/before          # one more setting: the server as it was
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FLOOR = 0.85  # at the most clients, batched server >= 85% of the offline throughput
+FLOOR = 0.85  # at the most clients, batched server >= 85% of the offline throughput (HTTP)
+GRPC_FLOOR = 0.90  # the same over gRPC (and, on a small model, above HTTP)
 
 
 def log(message: str) -> None:
@@ -80,23 +85,29 @@ def _free_port() -> int:
 
 
 def start_server(model_dir: str, max_batch: int, max_delay_ms: float, workers: int,
-                 log_path: str, timeout: float = 300) -> tuple[subprocess.Popen, int]:
+                 log_path: str, timeout: float = 300, root: str = ROOT,
+                 grpc: bool = True) -> tuple[subprocess.Popen, int, int]:
+    """A server from the checkout at `root` (ROOT: this one); (process, HTTP port, gRPC port
+    or 0). Another checkout gets no gRPC option (it may predate it)."""
     import httpx
     port = _free_port()
+    grpc_port = _free_port() if grpc and root == ROOT else 0
+    extra = ["--grpc-port", str(grpc_port)] if root == ROOT else []
+    env = dict(os.environ, PYTHONPATH=root)
     with open(log_path, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "cli.py"), "serve", model_dir, "--name", "m",
+            [sys.executable, os.path.join(root, "cli.py"), "serve", model_dir, "--name", "m",
              "--port", str(port), "--device", "cpu", "--max-batch", str(max_batch),
              "--max-delay-ms", str(max_delay_ms), "--workers", str(workers),
-             "--max-queue", "4096", "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+             "--max-queue", "4096", "--log-level", "warning", *extra],
+            stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                return proc, port
+                return proc, port, grpc_port
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
@@ -127,6 +138,18 @@ def request_body(jpegs: list[bytes]) -> tuple[bytes, dict]:
                            "Content-Type": "application/octet-stream"}
 
 
+def grpc_request(jpegs: list[bytes]) -> bytes:
+    """Images as one serialised ModelInferRequest (raw BYTES input), output `embedding`."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from runtime.service.protocol import pack_bytes
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="image", datatype="BYTES", shape=[len(jpegs)])
+    request.outputs.add(name="embedding")
+    request.raw_input_contents.append(pack_bytes(jpegs))
+    return request.SerializeToString()
+
+
 async def _httpx_load(port: int, bodies: list, clients: int, requests: int) -> dict:
     """The same closed loop with httpx.AsyncClient in this process (a typical Python client)."""
     import httpx
@@ -154,10 +177,12 @@ async def _httpx_load(port: int, bodies: list, clients: int, requests: int) -> d
     return summarise(latencies, statuses, clients, requests, wall, cpu)
 
 
-def _loadgen(port: int, bodies_npz: str, clients: int, requests: int) -> dict:
-    """benchmarks/loadgen.py in its own process; its JSON line back."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--port", str(port),
-                           "--path", "/v2/models/m/infer", "--bodies", bodies_npz,
+def _loadgen(port: int, bodies_npz: str, clients: int, requests: int,
+             grpc: bool = False) -> dict:
+    """benchmarks/loadgen.py (or grpc_loadgen.py) in its own process; its JSON line back."""
+    args = (["-m", "benchmarks.grpc_loadgen"] if grpc else
+            ["-m", "benchmarks.loadgen", "--path", "/v2/models/m/infer"])
+    done = subprocess.run([sys.executable, *args, "--port", str(port), "--bodies", bodies_npz,
                            "--clients", str(clients), "--requests", str(requests)],
                           cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -178,13 +203,17 @@ def _process_cpu_s(pid: int) -> float | None:
 def measure_server(model_dir: str, bodies: list, bodies_npz: str, concurrency: list[int],
                    requests: int, max_batch: int, max_delay_ms: float, workers: int,
                    log_path: str, httpx_at: int | None = None,
-                   multi: tuple[int, str] | None = None) -> list:
-    """Rows for each client count (load generator), one httpx row at `httpx_at` clients, and
-    with multi=(K, npz of K-image bodies) one row of K-image requests at the most clients."""
-    proc, port = start_server(model_dir, max_batch, max_delay_ms, workers, log_path)
+                   multi: tuple[int, str] | None = None, grpc_npz: str | None = None,
+                   root: str = ROOT) -> list:
+    """Rows for each client count (load generator), one httpx row at `httpx_at` clients,
+    with multi=(K, npz of K-image bodies) one row of K-image requests at the most clients, and
+    with grpc_npz a gRPC row for each client count."""
+    proc, port, grpc_port = start_server(model_dir, max_batch, max_delay_ms, workers, log_path,
+                                         root=root, grpc=grpc_npz is not None)
     try:
         rows = []
         plan = [(c, "loadgen", 1) for c in concurrency]
+        plan += [(c, "grpc", 1) for c in concurrency] if grpc_npz else []
         plan += [(httpx_at, "httpx", 1)] if httpx_at else []
         plan += [(max(concurrency), "loadgen", multi[0])] if multi else []
         for c, client, per_request in plan:
@@ -192,8 +221,12 @@ def measure_server(model_dir: str, bodies: list, bodies_npz: str, concurrency: l
             before = _process_cpu_s(proc.pid)
             if client == "httpx":
                 row = asyncio.run(_httpx_load(port, bodies, c, n))
+            elif client == "grpc":
+                assert grpc_npz is not None
+                row = _loadgen(grpc_port, grpc_npz, c, n, grpc=True)
             else:
-                row = _loadgen(port, bodies_npz if per_request == 1 else multi[1], c, n)
+                npz = bodies_npz if per_request == 1 or multi is None else multi[1]
+                row = _loadgen(port, npz, c, n)
             after = _process_cpu_s(proc.pid)
             images = n * per_request
             row["images_per_request"] = per_request
@@ -213,6 +246,11 @@ def measure_server(model_dir: str, bodies: list, bodies_npz: str, concurrency: l
         return rows
     finally:
         stop_server(proc)
+
+
+def _top(rows: list, client: str) -> dict:
+    """The row of single-image requests at the most clients for `client`."""
+    return [r for r in rows if r["client"] == client and r["images_per_request"] == 1][-1]
 
 
 def _fmt(value: float | None, spec: str = "{:.2f}") -> str:
@@ -243,6 +281,12 @@ def format_table(report: dict) -> str:
                      f"{_fmt(floor['cpu_ceiling'], '{:.0%}')}; offline passes "
                      + ", ".join(f"{p['images_per_s']:.0f}" for p in m["offline_passes"])
                      + " img/s")
+        if "grpc_floor" in m:
+            g = m["grpc_floor"]
+            lines.append(f"{'':14s} gRPC floor: {g['clients']} single-image clients >= "
+                         f"{GRPC_FLOOR:.0%} of offline: {g['ratio']:.0%} -> "
+                         f"{'met' if g['met'] else 'NOT met'}; gRPC / HTTP {g['vs_http']:.2f}; "
+                         f"CPU ceiling {_fmt(g['cpu_ceiling'], '{:.0%}')}")
     return "\n".join(lines)
 
 
@@ -257,13 +301,17 @@ def write_chart(report: dict, path: str) -> None:
     for j, m in enumerate(models):
         top, bottom = axes[0][j], axes[1][j]
         for setting, all_rows in m["servers"].items():
-            rows = [r for r in all_rows if r.get("client", "loadgen") == "loadgen"
-                    and r.get("images_per_request", 1) == 1]
-            xs = [r["clients"] for r in rows]
-            top.plot(xs, [r["images_per_s"] for r in rows], marker="o", label=setting)
-            bottom.plot(xs, [r["p50_ms"] for r in rows], marker="o", label=f"{setting} p50")
-            bottom.plot(xs, [r["p99_ms"] for r in rows], marker="x", linestyle="--",
-                        label=f"{setting} p99")
+            for client in ("loadgen", "grpc"):
+                rows = [r for r in all_rows if r.get("client", "loadgen") == client
+                        and r.get("images_per_request", 1) == 1]
+                if not rows:
+                    continue
+                label = setting + (" (gRPC)" if client == "grpc" else "")
+                xs = [r["clients"] for r in rows]
+                top.plot(xs, [r["images_per_s"] for r in rows], marker="o", label=label)
+                bottom.plot(xs, [r["p50_ms"] for r in rows], marker="o", label=f"{label} p50")
+                bottom.plot(xs, [r["p99_ms"] for r in rows], marker="x", linestyle="--",
+                            label=f"{label} p99")
         top.axhline(m["offline_images_per_s"], color="k", linestyle=":", label="offline")
         top.axhline(FLOOR * m["offline_images_per_s"], color="r", linestyle=":",
                     label=f"{FLOOR:.0%} floor")
@@ -306,11 +354,20 @@ def write_chart(report: dict, path: str) -> None:
 @click.option("--images-per-request", type=click.IntRange(1), default=8, show_default=True,
               help="One more row: the most clients sending this many images a request "
                    "(1: none).")
+@click.option("--grpc/--no-grpc", "use_grpc", default=True, show_default=True,
+              help="gRPC rows (benchmarks/grpc_loadgen.py) beside HTTP for the batched server.")
+@click.option("--baseline", metavar="DIR", default=None,
+              help="Another checkout (cli.py at its root): its batched server as one more "
+                   "setting under the same HTTP load (before/after a change in one run).")
 @click.option("--out", default="bench-out/serve/bench-serve", show_default=True,
               help="Prefix of OUT.json and OUT.png.")
 def main(models, exports, work, images, limit, requests, concurrency, max_batch, max_delay_ms,
-         workers, repeats, images_per_request, out):
-    """Serve benchmark: batched server vs batch-1 server vs offline pipeline."""
+         workers, repeats, images_per_request, use_grpc, baseline, out):
+    """Serve benchmark: batched server (HTTP, gRPC) vs batch-1 server vs offline pipeline.
+
+    Long because it reads as the run's plan, one step per block (models, offline rows, server rows
+    per transport and setting, the baseline server, the table and files); each step's work is in
+    the functions above."""
     from benchmarks.corpus import ensure_corpus
     from common.description import save_json_atomic
     from common.files import iter_image_files
@@ -338,6 +395,12 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
     from benchmarks.loadgen import save_bodies
     bodies_npz = f"{out}-bodies.npz"
     save_bodies(bodies_npz, [(b, int(h[HEADER_LENGTH])) for b, h in bodies])
+    grpc_npz = None
+    if use_grpc:
+        grpc_npz = f"{out}-grpc-requests.npz"
+        save_bodies(grpc_npz, [(grpc_request([j]), 0) for j in jpegs])
+    if baseline and not os.path.isfile(os.path.join(baseline, "cli.py")):
+        raise click.BadParameter(f"{baseline}: no cli.py there", param_hint="--baseline")
     multi = None
     if images_per_request > 1:
         groups = [jpegs[i:i + images_per_request]
@@ -351,6 +414,8 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
                                  "concurrency": levels, "max_batch": max_batch,
                                  "max_delay_ms": max_delay_ms, "workers": workers,
                                  "corpus": corpus, "client": "benchmarks/loadgen.py",
+                                 "grpc_client": "benchmarks/grpc_loadgen.py" if use_grpc
+                                 else None, "baseline": baseline,
                                  "images_per_request": images_per_request},
                     "models": []}
     for model_dir in model_dirs:
@@ -360,27 +425,41 @@ def main(models, exports, work, images, limit, requests, concurrency, max_batch,
         log(f"{name}: offline pipeline on {len(paths)} files ...")
         passes = offline_passes(model_dir, paths, max_batch, (repeats + 1) // 2)
         servers = {}
-        for setting, mb, delay in ((f"server, batch <= {max_batch}", max_batch, max_delay_ms),
-                                   ("server, batch 1", 1, 0.0)):
+        plan = [(f"server, batch <= {max_batch}", max_batch, max_delay_ms, ROOT),
+                ("server, batch 1", 1, 0.0, ROOT)]
+        if baseline:
+            plan.append((f"baseline, batch <= {max_batch}", max_batch, max_delay_ms, baseline))
+        for setting, mb, delay, root in plan:
             log(f"{name}: {setting} ...")
+            here = root == ROOT and mb > 1
             servers[setting] = measure_server(
                 model_dir, bodies, bodies_npz, levels, requests, mb, delay, workers,
-                f"{out}-{name}-{mb}.log", httpx_at=max(levels) if mb > 1 else None,
-                multi=multi if mb > 1 else None)
+                f"{out}-{name}-{mb}{'' if root == ROOT else '-baseline'}.log",
+                httpx_at=max(levels) if here else None, multi=multi if here else None,
+                grpc_npz=grpc_npz if here else None, root=root)
         passes += offline_passes(model_dir, paths, max_batch, repeats // 2 or 1)
         offline = float(np.median([p["images_per_s"] for p in passes]))
         offline_cpu = float(np.median([p["cpu_ms_per_image"] for p in passes]))
         log(f"    offline {offline:.1f} img/s ({offline_cpu:.2f} CPU ms an image)")
-        top = [r for r in servers[f"server, batch <= {max_batch}"]
-               if r["client"] == "loadgen" and r["images_per_request"] == 1][-1]
+        batched = servers[f"server, batch <= {max_batch}"]
+        top = _top(batched, "loadgen")
         ratio = top["images_per_s"] / offline
         spent = (top["server_cpu_ms_per_image"] or 0) + top["client_cpu_ms_per_image"]
-        report["models"].append({
+        entry = {
             "name": name, "model_dir": model_dir, "offline_images_per_s": offline,
             "offline_cpu_ms_per_image": offline_cpu, "offline_passes": passes,
             "servers": servers,
             "floor": {"clients": top["clients"], "ratio": ratio, "met": ratio >= FLOOR,
-                      "cpu_ceiling": offline_cpu / spent if spent else None}})
+                      "cpu_ceiling": offline_cpu / spent if spent else None}}
+        if use_grpc:
+            g = _top(batched, "grpc")
+            g_spent = (g["server_cpu_ms_per_image"] or 0) + g["client_cpu_ms_per_image"]
+            entry["grpc_floor"] = {
+                "clients": g["clients"], "ratio": g["images_per_s"] / offline,
+                "met": g["images_per_s"] / offline >= GRPC_FLOOR,
+                "vs_http": g["images_per_s"] / top["images_per_s"],
+                "cpu_ceiling": offline_cpu / g_spent if g_spent else None}
+        report["models"].append(entry)
     save_json_atomic(f"{out}.json", report)
     write_chart(report, f"{out}.png")
     click.echo(format_table(report))

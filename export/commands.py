@@ -24,6 +24,9 @@ from common.checks import data_spec, writable_output
                    "folder name).")
 @click.option("--triton-max-batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="With --format triton: max_batch_size (dynamic batching up to it).")
+@click.option("--triton-probe", "triton_probes", multiple=True, metavar="NAME=PROBE_DIR",
+              help="With --format triton: fuse this probe into the Triton model (outputs "
+                   "NAME_probabilities with a label file, NAME_label); repeat for several.")
 @click.option("--logits", is_flag=True,
               help="Also output logits_<head> for every trained head (logits_<run>_<head> for "
                    "combinations).")
@@ -41,8 +44,8 @@ from common.checks import data_spec, writable_output
 @click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
               help="How many real images the parity checks use.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
-def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, logits, fp16, int8, calib, opset, check_data,
-           parity_images, overwrite):
+def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, triton_probes, logits, fp16, int8, calib,
+           opset, check_data, parity_images, overwrite):
     """Export trained runs to ONNX (and Caffe2), proving parity with PyTorch on real images.
 
     \b
@@ -56,6 +59,7 @@ def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, logits, fp
       python cli.py export runs/spe runs/gen --out models/combo --format caffe2
       python cli.py export runs/spe --out models/spe --fp16 --int8 --calib fashion-mnist
       python cli.py export runs/spe --out models/spe --format triton --triton-repo triton-repo
+      python cli.py export models/spe --format triton --out triton-repo --triton-probe fm=probes/fm
 
     The model is written to a temporary folder beside MODEL_DIR and renamed into place only
     when every check passed: an interrupted or failed export leaves nothing half-written.
@@ -68,8 +72,16 @@ def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, logits, fp
                                "triton")
     triton = "triton" in formats
     formats = tuple(f for f in formats if f != "triton")
-    if triton_repo and not triton:
-        raise click.UsageError("--triton-repo is only used with --format triton")
+    if (triton_repo or triton_probes) and not triton:
+        raise click.UsageError("--triton-repo and --triton-probe are only used with --format triton")
+    probes = _probe_specs(triton_probes)
+    if triton and len(run_dirs) == 1 and os.path.isfile(os.path.join(run_dirs[0], "model.onnx")):
+        # a model folder (exported or imported), not a run: only the Triton repository, in --out
+        if triton_repo or formats:
+            raise click.UsageError("from a model folder only --format triton is written, into "
+                                   "--out (the repository); drop --triton-repo and other formats")
+        _write_triton(run_dirs[0], out_dir, triton_max_batch, probes, overwrite)
+        return
     if int8 and not calib:
         raise click.UsageError("--int8 needs --calib DATA: real images to calibrate the "
                                "activation ranges (e.g. --calib fashion-mnist:per_class=30)")
@@ -85,11 +97,31 @@ def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, logits, fp
         raise click.UsageError(str(e)) from e
     click.echo(summary_lines(out_dir, report))
     if triton:
-        from .triton import write_triton_repository
-        folder = write_triton_repository(out_dir, triton_repo or os.path.join(out_dir, "triton"),
-                                         max_batch_size=triton_max_batch, overwrite=True)
-        click.echo(f"  triton: {folder} (config.pbtxt, 1/model.onnx with the uint8 front); "
-                   f"serve with: tritonserver --model-repository {os.path.dirname(folder)}")
+        _write_triton(out_dir, triton_repo or os.path.join(out_dir, "triton"), triton_max_batch,
+                      probes, True)
+
+
+def _probe_specs(specs) -> dict:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{spec!r}: write NAME=PROBE_DIR", param_hint="--triton-probe")
+        out[name] = path
+    return out
+
+
+def _write_triton(model_dir: str, repo: str, max_batch: int, probes: dict, overwrite: bool) -> None:
+    from .triton import write_triton_repository
+    try:
+        folder = write_triton_repository(model_dir, repo, max_batch_size=max_batch, probes=probes,
+                                         overwrite=overwrite)
+    except (OSError, ValueError) as e:  # a probe of another backbone, an existing repository
+        raise click.UsageError(str(e)) from e
+    name = os.path.basename(folder)
+    click.echo(f"  triton: {folder} (uint8 crops in{', fused probes ' + ', '.join(probes) if probes else ''}), "
+               f"{name}_decode (Python backend) and {name}_images (ensemble: encoded images in); "
+               f"serve with: tritonserver --model-repository {repo}")
 
 
 def summary_lines(out_dir: str, report: dict) -> str:

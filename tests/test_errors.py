@@ -27,8 +27,8 @@ NOT_USER_ERRORS = {
     "common.errors.UserError": "the base class itself",
     "runtime.service.batcher.QueueFull": "the service is overloaded (HTTP 503), not bad input",
     "runtime.service.batcher.Closed": "the service is stopping; the request may be retried",
-    "runtime.service.app.HTTPError": "a transport's response carrier, raised to answer a request",
     "export.caffe2_exec.Caffe2ExecError": "a net we exported does not run: a bug, not the input",
+    "runtime.service.app._Disconnected": "the client went away mid-request: nothing to answer",
 }
 _BUILTIN_EXCEPTIONS = {n for n, v in vars(builtins).items()  # warnings are not errors
                        if isinstance(v, type) and issubclass(v, BaseException)

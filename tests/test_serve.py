@@ -1,5 +1,6 @@
 """The model service: the protocol (pure), the batcher, and the real server on a local port,
-driven by tritonclient and by raw HTTP; the Ray Serve deployment and the Triton repository."""
+driven by tritonclient and by raw HTTP; the Ray Serve deployment. The whole API on both
+transports is in test_serve_api.py, the Triton repository in test_triton.py."""
 import base64
 import contextlib
 import json
@@ -265,6 +266,8 @@ def running_server(model_dir, *args, timeout=90):
     import httpx
     port = _free_port()
     log = open(os.path.join(os.path.dirname(model_dir), f"serve-{port}.log"), "w+")
+    if "--grpc-port" not in args:
+        args = (*args, "--grpc-port", "0")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "serve", model_dir,
                              "--port", str(port), "--device", "cpu", *args],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -513,52 +516,6 @@ def test_full_queue_503_timeout_504_and_sigterm_drains(model_dir, images):
         r = _infer(port, doc)
         assert r.status_code == 504 and "--timeout-s 0.3" in r.json()["error"]
         _healthy(port)
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton model repository
-
-
-def test_triton_repository_parses_as_model_config_and_runs(model_dir, library, images, tmp_path):
-    import onnxruntime as ort
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    from export.triton import write_triton_repository
-    from runtime.decode import load_crop
-
-    folder = write_triton_repository(model_dir, str(tmp_path / "repo"), name="cnn",
-                                     max_batch_size=16, tensorrt=True)
-    assert sorted(os.listdir(folder)) == ["1", "config.pbtxt", "description.json"]
-    with open(os.path.join(folder, "config.pbtxt")) as f:
-        config = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
-    size = library.preprocessing_.input_size
-    assert config.name == "cnn" and config.backend == "onnxruntime"
-    assert config.max_batch_size == 16 and config.dynamic_batching.max_queue_delay_microseconds
-    (inp,) = config.input
-    assert inp.data_type == model_config_pb2.TYPE_UINT8 and list(inp.dims) == [size, size, 3]
-    assert inp.format == model_config_pb2.ModelInput.FORMAT_NHWC
-    (out,) = config.output
-    assert out.name == "embedding" and list(out.dims) == [library.feature_dim_]
-    accel = config.optimization.execution_accelerators.gpu_execution_accelerator
-    assert [a.name for a in accel] == ["tensorrt"]
-    # what Triton would run: uint8 crops in, the library's embeddings out
-    session = ort.InferenceSession(os.path.join(folder, "1", "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].name == inp.name
-    crops = np.stack([load_crop(x, library.preprocessing_) for x in images[:6]])
-    got = session.run(["embedding"], {inp.name: crops})[0]
-    np.testing.assert_allclose(got, library.embed(images[:6]).vectors, rtol=1e-5, atol=1e-6)
-    with pytest.raises(FileExistsError, match="overwrite"):
-        write_triton_repository(model_dir, str(tmp_path / "repo"), name="cnn")
-
-
-def test_export_refuses_triton_options_without_the_format(fmnist_small):
-    from click.testing import CliRunner
-
-    from export.commands import export
-    result = CliRunner().invoke(export, ["run", "--out", "m", "--triton-repo", "r"])
-    assert result.exit_code == 2 and "--format triton" in result.output
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class ItemResult:
     vector: np.ndarray
     error: str
     probs: dict[str, np.ndarray] = field(default_factory=dict)
+    batch_start: float = 0.0      # perf_counter when its batch started (queue time = it - t0)
+    batch_seconds: float = 0.0    # decode + model time of its batch
 
 
 def parse_probe_specs(specs: list[str]) -> dict[str, str]:

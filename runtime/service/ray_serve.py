@@ -22,7 +22,8 @@ from typing import Any
 def _replica_class():
     from ray import serve
 
-    from .app import Service, build_app
+    from .app import build_app
+    from .dataplane import DataPlane, ModelEndpoint
     from .model import ServedModel
 
     @serve.ingress()
@@ -33,13 +34,14 @@ def _replica_class():
                      timeout_s: float = 30.0, max_body_mb: float = 64.0, device: str = "auto"):
             model = ServedModel(model_dir, name=name, probes=probes, device=device,
                                 workers=workers, batch_size=max_batch)
-            self.service = Service(model, max_batch=max_batch, max_delay_ms=max_delay_ms,
-                                   max_queue=max_queue, timeout_s=timeout_s,
-                                   max_body_mb=max_body_mb)
-            self.service.load()  # the replica is ready only once the model is warm
+            self.plane = DataPlane([ModelEndpoint(model, max_batch=max_batch,
+                                                  max_delay_ms=max_delay_ms,
+                                                  max_queue=max_queue, timeout_s=timeout_s)])
+            self.max_body_mb = max_body_mb
+            self.plane.load()  # the replica is ready only once the model is warm
 
         def __serve_build_asgi_app__(self):
-            return build_app(self.service)
+            return build_app(self.plane, max_body_mb=self.max_body_mb, manage_plane=False)
 
     return UnirepModel
 
