@@ -73,7 +73,7 @@ def caffe2_run(model_dir, inputs, out, output_name, batch_size, timeout):
     from common.description import save_json_atomic
     from common.model_dir import ModelDir, ModelError
     from export.caffe2_runtime import find_caffe2_python, run_real_caffe2
-    from runtime.commands import save_npy_atomic, sidecar_paths
+    from runtime.cli.embed import save_npy_atomic, sidecar_paths
 
     md = ModelDir(model_dir)
     if not md.has_caffe2():
