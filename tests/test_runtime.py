@@ -548,7 +548,9 @@ def test_embed_cli_end_to_end(model_dir, fmnist_small, jpeg_folder, tmp_path):
 NO_TORCH = BLOCK_TORCH + textwrap.dedent("""
     import importlib, json, os, pkgutil
     import runtime
-    modules = sorted(m.name for m in pkgutil.iter_modules(runtime.__path__))
+    # every module of the runtime, sub-packages included, imports without torch
+    modules = sorted(m.name[len("runtime."):] for m in
+                     pkgutil.walk_packages(runtime.__path__, prefix="runtime."))
     for m in modules:
         importlib.import_module("runtime." + m)
     from runtime import FeaturePipeline
@@ -579,7 +581,8 @@ def test_runtime_works_with_torch_blocked(model_dir, jpeg_folder, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"pipeline", "decode", "providers", "commands"} <= set(report["modules"])
+    assert {"pipeline", "decode", "providers", "cli", "cli.embed", "probes.linear",
+            "evaluation.run", "service.app"} <= set(report["modules"])
     n = len(list(Path(jpeg_folder).glob("*.jpg")))
     assert report["shape"] == [n + 2, 256] and report["errors"] == 1
     assert report["ok"] == [True] * (n + 1) + [False]
