@@ -64,7 +64,7 @@ def test_gpu_modules_import_without_a_gpu_and_stay_off_the_core_path():
         import runtime
         from runtime import FeaturePipeline
         assert not any(m.startswith("runtime.gpu") for m in sys.modules), "runtime.gpu loaded"
-        import runtime.gpu.adapter, runtime.gpu.decoder, runtime.gpu.fidelity
+        import runtime.gpu.decoder, runtime.gpu.fidelity
         import runtime.gpu.kernels, runtime.gpu.resample, runtime.gpu.tensorrt
         heavy = [m for m in ("cupy", "torch", "nvidia.nvimgcodec") if m in sys.modules]
         assert not heavy, heavy
@@ -141,8 +141,7 @@ def test_jpeg_header_components():
 @pytest.mark.skipif(GPU_OK, reason="this machine can decode on the GPU")
 def test_gpu_decode_without_a_gpu_warns_and_keeps_rows_aligned(model_dir, jpegs):
     from runtime import FeaturePipeline
-    from runtime.gpu.adapter import GpuDecodeFallbackWarning
-    from runtime.gpu.decoder import GpuDecoder, GpuUnavailable
+    from runtime.gpu.decoder import GpuDecodeFallbackWarning, GpuDecoder, GpuUnavailable
     with pytest.warns(GpuDecodeFallbackWarning, match="decoding on the CPU"):
         pipe = FeaturePipeline(model_dir, device="cpu", batch_size=4, decode="gpu")
     assert pipe.decode_backend_ == "cpu" and pipe.decode_fallback_reason_
