@@ -97,6 +97,7 @@ class HostDecoder:
     def __init__(self, pre):
         self.pre, self.made, self.calls = pre, [], 0
         self.threads: set[int] = set()
+        self.stats = {"gpu": 0, "cpu": 0, "failed": 0}  # as GpuDecoder counts them
 
     def new_batch(self, size):
         batch = np.zeros((size, self.pre.input_size, self.pre.input_size, 3), np.uint8)
@@ -114,6 +115,8 @@ class HostDecoder:
                 load_crop(item, self.pre, fast=False, out=out[k])
             except ImageDecodeError as e:
                 errors[k] = str(e)
+        self.stats["cpu"] += len(items) - len(errors)
+        self.stats["failed"] += len(errors)
         return errors
 
 
@@ -402,3 +405,41 @@ def test_pipeline_on_the_cpu_asked_for_gpu_decoding_says_why(conv_model, items):
         got, want = pipe.embed(items), plain.embed(items)
         assert got.errors == want.errors and got.ids == want.ids
         np.testing.assert_array_equal(got.vectors, want.vectors)
+
+
+# ---------------------------------------------------------------------------------------------
+# the device check's alignment stage, on a host decoder (it runs for real only on a GPU)
+
+def test_device_check_alignment_stage_on_the_gpu_schedule(conv_model, items, tmp_path):
+    """scripts/device_check.py's alignment stage over a pipeline whose schedule is GpuDecode
+    (host decoder, CPU-bound buffers): the code that will run in the GPU window, run here."""
+    import importlib.util
+    import os
+
+    from runtime import FeaturePipeline
+    from tests.conftest import ROOT
+    spec = importlib.util.spec_from_file_location(
+        "device_check", os.path.join(ROOT, "scripts", "device_check.py"))
+    dc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dc)
+
+    def pipes(c, decode="cpu", **kwargs):
+        pipe = FeaturePipeline(conv_model, device="cpu", batch_size=4, **kwargs)
+        if decode == "gpu":  # what open_schedule builds on a GPU machine
+            pipe.engine_._runner = _engine(conv_model)._runner
+            _, gpu, pool = _schedules(pipe.engine_)
+            pipe._pool.close()
+            pipe.config_, pipe.schedule_, pipe._pool = gpu.config, gpu, pool
+        return pipe
+    args = types.SimpleNamespace(work=str(tmp_path))
+    check = types.SimpleNamespace(args=args, state={"device": "cuda", "paths": [items[0]]})
+    dc._pipes = pipes
+    out = dc.st_alignment(check)
+    assert out["same_errors_as_cpu_schedule"], (out["errors"], out["cpu_errors"])
+    assert sorted(int(k) for k in out["errors"]) == [1, 2, 3, 6]
+    assert out["error_rows_nan"] and out["neighbours_max_abs_diff"] < 1e-5
+    assert out["good_rows_cosine_to_exact"] > 0.9999
+    assert set(out["awkward_jpegs_cosine"]) == {"grey", "progressive", "cmyk", "exif_rotated"}
+    assert min(out["awkward_jpegs_cosine"].values()) > 0.9999 and not out["awkward_errors"]
+    # the corrupt bytes and file reach the decoder; the missing file and the folder fail ahead
+    assert out["gpu_decode_stats"]["failed"] == 2
