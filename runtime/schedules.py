@@ -432,6 +432,11 @@ class GpuDecode(DecodeThreads):
     visiting the host. Items that cannot be read, and those the decoder fails on, keep their
     rows with the CPU schedules' wording; rows are finished by `finish_rows` like theirs.
 
+    Decoding and the model run one after the other under the runner's lock (the decoder is not
+    thread-safe, and the buffer must not change while the model reads it); `seconds` adds up
+    where the time goes (waiting for reads, decoding, the model), which is the arithmetic of
+    what limits this schedule on a given machine.
+
     `decoder`: `new_batch(size)` -> a uint8 (size, S, S, 3) array on the engine's device, and
     `decode(items, out)` -> {k: '<item>: <cause>'} writing item k's crop into out[k]
     (runtime.gpu.decoder.GpuDecoder; the tests give one that writes host arrays)."""
@@ -442,6 +447,8 @@ class GpuDecode(DecodeThreads):
                  pool: ThreadPool, decoder: Any):
         super().__init__(engine, config, fast_decode=fast_decode, pool=pool)
         self.decoder = decoder
+        self.seconds = {"reads_waited": 0.0, "decoding": 0.0, "model": 0.0, "batches": 0}
+        self._seconds_lock = threading.Lock()
 
     def new_task(self, ids: list[str], items: list) -> DecodeTask:
         return DecodeTask(ids, np.empty(len(items), object), items=items)
@@ -470,6 +477,7 @@ class GpuDecode(DecodeThreads):
         for part in task.parts:
             errors.update(part.result())
         waited = time.perf_counter() - start
+        self._count(reads_waited=waited, batches=1)
         vectors = np.full((len(task.ids), self.engine.feature_dim), np.nan, np.float32)
         rows = [k for k in range(len(task.ids)) if k not in errors]
         if rows:
@@ -488,9 +496,17 @@ class GpuDecode(DecodeThreads):
     def _decode_and_run(self, items: list) -> tuple[np.ndarray | None, dict[int, str]]:
         """Decode into the bound buffer and run the model on it, holding the runner."""
         with self.engine.bound(len(items), self.decoder.new_batch) as slot:
+            t0 = time.perf_counter()
             failed = self.decoder.decode(items, slot.buffer)
+            t1 = time.perf_counter()
             out = slot.run() if len(failed) < len(items) else None
+            self._count(decoding=t1 - t0, model=time.perf_counter() - t1)
         return (None if out is None else np.asarray(out, np.float32)), failed
+
+    def _count(self, **seconds: float) -> None:
+        with self._seconds_lock:
+            for key, value in seconds.items():
+                self.seconds[key] += value
 
     def warmup(self) -> None:
         """Bind and run every bucket's device buffer once (CUDA graphs are captured then)."""

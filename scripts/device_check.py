@@ -379,7 +379,12 @@ def st_end_to_end(c: Check) -> dict:
         out["of_model_only"] = {k: round(v["images_per_s"] / best, 3)
                                 for k, v in out["figures"].items()}
     if "gpu_decode" in pipes:
-        out["gpu_decode_stats"] = dict(pipes["gpu_decode"].schedule_.decoder.stats)
+        schedule = pipes["gpu_decode"].schedule_
+        out["gpu_decode_stats"] = dict(schedule.decoder.stats)
+        # where a GPU-decoded batch's time goes: the arithmetic of what limits end to end
+        batches = max(1, schedule.seconds["batches"])
+        out["gpu_decode_ms_per_batch"] = {k: round(1000 * schedule.seconds[k] / batches, 2)
+                                          for k in ("reads_waited", "decoding", "model")}
     for p in pipes.values():
         p.close()
     return out

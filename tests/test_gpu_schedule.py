@@ -185,6 +185,9 @@ def test_gpu_schedule_rows_equal_the_cpu_schedule_with_bad_items_aligned(conv_mo
     made = gpu.decoder.made
     assert sorted(made) == sorted(engine._runner.external) and len(set(made)) == len(made)
     assert set(made) <= {1, 2, 4}
+    seconds = gpu.seconds  # where the time went, for the device check's arithmetic
+    assert seconds["batches"] == gpu.decoder.calls and seconds["decoding"] > 0
+    assert seconds["model"] > 0 and seconds["reads_waited"] >= 0
 
 
 def test_gpu_schedule_single_item_inline_and_early_stop(conv_model, items):
