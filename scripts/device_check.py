@@ -12,7 +12,8 @@ next stage still runs; a stage the budget no longer reaches is recorded as skipp
               PyTorch eager fp16 channels_last, on the same arrays
   end_to_end  JPEG files -> embeddings: the GPU decode schedule (runtime.schedules.GpuDecode),
               decode processes, decode threads, and the PyTorch recipe (ImageFolder +
-              DataLoader with one worker per core); each against model-only
+              DataLoader with one worker per core); each against model-only, with the GPU
+              schedule's time per batch split into reads waited, decoding and the model
   alignment   bad items (corrupt bytes and file, a missing file, a PNG, a PIL image, a folder)
               and awkward JPEGs (grey, progressive, CMYK, EXIF-rotated) in a GPU-decoded batch:
               the same error rows and wording as the CPU schedule, neighbours unchanged
