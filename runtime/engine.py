@@ -6,17 +6,19 @@
 
 It opens the session with its fallbacks (runtime.providers: TensorRT > CUDA > CPU), puts the
 uint8 front on the graph when it can (runtime.prefix: the model normalises the crops itself),
-and on a GPU runs through IOBinding with fixed buffers per batch-size bucket (_DeviceRunner).
+and on a GPU runs through IOBinding with fixed buffers per batch-size bucket (_DeviceRunner),
+its own or a GPU decoder's (`bound`).
 Any number of threads may call `run` at once (a pipeline's workers, a service's batcher, a
 cluster worker): onnxruntime sessions are thread-safe, and the device runner, whose bound
 buffers are shared, serialises its calls.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,11 +36,38 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}
 
 
+class BoundInput:
+    """An input buffer of one batch-size bucket, bound as the session's input and held by one
+    caller (see _DeviceRunner.bound): write rows into `buffer`, then `run()`."""
+
+    def __init__(self, runner: _DeviceRunner, slot: tuple, rows: int):
+        self._runner, self._slot, self.rows = runner, slot, rows
+        self.buffer = slot[1]
+        self.size = len(self.buffer)
+
+    def run(self) -> np.ndarray:
+        """The model on the whole buffer; the first `rows` output rows, copied to the host."""
+        binding, _, _, run_options = self._slot
+        self._runner.session.run_with_iobinding(binding, run_options)
+        return np.array(binding.copy_outputs_to_cpu()[0][:self.rows], copy=True)
+
+
+def _buffer_pointer(buffer: Any) -> int:
+    """The address of a device array (__cuda_array_interface__: cupy, nvImageCodec) or, on the
+    CPU, of a NumPy array."""
+    face = getattr(buffer, "__cuda_array_interface__", None) or buffer.__array_interface__
+    return int(face["data"][0])
+
+
 class _DeviceRunner:
     """CUDA/TensorRT inference through IOBinding: fixed device buffers per batch-size bucket,
     host->device copy in place, optional CUDA graph per bucket (a graph needs fixed addresses
     and shapes, hence the buckets). The buffers are shared by every caller, so one call runs at
-    a time (the device runs one batch at a time anyway)."""
+    a time (the device runs one batch at a time anyway).
+
+    Besides its own buffers it binds external ones (`bound`: a GPU decoder's batch, written on
+    the device, never visiting the host), one per bucket, behind the same lock; every binding
+    gets its own CUDA-graph id here, so graphs of different buffers never share one."""
 
     def __init__(self, session, input_name, output_name, chw, dim, buckets, device_id,
                  cuda_graph, in_dtype, out_dtype, device_type: str = "cuda"):
@@ -47,23 +76,63 @@ class _DeviceRunner:
         self.device_id, self.cuda_graph = device_id, cuda_graph
         self.in_dtype, self.out_dtype = in_dtype, out_dtype
         self.device_type = device_type  # "cpu" lets the tests run this exact code without a GPU
-        self.slots: dict[int, tuple] = {}
+        self.slots: dict[int, tuple] = {}  # bucket -> (binding, input, output, run options)
+        self.external: dict[int, tuple] = {}  # the same, over buffers bound from outside
+        self.graph_ids: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+
+    def bucket(self, rows: int) -> int:
+        """The smallest bucket that holds `rows` rows."""
+        if rows > self.buckets[-1]:
+            raise ValueError(f"{rows} rows do not fit the largest bucket ({self.buckets[-1]})")
+        return next(b for b in self.buckets if b >= rows)
+
+    def _run_options(self, kind: str, size: int):
+        run_options = ort.RunOptions()
+        if self.cuda_graph:  # one graph per binding: its addresses are baked into the graph
+            graph_id = self.graph_ids.setdefault((kind, size), len(self.graph_ids))
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return run_options
+
+    def _output(self, binding, size: int):
+        y = ort.OrtValue.ortvalue_from_shape_and_type((size, self.dim), self.out_dtype,
+                                                       self.device_type, self.device_id)
+        binding.bind_ortvalue_output(self.output_name, y)
+        return y
 
     def _slot(self, size: int):
         if size not in self.slots:
             x = ort.OrtValue.ortvalue_from_shape_and_type((size,) + self.chw, self.in_dtype,
                                                            self.device_type, self.device_id)
-            y = ort.OrtValue.ortvalue_from_shape_and_type((size, self.dim), self.out_dtype,
-                                                           self.device_type, self.device_id)
             binding = self.session.io_binding()
             binding.bind_ortvalue_input(self.input_name, x)
-            binding.bind_ortvalue_output(self.output_name, y)
-            run_options = ort.RunOptions()
-            if self.cuda_graph:
-                run_options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(size)))
-            self.slots[size] = (binding, x, y, run_options)
+            y = self._output(binding, size)
+            self.slots[size] = (binding, x, y, self._run_options("own", size))
         return self.slots[size]
+
+    def _external_slot(self, size: int, allocate: Callable[[int], Any]):
+        if size not in self.external:
+            buffer = allocate(size)
+            shape, dtype = tuple(buffer.shape), np.dtype(buffer.dtype)
+            if shape != (size,) + self.chw or dtype != np.dtype(self.in_dtype):
+                raise ValueError(f"a bound buffer must be {(size,) + self.chw} "
+                                 f"{np.dtype(self.in_dtype)}, got {shape} {dtype}")
+            binding = self.session.io_binding()
+            binding.bind_input(self.input_name, self.device_type, self.device_id,
+                               self.in_dtype, list(shape), _buffer_pointer(buffer))
+            y = self._output(binding, size)
+            self.external[size] = (binding, buffer, y, self._run_options("bound", size))
+        return self.external[size]
+
+    @contextlib.contextmanager
+    def bound(self, rows: int, allocate: Callable[[int], Any]) -> Iterator[BoundInput]:
+        """Hold the runner with the external input buffer of the bucket for `rows` rows
+        (made once per bucket by `allocate(size)`, an array of (size,) + chw on this device):
+        the caller writes its rows and runs while no other caller can touch the buffer or the
+        session's bindings."""
+        size = self.bucket(rows)
+        with self._lock:
+            yield BoundInput(self, self._external_slot(size, allocate), rows)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         out = []
@@ -92,7 +161,8 @@ class Engine:
     Attributes: model_path, description, preprocessing, provider, fell_back, fallback_reason,
     optimized_model, threads, session, input_name, input_dtype, output, output_dtype,
     feature_dim, input_shape (3xSxS), batch_shape, batch_dtype, normalize_in_model,
-    on_gpu, cuda_graph (really enabled), buckets (GPU batch sizes, else None), input_size."""
+    on_gpu, cuda_graph (really enabled), buckets (GPU batch sizes, else None), input_size,
+    device_id."""
 
     model_path: str
     variant: str
@@ -119,7 +189,7 @@ class Engine:
     buckets: list[int] | None
     _front_args: dict[str, Any]
     _common_args: dict[str, Any]
-    _device_id: int
+    device_id: int
 
     def __init__(self) -> None:  # use Engine.open
         self._float_session: Any = None
@@ -237,7 +307,7 @@ class Engine:
             if not front:
                 self._float_runner = self._runner
             self.buckets = bucket_list
-        self._device_id = device_id
+        self.device_id = device_id
         return self
 
     def with_threads(self, threads: int) -> Engine:
@@ -296,6 +366,17 @@ class Engine:
                         self.feature_dim, r.buckets, r.device_id, r.cuda_graph,
                         self.input_dtype, self.output_dtype)
             return self._float_session
+
+    def bound(self, rows: int, allocate: Callable[[int], Any]
+              ) -> contextlib.AbstractContextManager[BoundInput]:
+        """Hold the device runner with its external input buffer for `rows` uint8 crops,
+        made once per bucket by `allocate(size)` (a GPU decoder's device array, written there
+        without a trip to the host): `with engine.bound(n, new) as b: fill b.buffer; b.run()`.
+        Needs the model on a GPU with the uint8 front (runtime.prefix)."""
+        if self._runner is None or not self.normalize_in_model:
+            raise RuntimeError("bound input buffers need the model on a GPU with the uint8 "
+                               f"front ({self.provider}, uint8 front: {self.normalize_in_model})")
+        return self._runner.bound(rows, allocate)
 
     def warmup(self, sizes: Sequence[int]) -> None:
         """Run each batch size once so the first real call is not the slow one."""

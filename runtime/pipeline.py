@@ -10,7 +10,7 @@ A thin facade over the parts that do the work:
   runtime.inputs     inputs -> (id, item) work, one row per input; EmbedResult
   runtime.resolve    threads, decode workers, buckets and schedule from the cores and arguments
   runtime.engine     the session with its fallbacks, the uint8 front, the device runner: run()
-  runtime.schedules  decode threads, decode processes, the interleaved CPU schedule
+  runtime.schedules  decode threads, decode processes, the interleaved CPU schedule, GPU decode
 
 On the CPU, a stream of several batches is split between a few workers, each of which decodes
 a whole batch and then runs the model on it with its share of the cores (2 cores: 2 workers
@@ -41,8 +41,8 @@ from .decode import normalize_batch
 from .engine import Engine, _DeviceRunner
 from .inputs import EmbedResult, is_folder, is_single_input, iter_folder, iter_inputs
 from .procdecode import DecodeProcesses
-from .resolve import PipelineConfig, bucket_sizes, default_threads, resolve_pipeline_config
-from .schedules import Batch, ProcessDecode, Schedule, ThreadPool, make_schedule
+from .resolve import PipelineConfig, bucket_sizes, check_decode, default_threads, resolve_pipeline_config
+from .schedules import Batch, ProcessDecode, Schedule, open_schedule
 
 __all__ = ["FeaturePipeline", "EmbedResult", "VARIANTS", "iter_inputs", "iter_folder",
            "is_single_input", "resolve_model", "load_description", "bucket_sizes",
@@ -92,9 +92,10 @@ class FeaturePipeline:
     6,488. Default: on a GPU with 4 or more decode workers, that many processes; else 0
     (threads). PIL images and arrays are always decoded by threads.
     decode: "cpu" (default) or "gpu": JPEGs decoded by nvImageCodec and resized by CUDA
-    kernels into the batch the model reads on the device (runtime.gpu); other items take the
-    CPU's exact transform; without a GPU, cupy or nvImageCodec a warning says why and the
-    CPU decodes (decode_backend_, decode_fallback_reason_).
+    kernels into the batch the model reads on the device (runtime.gpu; the schedule
+    runtime.schedules.GpuDecode); other items take the CPU's exact transform; without a GPU,
+    cupy or nvImageCodec a warning says why and the CPU decodes (decode_backend_,
+    decode_fallback_reason_: config_.decode and config_.decode_reason).
 
     After construction: provider_ (really in use), fell_back_, fallback_reason_, description_,
     preprocessing_, feature_dim_, input_shape_ (the float model input, 3xSxS, as embed_arrays
@@ -120,7 +121,7 @@ class FeaturePipeline:
                  decode_processes: int | None = None, decode: str = "cpu"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.decode = decode
+        self.decode = check_decode(decode)
         self.model_dir, self.device, self.threads, self.decode_threads = (
             model_dir, device, threads, decode_threads)
         self.batch_size, self.variant, self.fast_decode = batch_size, variant, fast_decode
@@ -140,19 +141,17 @@ class FeaturePipeline:
             cuda_graph=cuda_graph, device_id=device_id, cache_optimized=cache_optimized,
             cache_dir=cache_dir, output=output, normalize_in_model=normalize_in_model)
         # the plan for where the session really landed (a GPU may have fallen back to the CPU)
-        self.config_: PipelineConfig = (asked if self.engine_.on_gpu == wants_gpu else
-                                        resolve_pipeline_config(gpu=self.engine_.on_gpu, **plan))
-        self._pool = ThreadPool(self.config_.max_decode)
-        self.schedule_: Schedule = make_schedule(self.engine_, self.config_,
-                                                 fast_decode=fast_decode, pool=self._pool)
-        # decode="gpu": nvImageCodec + resize kernels feeding the session through IOBinding
-        # (runtime.gpu, imported only when asked for); falls back to the CPU with a warning
-        self.decode_backend_, self.decode_fallback_reason_, self._gpu = "cpu", "", None
-        if decode != "cpu":
-            from .gpu.adapter import attach, resolve_decode
-            resolve_decode(decode)
-            self._gpu = attach(self)
-            self.decode_backend_ = "gpu" if self._gpu is not None else "cpu"
+        # and what it can take (decode="gpu": the uint8 front, the GPU decoder's libraries)
+        engine = self.engine_
+
+        def plan_for(gpu_decode_ready: tuple[bool, str]) -> PipelineConfig:
+            return resolve_pipeline_config(gpu=engine.on_gpu, decode=decode,
+                                           uint8_front=engine.normalize_in_model,
+                                           gpu_decode_ready=gpu_decode_ready, **plan)
+        self.config_: PipelineConfig
+        self.schedule_: Schedule
+        self.config_, self._pool, self.schedule_ = open_schedule(
+            engine, plan_for, decode=decode, fast_decode=fast_decode)
 
     # -- what the engine and the plan really got -------------------------------------------------
     model_path_ = property(lambda self: self.engine_.model_path)
@@ -177,6 +176,8 @@ class FeaturePipeline:
     decode_threads_ = property(lambda self: self.config_.decode_threads)
     stream_workers_ = property(lambda self: self.config_.stream_workers)
     stream_threads_ = property(lambda self: self.config_.stream_threads)
+    decode_backend_ = property(lambda self: self.config_.decode)
+    decode_fallback_reason_ = property(lambda self: self.config_.decode_reason)
 
     @property
     def _overlapped(self) -> Any:
@@ -260,9 +261,6 @@ class FeaturePipeline:
         Decoding of the next `prefetch` batches overlaps the model call on the current one; at
         most prefetch + 1 batches are held (interleaved CPU streams: max(stream_workers_,
         prefetch + 1)), whatever the length of the input stream."""
-        if self._gpu is not None:
-            yield from self._gpu.iter_batches(inputs)
-            return
         inline = is_single_input(inputs) and not is_folder(inputs)
         stream = iter_inputs(inputs)
         chunks = iter(lambda: list(islice(stream, self.batch_size)), [])

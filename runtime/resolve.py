@@ -12,13 +12,20 @@ Schedules (runtime.schedules):
   threads      a decode thread pool beside the thread that runs the model (GPU, or asked for)
   processes    decode worker processes writing into a shared-memory ring (GPU with 4+ decode
                workers: threads would share one GIL)
+  gpu          decode="gpu": JPEGs decoded on the device into the buffer the model reads
+               (runtime.gpu), files read ahead by the thread pool; chosen only where the
+               session is on a GPU, the model takes uint8 crops and cupy, nvImageCodec and a
+               CUDA device are present (`gpu_decode_ready`); otherwise the CPU decodes and
+               `decode_reason` says why
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SCHEDULES = ("interleaved", "threads", "processes")
+SCHEDULES = ("interleaved", "threads", "processes", "gpu")
+DECODES = ("cpu", "gpu")
+NOT_CHECKED = (False, "its libraries were not checked (runtime.gpu.decoder.gpu_decode_available)")
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,9 @@ class PipelineConfig:
     decode_threads: decode workers per batch to start with; adaptive: whether that number may
     grow (up to max_decode) while the model waits for images; decode_processes: worker
     processes (0: threads); stream_workers / stream_threads: the interleaved CPU schedule
-    (0 when not interleaving); buckets: batch sizes the GPU path pads to."""
+    (0 when not interleaving); buckets: batch sizes the GPU path pads to; decode: where
+    images are decoded ("cpu" or "gpu"); decode_reason: why GPU decoding was asked for and
+    not chosen ("" otherwise)."""
 
     gpu: bool
     batch_size: int
@@ -41,6 +50,8 @@ class PipelineConfig:
     stream_threads: int
     buckets: tuple[int, ...]
     schedule: str
+    decode: str = "cpu"
+    decode_reason: str = ""
 
 
 def bucket_sizes(batch_size: int) -> list[int]:
@@ -82,26 +93,58 @@ def default_threads(cores: int, gpu: bool, threads: int | None, decode_threads: 
     return threads or cores, decode_threads or max(1, min(8, cores // 4))
 
 
+def check_decode(decode: str) -> str:
+    """A `decode` option ('cpu' or 'gpu'), checked."""
+    if decode not in DECODES:
+        raise ValueError(f"unknown decode mode {decode!r}; choose from {', '.join(DECODES)}")
+    return decode
+
+
+def resolve_decode(decode: str, *, gpu: bool, uint8_front: bool,
+                   gpu_decode_ready: tuple[bool, str] = NOT_CHECKED) -> tuple[str, str]:
+    """(where images are decoded, why not on the GPU when that was asked for). The GPU
+    decoder writes uint8 crops on the device into the buffer the session reads, so it needs
+    the session on a GPU, the model's uint8 front, and its libraries and a CUDA device
+    (`gpu_decode_ready`: runtime.gpu.decoder.gpu_decode_available())."""
+    if check_decode(decode) == "cpu":
+        return "cpu", ""
+    if not gpu:
+        return "cpu", "the model's session is not on a GPU (CUDA or TensorRT provider)"
+    if not uint8_front:
+        return "cpu", ("the model has no uint8 input front (runtime.prefix), which GPU "
+                       "decoding feeds")
+    ready, why = gpu_decode_ready
+    return ("gpu", "") if ready else ("cpu", why or "GPU decoding is not available")
+
+
 def resolve_pipeline_config(*, cores: int, gpu: bool, batch_size: int = 32, prefetch: int = 2,
                             threads: int | None = None, decode_threads: int | None = None,
                             decode_processes: int | None = None,
                             stream_workers: int | None = None,
-                            buckets: Sequence[int] | None = None) -> PipelineConfig:
+                            buckets: Sequence[int] | None = None, decode: str = "cpu",
+                            uint8_front: bool = True,
+                            gpu_decode_ready: tuple[bool, str] = NOT_CHECKED) -> PipelineConfig:
     """Resolve the plan for a session that runs on a GPU (`gpu`) or the CPU, on `cores` cores.
-    None means "choose for me"; given values are kept (and checked)."""
+    None means "choose for me"; given values are kept (and checked). decode="gpu" is a wish:
+    see resolve_decode for when it is granted; then the threads read files ahead of the GPU
+    decoder (no decode processes, no streams)."""
     if cores < 1:
         raise ValueError(f"cores must be at least 1, got {cores}")
     for name, value in (("threads", threads), ("decode_threads", decode_threads)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     bucket_list = resolve_buckets(batch_size, buckets)
-    intra, decode = default_threads(cores, gpu, threads, decode_threads)
+    decode_on, decode_reason = resolve_decode(decode, gpu=gpu, uint8_front=uint8_front,
+                                              gpu_decode_ready=gpu_decode_ready)
+    intra, workers_decode = default_threads(cores, gpu, threads, decode_threads)
     # Decode parallelism adapts only when not fixed by the caller: while the model thread
     # waits for decoded images the model's cores are idle, so decoding may borrow them.
     adaptive = decode_threads is None
-    max_decode = max(decode, cores) if adaptive else decode
+    max_decode = max(workers_decode, cores) if adaptive else workers_decode
+    if decode_on == "gpu":  # the device decodes; the pool only reads files ahead of it
+        decode_processes, stream_workers = 0, 0
     if decode_processes is None:
-        decode_processes = decode if gpu and decode >= 4 else 0
+        decode_processes = workers_decode if gpu and workers_decode >= 4 else 0
     decode_processes = max(0, decode_processes)
     if stream_workers is None:  # a decode pool asked for by size: the overlapped schedule
         stream_workers = 0 if decode_threads or decode_processes else min(4, intra)
@@ -109,9 +152,11 @@ def resolve_pipeline_config(*, cores: int, gpu: bool, batch_size: int = 32, pref
     stream_threads = max(1, intra // workers) if workers else 0
     if workers:
         max_decode = max(max_decode, workers)
-    schedule = "interleaved" if workers else "processes" if decode_processes else "threads"
+    schedule = ("gpu" if decode_on == "gpu" else "interleaved" if workers
+                else "processes" if decode_processes else "threads")
     return PipelineConfig(gpu=gpu, batch_size=batch_size, prefetch=max(0, prefetch),
-                          threads=intra, decode_threads=decode, adaptive=adaptive,
+                          threads=intra, decode_threads=workers_decode, adaptive=adaptive,
                           max_decode=max_decode, decode_processes=decode_processes,
                           stream_workers=workers, stream_threads=stream_threads,
-                          buckets=bucket_list, schedule=schedule)
+                          buckets=bucket_list, schedule=schedule, decode=decode_on,
+                          decode_reason=decode_reason)

@@ -11,9 +11,13 @@ Every schedule takes chunks of (id, item) work (one chunk per batch) and yields
                  GIL, not the cores, limits decoding
   Interleaved    CPU streams: a few workers each decode a batch and then run the model on it
                  with their share of the cores, so every core runs one thread at a time
+  GpuDecode      decode="gpu": the thread pool reads files ahead, then the GPU decoder writes
+                 each batch into the engine's bound device buffer, which the model reads
 
-A new schedule (a GPU decoder, a service's batcher) is one more subclass of Schedule; the
-plan that picks one is runtime.resolve. A decode task of every schedule is a DecodeTask.
+A new schedule (a service's batcher) is one more subclass of Schedule; the plan that picks one
+is runtime.resolve, and `open_schedule` opens it. A decode task of every schedule is a
+DecodeTask; every schedule finishes its rows with `finish_rows` (NaN rows for failures, rows
+the model made non-finite refused with NON_FINITE), so rows, errors and their wording agree.
 """
 from __future__ import annotations
 
@@ -31,7 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from common.images import ImageDecodeError
+
+from .decode import _name, _read_bytes
 from .engine import Engine
+from .inputs import RejectedInput
 from .procdecode import DecodeProcesses, decode_rows, travels
 from .resolve import PipelineConfig
 
@@ -51,14 +59,16 @@ class ProcessSlice:
 
 @dataclass
 class DecodeTask:
-    """One batch being decoded: its ids, the array its rows are decoded into, the parts that
-    decode it (thread futures giving {row: error}, or process slices) and, for a batch in the
-    decode processes' ring, the slot to give back."""
+    """One batch being decoded: its ids, the array its rows are decoded into (for GpuDecode:
+    the items read ahead, with `items` the inputs as given), the parts that decode it (thread
+    futures giving {row: error}, or process slices) and, for a batch in the decode processes'
+    ring, the slot to give back."""
 
     ids: list[str]
     batch: np.ndarray
     parts: list = field(default_factory=list)
     slot: tuple[DecodeProcesses, int] | None = None
+    items: list = field(default_factory=list)
 
     def cancel(self) -> None:
         for part in self.parts:
@@ -135,18 +145,13 @@ class Schedule:
 
     def embed_rows(self, batch: np.ndarray, errors: dict[int, str], ids: list[str],
                    infer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """Embeddings of a decoded batch: `infer` on the rows without errors, NaN on the rest.
-        Rows the model turned into NaN or inf become errors too (added to `errors`), so a
-        result's `ok` is honest."""
+        """Embeddings of a decoded batch: `infer` on the rows without errors, finished by
+        `finish_rows` (NaN rows for the errors, non-finite rows refused)."""
         vectors = np.full((len(batch), self.engine.feature_dim), np.nan, np.float32)
         if len(errors) < len(batch):
             ok = np.array([i not in errors for i in range(len(batch))], dtype=bool)
             vectors[ok] = infer(batch if not errors else batch[ok])
-            bad = np.flatnonzero(ok & ~np.isfinite(vectors).all(axis=1))
-            for i in bad:
-                errors[int(i)] = message(ids[i], NON_FINITE)
-            vectors[bad] = np.nan
-        return vectors
+        return finish_rows(vectors, errors, ids)
 
 
 class _Gate:
@@ -204,22 +209,30 @@ class DecodeThreads(Schedule):
     def submit(self, chunk: Chunk, inline: bool = False) -> DecodeTask:
         ids = [i for i, _ in chunk]
         items = [x for _, x in chunk]
-        task = DecodeTask(ids, self.new_batch(len(items)))
+        task = self.new_task(ids, items)
         if inline:
             done: Future = Future()
-            done.set_result(self.decode_into(items, task.batch, 0, ids))
+            done.set_result(self.prepare(items, task.batch, 0, ids))
             task.parts.append(done)
             return task
         parts = min(self.parallelism, len(items))
         bounds = [round(k * len(items) / parts) for k in range(parts + 1)]
         pool = self.pool.get()
-        task.parts += [pool.submit(self._gated_decode, items[a:b], task.batch, a, ids)
+        task.parts += [pool.submit(self._gated_prepare, items[a:b], task.batch, a, ids)
                        for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return task
 
-    def _gated_decode(self, items, batch, start, ids):
+    def new_task(self, ids: list[str], items: list) -> DecodeTask:
+        return DecodeTask(ids, self.new_batch(len(items)))
+
+    def prepare(self, items: list, batch: np.ndarray, start: int, ids: list[str]
+                ) -> dict[int, str]:
+        """What the pool does for a slice of a batch ahead of the model: decode it here."""
+        return self.decode_into(items, batch, start, ids)
+
+    def _gated_prepare(self, items, batch, start, ids):
         with self._gate:
-            return self.decode_into(items, batch, start, ids)
+            return self.prepare(items, batch, start, ids)
 
     def collect(self, part: Any, task: DecodeTask) -> dict[int, str]:
         """{row: error} of one decode part."""
@@ -411,15 +424,158 @@ class Interleaved(Schedule):
         self.single.close(wait)
 
 
+class GpuDecode(DecodeThreads):
+    """decode="gpu": the thread pool reads the files of the next `prefetch` batches ahead
+    (where DecodeThreads would decode them); then, in the calling thread, the decoder writes the
+    batch's crops into the engine's bound device buffer of its bucket (Engine.bound: the
+    runner's lock, buffers and CUDA-graph ids) and the model runs on it, the pixels never
+    visiting the host. Items that cannot be read, and those the decoder fails on, keep their
+    rows with the CPU schedules' wording; rows are finished by `finish_rows` like theirs.
+
+    Decoding and the model run one after the other under the runner's lock (the decoder is not
+    thread-safe, and the buffer must not change while the model reads it); `seconds` adds up
+    where the time goes (waiting for reads, decoding, the model), which is the arithmetic of
+    what limits this schedule on a given machine.
+
+    `decoder`: `new_batch(size)` -> a uint8 (size, S, S, 3) array on the engine's device, and
+    `decode(items, out)` -> {k: '<item>: <cause>'} writing item k's crop into out[k]
+    (runtime.gpu.decoder.GpuDecoder; the tests give one that writes host arrays)."""
+
+    name = "gpu"
+
+    def __init__(self, engine: Engine, config: PipelineConfig, *, fast_decode: bool,
+                 pool: ThreadPool, decoder: Any):
+        super().__init__(engine, config, fast_decode=fast_decode, pool=pool)
+        self.decoder = decoder
+        self.seconds = {"reads_waited": 0.0, "decoding": 0.0, "model": 0.0, "batches": 0}
+        self._seconds_lock = threading.Lock()
+
+    def new_task(self, ids: list[str], items: list) -> DecodeTask:
+        return DecodeTask(ids, np.empty(len(items), object), items=items)
+
+    def prepare(self, items: list, held: np.ndarray, start: int, ids: list[str]
+                ) -> dict[int, str]:
+        """Read a slice's files into held[start:]: the bytes of paths, other items as they
+        are; {row: error} for what cannot be read (worded as the CPU decode words it)."""
+        errors: dict[int, str] = {}
+        for k, item in enumerate(items):
+            row = start + k
+            if isinstance(item, RejectedInput):
+                errors[row] = message(ids[row], item.reason)
+                continue
+            try:
+                data = _read_bytes(item)
+            except ImageDecodeError as e:
+                errors[row] = message(ids[row], e)
+                continue
+            held[row] = item if data is None else data
+        return errors
+
+    def complete(self, task: DecodeTask) -> Batch:
+        start = time.perf_counter()
+        errors: dict[int, str] = {}
+        for part in task.parts:
+            errors.update(part.result())
+        waited = time.perf_counter() - start
+        self._count(reads_waited=waited, batches=1)
+        vectors = np.full((len(task.ids), self.engine.feature_dim), np.nan, np.float32)
+        rows = [k for k in range(len(task.ids)) if k not in errors]
+        if rows:
+            out, failed = self._decode_and_run([task.batch[k] for k in rows])
+            for j, text in failed.items():
+                k = rows[j]
+                errors[k] = message(task.ids[k], named(text, task.batch[k], task.items[k]))
+            good = [j for j in range(len(rows)) if j not in failed]
+            if good and out is not None:
+                vectors[[rows[j] for j in good]] = out[good]
+        vectors = finish_rows(vectors, errors, task.ids)
+        if self.config.adaptive:
+            self._adapt(waited, time.perf_counter() - start)
+        return task.ids, vectors, dict(sorted(errors.items()))
+
+    def _decode_and_run(self, items: list) -> tuple[np.ndarray | None, dict[int, str]]:
+        """Decode into the bound buffer and run the model on it, holding the runner."""
+        with self.engine.bound(len(items), self.decoder.new_batch) as slot:
+            t0 = time.perf_counter()
+            failed = self.decoder.decode(items, slot.buffer)
+            t1 = time.perf_counter()
+            out = slot.run() if len(failed) < len(items) else None
+            self._count(decoding=t1 - t0, model=time.perf_counter() - t1)
+        return (None if out is None else np.asarray(out, np.float32)), failed
+
+    def _count(self, **seconds: float) -> None:
+        with self._seconds_lock:
+            for key, value in seconds.items():
+                self.seconds[key] += value
+
+    def warmup(self) -> None:
+        """Bind and run every bucket's device buffer once (CUDA graphs are captured then)."""
+        for size in self.config.buckets:
+            with self.engine.bound(size, self.decoder.new_batch) as slot:
+                slot.run()
+
+
+def open_schedule(engine: Engine, plan: Callable[[tuple[bool, str]], PipelineConfig], *,
+                  decode: str, fast_decode: bool
+                  ) -> tuple[PipelineConfig, ThreadPool, Schedule]:
+    """The plan, the thread pool and the schedule for `engine`. `plan(gpu_decode_ready)` is
+    runtime.resolve.resolve_pipeline_config with this pipeline's arguments. decode="gpu": the
+    GPU decoder is opened where the plan grants it (runtime.gpu, imported only then); when it is
+    refused or will not start, a GpuDecodeFallbackWarning says why and the CPU decodes."""
+    ready, decoder = (False, ""), None
+    if decode == "gpu":
+        from .gpu.decoder import gpu_decode_available
+        ready = gpu_decode_available()
+    config = plan(ready)
+    if config.schedule == "gpu":
+        from .gpu.decoder import open_decoder
+        decoder, why = open_decoder(engine.preprocessing, device_id=engine.device_id)
+        if decoder is None:
+            config = plan((False, why))
+    if config.decode_reason:
+        from .gpu.decoder import GpuDecodeFallbackWarning
+        warnings.warn(f"GPU decoding asked for but not available: {config.decode_reason}; "
+                      "decoding on the CPU", GpuDecodeFallbackWarning, stacklevel=3)
+    pool = ThreadPool(config.max_decode)
+    return config, pool, make_schedule(engine, config, fast_decode=fast_decode, pool=pool,
+                                       decoder=decoder)
+
+
 def make_schedule(engine: Engine, config: PipelineConfig, *, fast_decode: bool,
-                  pool: ThreadPool) -> Schedule:
-    """The schedule `config.schedule` names, over `engine`."""
+                  pool: ThreadPool, decoder: Any = None) -> Schedule:
+    """The schedule `config.schedule` names, over `engine` (GpuDecode needs `decoder`)."""
+    if config.schedule == "gpu":
+        if decoder is None:
+            raise ValueError("the gpu schedule needs a decoder (runtime.gpu.decoder)")
+        return GpuDecode(engine, config, fast_decode=fast_decode, pool=pool, decoder=decoder)
     cls = ProcessDecode if config.decode_processes else DecodeThreads
     overlapped = cls(engine, config, fast_decode=fast_decode, pool=pool)
     if config.schedule == "interleaved":
         return Interleaved(engine, config, fast_decode=fast_decode, pool=pool,
                            single=overlapped)
     return overlapped
+
+
+def finish_rows(vectors: np.ndarray, errors: dict[int, str], ids: list[str]) -> np.ndarray:
+    """The last step of every schedule: rows with errors are NaN, and rows the model turned
+    into NaN or inf become errors too (added to `errors`, worded NON_FINITE), so a result's
+    `ok` is honest."""
+    ok = np.array([i not in errors for i in range(len(vectors))], dtype=bool)
+    vectors[~ok] = np.nan
+    bad = np.flatnonzero(ok & ~np.isfinite(vectors).all(axis=1))
+    for i in bad:
+        errors[int(i)] = message(ids[i], NON_FINITE)
+    vectors[bad] = np.nan
+    return vectors
+
+
+def named(text: str, data: Any, item: Any) -> str:
+    """A decoder's message about bytes read ahead of a path, naming the path instead (the
+    CPU decode reads the path itself and names it): '<N bytes>: cause' -> 'a.jpg: cause'."""
+    if data is item or not isinstance(data, bytes):
+        return text
+    prefix = _name(data)
+    return _name(item) + text[len(prefix):] if text.startswith(prefix) else text
 
 
 def row_errors(rows: list[int], failed: dict[int, str], ids: list[str]) -> dict[int, str]:

@@ -64,7 +64,7 @@ def test_gpu_modules_import_without_a_gpu_and_stay_off_the_core_path():
         import runtime
         from runtime import FeaturePipeline
         assert not any(m.startswith("runtime.gpu") for m in sys.modules), "runtime.gpu loaded"
-        import runtime.gpu.adapter, runtime.gpu.decoder, runtime.gpu.fidelity
+        import runtime.gpu.decoder, runtime.gpu.fidelity
         import runtime.gpu.kernels, runtime.gpu.resample, runtime.gpu.tensorrt
         heavy = [m for m in ("cupy", "torch", "nvidia.nvimgcodec") if m in sys.modules]
         assert not heavy, heavy
@@ -141,8 +141,7 @@ def test_jpeg_header_components():
 @pytest.mark.skipif(GPU_OK, reason="this machine can decode on the GPU")
 def test_gpu_decode_without_a_gpu_warns_and_keeps_rows_aligned(model_dir, jpegs):
     from runtime import FeaturePipeline
-    from runtime.gpu.adapter import GpuDecodeFallbackWarning
-    from runtime.gpu.decoder import GpuDecoder, GpuUnavailable
+    from runtime.gpu.decoder import GpuDecodeFallbackWarning, GpuDecoder, GpuUnavailable
     with pytest.warns(GpuDecodeFallbackWarning, match="decoding on the CPU"):
         pipe = FeaturePipeline(model_dir, device="cpu", batch_size=4, decode="gpu")
     assert pipe.decode_backend_ == "cpu" and pipe.decode_fallback_reason_
@@ -297,26 +296,80 @@ def test_gpu_decode_fidelity_and_alignment(model_dir, jpegs):
 # ---------------------------------------------------------------------------------------------
 # the device check script
 
+def _checkout_files():
+    """{path: (size, mtime)} of every file in the checkout but Git's and Python's own caches."""
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+    found = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                st = os.stat(path)
+                found[os.path.relpath(path, ROOT)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _device_check(args, env):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("DEVICE_CHECK_OUT", "DEVICE_CHECK_WORK", "OUT")}
+    return subprocess.run(["bash", "scripts/device_check.sh", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(base, PYTHON=sys.executable, **env))
+
+
 @pytest.mark.slow
-def test_device_check_dry_run_skips_gpu_stages_and_runs_the_rest(tmp_path):
+def test_device_check_dry_run_skips_gpu_stages_and_writes_nowhere_in_the_checkout(tmp_path):
+    """The CPU dry run of scripts/device_check.sh: the GPU stages skipped with their reason,
+    the rest run; results and work files in a temporary folder, none in the checkout (its
+    docs/gpu/ keeps the committed figures). Then a rerun of one stage into $DEVICE_CHECK_OUT,
+    reusing the export."""
     import json
     if GPU_OK:
         pytest.skip("a GPU is present: the dry run is for CPU machines")
-    out = tmp_path / "docs"
-    env = dict(os.environ, OUT=str(tmp_path / "copied"))
-    done = subprocess.run(
-        [sys.executable, "scripts/device_check.py", "--arch", "small_cnn", "--images", "16",
-         "--batch-size", "8", "--repeats", "1", "--no-int8", "--target-per-class", "6",
-         "--target-size", "48", "--work", str(tmp_path / "work"), "--out-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    before = _checkout_files()
+    done = _device_check(["--arch", "small_cnn", "--images", "16", "--batch-size", "8",
+                          "--repeats", "1", "--no-int8", "--target-per-class", "6",
+                          "--target-size", "48"], {"TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((out / "device-check-small_cnn.json").read_text())
+    results = done.stdout.strip().splitlines()[-1].removeprefix("results: ")
+    assert results.startswith(str(tmp_path)) and results.endswith("device-check-small_cnn.json")
+    assert _checkout_files() == before
+    report = json.loads(open(results).read())
     stages = report["stages"]
     assert [k for k, v in stages.items() if v["status"] == "ok"] == [
         "env", "model", "model_only", "end_to_end", "fidelity"]
     for name in ("kernels", "alignment", "tensorrt"):
         assert stages[name]["status"] == "skipped" and stages[name]["reason"]
+    assert stages["env"]["gpu_decode"] is False and stages["env"]["gpu_decode_reason"]
     assert stages["fidelity"]["gpu_decode"]["reason"] == "no CUDA device"
     assert stages["fidelity"]["fast_cpu_decode"]["cosine_mean"] > 0.999
     assert stages["end_to_end"]["figures"]["decode_threads"]["images"] == 16
-    assert (tmp_path / "copied" / "device-check-small_cnn.log").exists()
+    # on the CPU, decode_processes=0 leaves the CPU's default: interleaved streams
+    assert stages["end_to_end"]["schedules"] == {"decode_processes": "processes",
+                                                 "decode_threads": "interleaved"}
+    assert os.path.exists(results[:-len(".json")] + ".log")
+    out = tmp_path / "chosen"
+    again = _device_check(["--arch", "small_cnn", "--images", "16", "--batch-size", "8",
+                           "--stages", "env"], {"TMPDIR": str(tmp_path),
+                                                "DEVICE_CHECK_OUT": str(out)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads((out / "device-check-small_cnn.json").read_text())["stages"]
+    assert stages["model"]["status"] == "ok" and stages["model"]["seconds"] < 60  # reused
+    assert stages["fidelity"] == {"status": "skipped", "reason": "not in --stages"}
+    wrong = _device_check(["--stages", "env,warp"], {"TMPDIR": str(tmp_path)})
+    assert wrong.returncode == 2 and "unknown stages warp" in wrong.stderr
+    assert _checkout_files() == before
+
+
+def test_device_scripts_parse_and_name_no_checkout_folder_for_results():
+    """The device-machine scripts are valid bash, and none writes results into docs/gpu/."""
+    scripts = [os.path.join(ROOT, "scripts", "device_check.sh")] + [
+        os.path.join(ROOT, "scripts", "gpu_carry", n) for n in ("go.sh", "pack.sh", "unpack.sh")]
+    for path in scripts:
+        done = subprocess.run(["bash", "-n", path], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (path, done.stderr)
+        text = open(path).read()
+        assert "docs/gpu/device-check" not in text and "cp docs/gpu" not in text, path
+    go = open(scripts[1]).read()
+    assert "DEVICE_CHECK_OUT=$OUT" in go

@@ -38,6 +38,10 @@ class GpuUnavailable(UserError, RuntimeError):
     """GPU decoding cannot run here; the message says why and what to install."""
 
 
+class GpuDecodeFallbackWarning(RuntimeWarning):
+    """GPU decoding was asked for but the CPU decodes (the message says why)."""
+
+
 def jpeg_components(data: bytes) -> int | None:
     """Colour components of a JPEG from its frame header (1 grey, 3 YCbCr, 4 CMYK/YCCK), or
     None when no frame header is found before the scan."""
@@ -70,11 +74,25 @@ def gpu_decode_available() -> tuple[bool, str]:
     return True, ""
 
 
+def open_decoder(pre: Preprocessing, *, device_id: int = 0) -> tuple[GpuDecoder | None, str]:
+    """(a started GpuDecoder, "") or (None, why it cannot start): a library may import and
+    still fail to start (driver, API)."""
+    try:
+        return GpuDecoder(pre, device_id=device_id), ""
+    except GpuUnavailable as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"GPU decoder failed to start ({type(e).__name__}: {e})"
+
+
 class GpuDecoder:
     """Decode items into a device batch: `decode(items, out)` -> {k: error}.
 
     `out` is a cupy uint8 array [>= len(items), S, S, 3]; row k receives item k's crop (failed
     rows are left as they were). pre: the model's preprocessing (resize, crop, interpolation).
+    `new_batch(n)` makes such an array; runtime.schedules.GpuDecode has the engine bind it as
+    the session's input (Engine.bound), so the crops never visit the host. Not thread-safe:
+    one stream, one nvImageCodec decoder; the schedule calls it from one thread.
     """
 
     def __init__(self, pre: Preprocessing, *, device_id: int = 0):

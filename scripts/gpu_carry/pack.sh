@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Prepares what a lent GPU machine (no package registry; 64 MiB per call; Python 3.12) needs to
-# run scripts/device_check.sh (scripts/gpu_carry/pack.sh): onnxruntime-gpu, nvImageCodec + nvJPEG, simplejpeg and
+# run scripts/device_check.sh: onnxruntime-gpu, nvImageCodec + nvJPEG, simplejpeg and
 # onnxconverter-common, packed into folders .c1 .. .c4 of at most ~62 MiB each (ignored by git).
+# The image already has torch, cupy-cuda13x and the CUDA libraries; not TensorRT, whose
+# libraries (over a gigabyte) no lease can carry, so the check records that stage's skip.
 #
 # onnxruntime-gpu's wheel is 255 MB; without libonnxruntime.so (the Python module does not load
 # it) and its transformers tools, xz -9e brings it to about 193 MB: three calls of one part each.
-# Then, back to back (the machine keeps /tmp only while warm, 30 s after a call):
+# Then, back to back (the machine keeps /tmp only while warm, 30 s after a call), within the
+# task's 15 minutes of device time (the start, about 1-2 minutes, counts):
 #   run(carry=[".c1"], "mkdir -p /tmp/parts && mv .c1/ort.part0 /tmp/parts/")
 #   run(carry=[".c2"], "mv .c2/ort.part1 /tmp/parts/")
 #   run(carry=[".c3"], "bash .c3/unpack.sh")
-#   run(carry=[".c4"], "bash .c4/go.sh", timeout_s=560)      # the device check itself
+#   run(carry=[".c4"], "bash .c4/go.sh", timeout_s=480)   # the check: stopped at 7 minutes
+# That leaves about 4 minutes for one rerun of some stages on the warm machine, e.g.
+#   run(carry=[".c4"], "bash .c4/go.sh --stages alignment,fidelity", timeout_s=240)
+# then give_back. Results come back in $OUT (device-check-ARCH.json, .log, console log);
+# copy them into docs/gpu/ by hand, with the README's figures, once read.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
