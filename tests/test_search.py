@@ -19,6 +19,7 @@ from runtime.search import (
     load_saved_embeddings,
     near_duplicates,
     recall_at_k,
+    save_index,
 )
 from tests.conftest import ROOT
 
@@ -62,7 +63,7 @@ def test_index_folder_round_trip_and_refusals(tmp_path):
     data = _fashion_mnist("test")[:500]
     ids = [f"x/{i}.png" for i in range(len(data))]
     index = build_index(data, ids, kind="hnsw")
-    index.save(str(tmp_path / "idx"), model={"fingerprint": "abc"})
+    save_index(index, str(tmp_path / "idx"), model={"fingerprint": "abc"})
     loaded = load_index(str(tmp_path / "idx"))
     assert loaded.ids == ids and loaded.info["kind"] == "hnsw"
     assert loaded.info["params"]["efSearch"] == index.info["params"]["efSearch"]

@@ -82,6 +82,7 @@ def build(source, out, kind, exact_up_to, target_recall, nlist, breadth, model_d
         build_index,
         default_index_dir,
         load_saved_embeddings,
+        save_index,
     )
     from runtime.search.store import source_signature
 
@@ -94,7 +95,7 @@ def build(source, out, kind, exact_up_to, target_recall, nlist, breadth, model_d
                         target_recall=target_recall or TARGET_RECALL, nlist=nlist,
                         breadth=breadth)
     out = out or default_index_dir(source)
-    built.save(out, model=model, source=os.path.abspath(source),
+    save_index(built, out, model=model, source=os.path.abspath(source),
                source_signature=source_signature(source), dropped=saved.dropped)
     info = built.info
     params = ", ".join(f"{k} {v}" for k, v in info["params"].items())

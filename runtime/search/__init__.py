@@ -4,7 +4,7 @@ and near-duplicates. Imported only when used; faiss only when an index is built 
 
     saved = load_saved_embeddings("feats/")            # an embed output: a Parquet folder or .npy
     index = build_index(saved.vectors, saved.ids)      # exact, or IVF above EXACT_UP_TO vectors
-    index.save("feats/_index", model=saved.model)
+    save_index(index, "feats/_index", model=saved.model)
     index = load_index("feats/")                       # the folder or its index folder
     index.neighbours(pipe.embed(["query.jpg"]).vectors, k=10)   # [[(id, cosine), ...]]
 

@@ -3,7 +3,7 @@ for small sets, approximate (IVF or HNSW) above a size, with its recall measured
 
     index = build_index(vectors, ids)                  # kind "auto": exact up to EXACT_UP_TO
     index.neighbours(query_vectors, k=10)              # [[(id, cosine), ...], ...] nearest first
-    index.save("feats/_index"); index = load_index("feats/_index")
+    save_index(index, "feats/_index"); index = load_index("feats/_index")   # store.py
 
 Vectors are L2-normalised before they go in (and queries before they search), so the inner
 product faiss ranks by is the cosine similarity. An approximate index is tuned when it is built:
@@ -94,10 +94,6 @@ class SearchIndex:
             self.index.nprobe = int(value)
         elif kind == "hnsw":
             self.index.hnsw.efSearch = int(value)
-
-    def save(self, folder: str, **extra: Any) -> None:
-        from .store import save_index
-        save_index(self, folder, **extra)
 
 
 def _exact(x: np.ndarray):
