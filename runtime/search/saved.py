@@ -65,10 +65,23 @@ def _from_npy(path: str) -> SavedEmbeddings:
                                    if isinstance(model, dict) else {}, path))
 
 
+def _bulk_manifest(path: str) -> dict:
+    """The bulk folder's manifest, wherever this version of runtime.bulk keeps its reader
+    (runtime/bulk/manifest.py, or output.py before it)."""
+    import importlib
+    for module in ("runtime.bulk.manifest", "runtime.bulk.output"):
+        try:
+            load = importlib.import_module(module).load_manifest
+        except (ImportError, AttributeError):
+            continue
+        return load(path) or {}
+    return {}
+
+
 def _from_parquet_folder(path: str) -> SavedEmbeddings:
-    from runtime.bulk.output import load_manifest, read_output
+    from runtime.bulk.output import read_output
     try:
-        manifest = load_manifest(path) or {}
+        manifest = _bulk_manifest(path)
         ids, vectors, errors, _ = read_output(path)
     except ImportError as e:
         raise SavedEmbeddingsError(f"{path}: reading Parquet needs pyarrow: "
