@@ -78,6 +78,27 @@ def test_index_folder_round_trip_and_refusals(tmp_path):
         load_index(str(tmp_path))
 
 
+def test_saved_npy_output_and_a_stale_index(tmp_path):
+    """An embed-style FEATURES.npy (NaN rows for failures) read back and indexed; rewriting
+    the embeddings afterwards marks the index stale."""
+    from runtime.search import is_stale
+    from runtime.search.store import source_signature
+    data = _fashion_mnist("test")[:50].copy()
+    data[7] = np.nan  # a failed image
+    npy = str(tmp_path / "f.npy")
+    np.save(npy, data)
+    (tmp_path / "f.ids.json").write_text(json.dumps([f"p{i}.png" for i in range(50)]))
+    saved = load_saved_embeddings(npy)
+    assert len(saved.ids) == 49 and saved.dropped == 1 and "p7.png" not in saved.ids
+    index = build_index(saved.vectors, saved.ids)
+    save_index(index, str(tmp_path / "f.index"), source=npy, source_signature=source_signature(npy))
+    loaded = load_index(npy)  # the output itself finds its default index folder
+    assert not is_stale(loaded)
+    np.save(npy, data[::-1])
+    os.utime(npy, ns=(os.stat(npy).st_atime_ns, os.stat(npy).st_mtime_ns + 10**9))
+    assert is_stale(load_index(npy))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_recall_at_10_on_60000_images(kind):
