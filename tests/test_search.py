@@ -239,3 +239,14 @@ def test_service_search_endpoint_answers_like_the_cli(embedded):
         bad = httpx.post(f"http://127.0.0.1:{port}/v2/models/m/search", json={"k": 5},
                          timeout=30)
         assert bad.status_code == 400 and "image" in bad.json()["error"]
+
+
+def test_search_on_a_model_without_an_index_is_a_bad_request():
+    import asyncio
+
+    from runtime.service.dataplane import DataPlane, ModelEndpoint
+    from runtime.service.errors import BadRequest
+    from runtime.service.model import ServedModel
+    plane = DataPlane([ModelEndpoint(ServedModel("models/never-loaded", name="m"))])
+    with pytest.raises(BadRequest, match="no similarity index.*--index m="):
+        asyncio.run(plane.search("m", None, [b"x"], 5))
