@@ -25,7 +25,8 @@ pickle.
 
 Modules: `numerics` and `objectives` (loss kernels, the threaded objective), `base` (the
 estimator base class and the registry), `linear` and `similarity` (the kinds), `files` (the
-file format), `identity` (the backbone's fingerprint), `compat` (fit to a backbone), `fuse`
+file format), `compat` (fit to a backbone), `saving` (save_probe with the backbone and
+class names), `fuse`
 (into the ONNX model), `labels` (true labels from a CSV or folders), `diagnostics` (accuracy,
 per-class report, confusion matrix), `errors`.
 Only numpy is needed to load and apply a probe; scipy is imported when fitting, onnx when fusing.
@@ -35,7 +36,7 @@ from __future__ import annotations
 from .base import PROBES, Probe, make_probe, register_probe
 from .compat import description_fingerprint, load_probe_for, model_mismatch
 from .errors import FuseError, ProbeError, ProbeFileError, ProbeMismatchError, ProbeParameterError
-from .files import PROBE_FORMAT, PROBE_FORMAT_VERSION, load_probe, read_probe_json, save_probe
+from .files import PROBE_FORMAT, PROBE_FORMAT_VERSION, load_probe, read_probe_json
 from .fuse import fuse_probe, read_fused_classes
 from .linear import (
     DEFAULT_CS,
@@ -44,6 +45,7 @@ from .linear import (
     LinearSVMProbe,
     LogisticRegressionProbe,
 )
+from .saving import save_probe
 from .similarity import KNNProbe, NearestClassMeanProbe
 
 __all__ = [

@@ -2,15 +2,34 @@
 model it was fitted on; `load_probe_for` loads a probe folder and checks both."""
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import os
+from typing import TYPE_CHECKING, Any
 
 from .base import Probe
 from .errors import ProbeMismatchError
 from .files import load_probe
-from .identity import _description_dict, description_fingerprint
-from .identity import model_description as _model_description
 
-__all__ = ["description_fingerprint", "load_probe_for", "model_mismatch"]
+if TYPE_CHECKING:
+    from common.description import ModelDescription
+
+
+def description_fingerprint(description) -> str:
+    """Stable short hash of a model description (dict or ModelDescription): identifies the
+    trained model a probe was fitted on, whatever file variant (fp32, fp16, int8) serves it,
+    so `versions` and `extra` (where export notes the variant) are left out."""
+    d = _description_dict(description)
+    d = {k: v for k, v in d.items() if k not in ("versions", "extra")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _description_dict(description) -> dict:
+    """Normalised dict of a ModelDescription or of its JSON dict (defaults filled in)."""
+    from common.description import ModelDescription
+    if isinstance(description, dict):
+        description = ModelDescription.from_dict(description)
+    return description.to_dict()
 
 
 def model_mismatch(probe: Probe, description) -> str | None:
@@ -27,6 +46,20 @@ def model_mismatch(probe: Probe, description) -> str | None:
                 f"fingerprint {expected}, but this model ({d['architecture']}) has fingerprint "
                 f"{description_fingerprint(d)}; refit the probe on this model's features")
     return None
+
+
+def _model_description(model: Any) -> tuple[ModelDescription | dict, str]:
+    """(description, how to name the model in messages) of a description, a dict, anything with
+    `description_` (a FeaturePipeline) or a model folder / .onnx path."""
+    if isinstance(model, (str, os.PathLike)):
+        from runtime.pipeline import load_description, resolve_model
+        return load_description(resolve_model(os.fspath(model))), os.fspath(model)
+    if hasattr(model, "description_"):
+        return model.description_, str(getattr(model, "model_path_", None)
+                                       or model.description_.architecture)
+    if isinstance(model, dict):
+        return model, str(model.get("architecture", "the model"))
+    return model, str(getattr(model, "architecture", "the model"))
 
 
 def load_probe_for(model: Any, probe_dir: str) -> Probe:

@@ -50,35 +50,19 @@ def _named_classes(probe: Probe, class_names) -> np.ndarray:
 
 
 def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None, *,
-               model: Any = None, class_names=None) -> None:
+               class_names=None) -> None:
     """Write path_dir/probe.npz + path_dir/probe.json atomically (a temp folder renamed into
     place). An existing folder is replaced only if it holds a probe (probe.json).
-
-    model: the backbone the probe was fitted on (a FeaturePipeline, a model folder or a
-    description): its fingerprint is recorded, so `serve`, bulk jobs and `load_probe_for` can
-    refuse the probe on another model. class_names: the names of integer classes (labels
-    fitted as indices, e.g. `dataset.labels("train")` with `dataset.leaf_classes`), so
-    predictions read `footwear/sandal` rather than 7. Without `model`, a UserWarning says
-    that nothing will tie the probe to its backbone."""
+    `class_names` names integer classes (see `_named_classes`). The public `save_probe`
+    (runtime/probes/saving.py) also records the backbone; this one writes what it is given."""
     if not hasattr(probe, "classes_"):
         raise ValueError("cannot save an unfitted probe; call fit(X, y) first")
     classes = _named_classes(probe, class_names)
-    identity: dict[str, Any] = {}
-    if model is not None:
-        from .identity import model_metadata
-        identity = model_metadata(model)
-    elif not (metadata or {}).get("model_fingerprint") and not (
-            getattr(probe, "metadata_", {}) or {}).get("model_fingerprint"):
-        import warnings
-        warnings.warn("save_probe without model=: the probe records no model fingerprint, so "
-                      "nothing will stop it being applied to another backbone (pass "
-                      "model=pipeline or model='models/NAME')", UserWarning, stacklevel=2)
     path_dir = os.path.abspath(path_dir)
     if os.path.exists(path_dir) and (not os.path.isdir(path_dir) or (
             os.listdir(path_dir) and not os.path.exists(os.path.join(path_dir, "probe.json")))):
         raise FileExistsError(f"{path_dir} exists and is not a probe folder; choose another path")
     meta = dict(getattr(probe, "metadata_", {}) or {})
-    meta.update(identity)
     meta.update(metadata or {})
     doc = {
         "format": PROBE_FORMAT, "format_version": PROBE_FORMAT_VERSION,

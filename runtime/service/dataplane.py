@@ -323,29 +323,6 @@ class DataPlane:
                         "reason": e.failure_ or ""})
         return out
 
-    # -- inference -----------------------------------------------------------------------------
-    async def infer(self, name: str, version: str | None,
-                    request: InferRequest) -> tuple[ModelEndpoint, dict[str, Any]]:
-        """A parsed request -> (its endpoint, the output tensors it asked for, in order)."""
-        e = self.endpoint(name, version)
-        try:
-            items = e.model.items_from_request(request)
-        except ProtocolError as err:
-            raise BadRequest(str(err)) from None
-        results = await e.embed(items)
-        failed = [f"item {i}: {r.error}" for i, r in enumerate(results) if r.error]
-        if failed and len(failed) == len(results):
-            raise BadRequest("; ".join(failed[:3]) + (f" (and {len(failed) - 3} more)"
-                                                      if len(failed) > 3 else ""))
-        outputs = e.model.outputs(results)
-        if request.outputs:
-            unknown = [n for n in request.outputs if n not in outputs]
-            if unknown:
-                raise BadRequest(f"unknown output(s) {unknown}; this model gives "
-                                 f"{', '.join(outputs)}")
-            outputs = {n: outputs[n] for n in request.outputs}
-        return e, outputs
-
     # -- similarity search (`serve --index`: an index of this model's embeddings) --------------
     async def search(self, name: str, version: str | None, items: list,
                      k: int) -> dict[str, Any]:
@@ -369,3 +346,26 @@ class DataPlane:
                 {"neighbours": [{"id": n, "score": s} for n, s in by_row[i]]}
                 for i, r in enumerate(results)]
         return {"model": e.name, "k": int(k), "results": rows}
+
+    # -- inference -----------------------------------------------------------------------------
+    async def infer(self, name: str, version: str | None,
+                    request: InferRequest) -> tuple[ModelEndpoint, dict[str, Any]]:
+        """A parsed request -> (its endpoint, the output tensors it asked for, in order)."""
+        e = self.endpoint(name, version)
+        try:
+            items = e.model.items_from_request(request)
+        except ProtocolError as err:
+            raise BadRequest(str(err)) from None
+        results = await e.embed(items)
+        failed = [f"item {i}: {r.error}" for i, r in enumerate(results) if r.error]
+        if failed and len(failed) == len(results):
+            raise BadRequest("; ".join(failed[:3]) + (f" (and {len(failed) - 3} more)"
+                                                      if len(failed) > 3 else ""))
+        outputs = e.model.outputs(results)
+        if request.outputs:
+            unknown = [n for n in request.outputs if n not in outputs]
+            if unknown:
+                raise BadRequest(f"unknown output(s) {unknown}; this model gives "
+                                 f"{', '.join(outputs)}")
+            outputs = {n: outputs[n] for n in request.outputs}
+        return e, outputs
