@@ -196,5 +196,8 @@ def test_the_readme_probe_is_labelled_with_class_names_by_serve(setup, fmnist_sm
     assert r.status_code == 200, r.text
     labels = [row["probes"]["fm"]["label"] for row in r.json()["results"]]
     assert set(labels) <= set(data.leaf_classes) and all("/" in lab for lab in labels)
-    with open(os.path.join(os.path.dirname(model), f"serve-{port}.log")) as f:
-        assert "no model fingerprint" not in f.read()  # the probe proves its backbone
+    from runtime import load_probe
+    from runtime.probes import description_fingerprint
+    saved = load_probe(str(tmp_path / "fm"))  # it proves its backbone: served without a warning
+    assert saved.metadata_["model_fingerprint"] == description_fingerprint(pipe.description_)
+    assert saved.metadata_["model_dir"] == os.path.abspath(model)
