@@ -28,6 +28,8 @@ COMMANDS = {
     "embed": ("runtime.cli.embed", "embed", "Embed images with an exported model (onnxruntime)."),
     "probe": ("runtime.cli.probe", "probe", "Fit, apply and fuse linear probes on frozen embeddings."),
     "evaluate": ("runtime.cli.evaluate", "evaluate", "Measure universality: linear probes on many targets, mNRG."),
+    "index": ("runtime.cli.search", "index", "Build a similarity index over an embed output; list near-duplicates."),
+    "search": ("runtime.cli.search", "search", "Find the indexed images most like query images (ids, cosine scores)."),
     "serve": ("runtime.cli.serve", "serve", "Serve a model over HTTP (KServe v2 protocol), batched."),
     "bench": ("benchmarks.commands", "bench", "Benchmark the runtime against PyTorch, side by side."),
 }

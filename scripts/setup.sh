@@ -12,7 +12,7 @@ stamp=.venv/.unirep-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
   echo "[setup] installing the project and its dependencies into .venv (torch from this machine's disk)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[full,test,serve,bulk,ray]'
+  .venv/bin/pip install -q -e '.[full,test,serve,bulk,ray,search]'
   touch "$stamp"
 fi
 bash scripts/setup_data.sh

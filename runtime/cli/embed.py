@@ -31,6 +31,21 @@ def sidecar_paths(features_path: str) -> tuple[str, str]:
     return stem + ".ids.json", stem + ".errors.json"
 
 
+def model_record_path(features_path: str) -> str:
+    """FEATURES.npy -> FEATURES.model.json: which model made the rows (read by `index build`)."""
+    return sidecar_paths(features_path)[0][: -len(".ids.json")] + ".model.json"
+
+
+def model_record(pipe, model_dir: str, variant: str) -> dict:
+    """The model of an output as `probe` and `index` read it: fingerprint, folder, dimension."""
+    import os
+
+    from runtime.probes import description_fingerprint
+    return {"fingerprint": description_fingerprint(pipe.description_),
+            "architecture": pipe.description_.architecture, "variant": variant,
+            "dim": int(pipe.feature_dim_), "model_dir": os.path.abspath(model_dir)}
+
+
 def describe_pipeline(pipe) -> str:
     """One line: the model, its size and input, and where and with how many threads it runs."""
     note = f" (fell back: {pipe.fallback_reason_})" if pipe.fell_back_ else ""
@@ -65,8 +80,9 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
 
     \b
     Writes FEATURES.npy (float32, one row per image; NaN rows for images that failed),
-    FEATURES.ids.json (the ids, aligned with the rows) and FEATURES.errors.json
-    ({row: message}). Failures are listed on stderr; the exit code is 0 unless every
+    FEATURES.ids.json (the ids, aligned with the rows), FEATURES.errors.json
+    ({row: message}) and FEATURES.model.json (the model's fingerprint and folder).
+    Failures are listed on stderr; the exit code is 0 unless every
     image failed.
 
     \b
@@ -106,6 +122,7 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
     save_npy_atomic(out, vectors)
     save_json_atomic(ids_path, ids)
     save_json_atomic(errors_path, {str(k): v for k, v in sorted(errors.items())})
+    save_json_atomic(model_record_path(out), model_record(pipe, model_dir, pipeline.variant))
     for k in sorted(errors)[:MAX_ERRORS_SHOWN]:
         click.echo(f"error: {errors[k]}", err=True)
     if len(errors) > MAX_ERRORS_SHOWN:

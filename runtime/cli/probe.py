@@ -19,6 +19,7 @@ from runtime.cli.bulk import bulk_options
 from runtime.cli.items import embed_items
 from runtime.cli.options import PipelineOptions, pipeline_options
 from runtime.cli.options import open_pipeline as open_command_pipeline
+from runtime.cli.probe_saved import resolve_level
 
 KINDS = ("logreg", "svm", "ncm", "knn")
 MAX_ERRORS_SHOWN = 20
@@ -50,23 +51,6 @@ def _report_errors(errors: dict[int, str], what: str) -> None:
     if errors:
         click.echo(f"{len(errors)} {what} image(s) could not be embedded and were skipped",
                    err=True)
-
-
-def resolve_level(levels, level: str | None) -> int:
-    """--level as a number (0 = coarsest, -1 = leaf) or a level name -> index into levels."""
-    names = [lv.name for lv in levels]
-    if level is None:
-        return len(levels) - 1
-    if level.lstrip("-").isdigit():
-        i = int(level)
-        if not -len(names) <= i < len(names):
-            raise click.UsageError(f"--level {i} is out of range; the data's levels are "
-                                   f"0..{len(names) - 1}: {', '.join(names)}")
-        return i % len(names)
-    if level not in names:
-        raise click.UsageError(f"--level {level!r}: unknown level; the data's levels are "
-                               f"{', '.join(names)}")
-    return names.index(level)
 
 
 def _load_probe_or_fail(probe_dir: str, model_dir: str | None = None, variant: str = "fp32"):
@@ -107,9 +91,17 @@ def probe():
 
 @probe.command("fit")
 @click.argument("model_dir", type=click.Path(exists=True))
-@click.option("--data", required=True, callback=data_spec,
+@click.option("--data", default=None, callback=data_spec,
               help="A folder (nested folders are label levels; train/ and test/ are splits) or "
-                   "a built-in: fashion-mnist, mnist, digits, emoji[:...], any with per_class=N.")
+                   "a built-in: fashion-mnist, mnist, digits, emoji[:...], any with per_class=N. "
+                   "With --embeddings: the labels and splits of the saved rows.")
+@click.option("--embeddings", default=None, type=click.Path(exists=True),
+              help="Fit on saved embeddings instead of embedding images: an embed output "
+                   "(FEATURES.npy with its ids, or a Parquet folder). Labels from --data, "
+                   "--labels, or else each image's parent folder name.")
+@click.option("--labels", "labels_csv", default=None, type=click.Path(exists=True,
+              dir_okay=False), help="With --embeddings: a CSV of id,label (ids as in the "
+                                    "output); rows without a label are left out.")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
               callback=writable_output("folder"), help="Probe folder to write (probe.npz + probe.json).")
 @click.option("--kind", type=click.Choice(KINDS), default="logreg", show_default=True,
@@ -127,20 +119,54 @@ def probe():
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the hold-out split.")
 @_pipeline_options
-def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: PipelineOptions):
-    """Fit a probe on MODEL_DIR's embeddings of DATA's training images.
+def fit(model_dir, data, embeddings, labels_csv, out, kind, C, k, level, val_fraction, seed,
+        pipeline: PipelineOptions):
+    """Fit a probe on MODEL_DIR's embeddings of DATA's training images (or on saved ones).
 
     Uses the 'train' split when DATA has train/ and test/ (and then prints the test accuracy),
     otherwise all images. Images that fail to load are reported and skipped. The probe folder
     records the model's fingerprint, so applying it to another model is refused.
 
     \b
-    Example:
+    Examples:
       python cli.py probe fit models/spe --data digits --kind logreg --out probes/digits
+      python cli.py probe fit models/spe --embeddings feats/ --data photos/ --out probes/parts
+      python cli.py probe fit models/spe --embeddings feats.npy --labels labels.csv --out p/
     """
-    from common.data import DataError, load_dataset
-
     _check_fit_options(kind, C, k, out)
+    if embeddings is None and (data is None or labels_csv):
+        raise click.UsageError("give --data (images to embed), or --embeddings (saved "
+                               "embeddings) with --data or --labels for their labels")
+    if embeddings:
+        from runtime.cli.probe_saved import saved_training_data
+        train, test, info = saved_training_data(model_dir, embeddings, data, labels_csv,
+                                                level, pipeline.variant)
+    else:
+        train, test, info = _image_training_data(model_dir, data, level, pipeline)
+    X, y = train
+    if len(set(y.tolist())) < 2:
+        raise click.UsageError(f"{data or embeddings}: need images of at least 2 classes at "
+                               f"level {info['level']!r} to fit a probe; got "
+                               f"{len(set(y.tolist()))}")
+    params: dict[str, Any] = {"seed": seed, "val_fraction": val_fraction}
+    params.update({"C": C} if kind in ("logreg", "svm") else {"k": k} if kind == "knn" else {})
+    estimator, fit_seconds, train_acc = _fit_and_echo(kind, params, X, y, info["level"])
+    summary = _echo_choice(estimator)
+    metadata = {**info, "n_train": int(len(y)), "train_accuracy": train_acc,
+                "test_accuracy": _test_accuracy(estimator, test),
+                "fit_seconds": round(fit_seconds, 3), **summary}
+    from runtime.probes import save_probe
+    try:
+        save_probe(estimator, out, metadata)
+    except FileExistsError as e:
+        raise click.UsageError(str(e))
+    click.echo(f"wrote {out}", err=True)
+
+
+def _image_training_data(model_dir: str, data: str, level: str | None,
+                         pipeline: PipelineOptions):
+    """((X, y) train, (X, y) test or None, metadata) by embedding DATA's images."""
+    from common.data import DataError, load_dataset
     try:
         dataset = load_dataset(data)
     except DataError as e:
@@ -148,39 +174,15 @@ def fit(model_dir, data, out, kind, C, k, level, val_fraction, seed, pipeline: P
     level_index = resolve_level(dataset.levels, level)
     split = "train" if dataset.has_test_split else "all"
     click.echo(dataset.summary(), err=True)
-
     pipe = open_pipeline(model_dir, pipeline)
     with pipe:
         X, y, skipped = _embed_side(pipe, dataset, split, level_index)
-        if len(set(y.tolist())) < 2:
-            raise click.UsageError(f"{data}: need images of at least 2 classes at level "
-                                   f"{dataset.levels[level_index].name!r} to fit a probe; got "
-                                   f"{len(set(y.tolist()))}")
-        params: dict[str, Any] = {"seed": seed, "val_fraction": val_fraction}
-        params.update({"C": C} if kind in ("logreg", "svm") else {"k": k} if kind == "knn" else {})
-        estimator, fit_seconds, train_acc = _fit_and_echo(kind, params, X, y,
-                                                          dataset.levels[level_index].name)
-        summary = _echo_choice(estimator)
-        test_accuracy = _test_accuracy(pipe, dataset, level_index, estimator)
-        metadata = {
-            **_model_metadata(pipe, model_dir, pipeline.variant),
-            "data": data,
-            "data_fingerprint": dataset.fingerprint(),
-            "level": dataset.levels[level_index].name,
-            "split": split,
-            "n_train": int(len(y)),
-            "skipped": skipped,
-            "train_accuracy": train_acc,
-            "test_accuracy": test_accuracy,
-            "fit_seconds": round(fit_seconds, 3),
-            **summary,
-        }
-    from runtime.probes import save_probe
-    try:
-        save_probe(estimator, out, metadata)
-    except FileExistsError as e:
-        raise click.UsageError(str(e))
-    click.echo(f"wrote {out}", err=True)
+        test = _embed_side(pipe, dataset, "test", level_index)[:2] if dataset.has_test_split \
+            else None
+        info = {**_model_metadata(pipe, model_dir, pipeline.variant), "data": data,
+                "data_fingerprint": dataset.fingerprint(),
+                "level": dataset.levels[level_index].name, "split": split, "skipped": skipped}
+    return (X, y), test, info
 
 
 def _check_fit_options(kind: str, C, k, out: str) -> None:
@@ -245,15 +247,12 @@ def _echo_choice(estimator) -> dict[str, Any]:
     return {}
 
 
-def _test_accuracy(pipe, dataset, level_index: int, estimator) -> float | None:
-    """Accuracy on the data's test side, echoed (None without a test side or images)."""
-    if not dataset.has_test_split:
+def _test_accuracy(estimator, test) -> float | None:
+    """Accuracy on the test side (X, y), echoed (None without a test side or images)."""
+    if test is None or not len(test[1]):
         return None
-    X_test, y_test, _ = _embed_side(pipe, dataset, "test", level_index)
-    if not len(y_test):
-        return None
-    accuracy = estimator.score(X_test, y_test)
-    click.echo(f"test accuracy {accuracy:.4f} on {len(y_test)} images "
+    accuracy = estimator.score(*test)
+    click.echo(f"test accuracy {accuracy:.4f} on {len(test[1])} images "
                f"(chance {1 / len(estimator.classes_):.4f})")
     return accuracy
 
@@ -281,9 +280,16 @@ def _model_metadata(pipe, model_dir: str, variant: str) -> dict[str, Any]:
                    "<probe>_score columns (as `embed --probe`).")
 @click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
               help="How many (label, probability) pairs to list per image.")
+@click.option("--labels", "labels_csv", default=None, type=click.Path(exists=True,
+              dir_okay=False), help="True labels as a CSV of id,label (default: the folders "
+                                    "the images sit in, when they name the probe's classes).")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="Where labelled inputs get their accuracy report (report.json, "
+                   "confusion.json, confusion.png); default OUT without .jsonl + .report/.")
 @_pipeline_options
 @bulk_options
-def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions, **bulk):
+def predict(model_dir, probe_dir, inputs, out, top_k, labels_csv, report_dir,
+            pipeline: PipelineOptions, **bulk):
     """Predict labels for images with a fitted probe on MODEL_DIR's embeddings.
 
     \b
@@ -294,7 +300,10 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
     Writes one line per image, aligned with the inputs:
       {"id": ..., "label": ..., "score": p, "top_k": [[label, p], ...]}
     or, for an image that cannot be read, {"id": ..., "error": "why"}.
-    When --out is not a .jsonl file it is a folder of resumable Parquet shards (see
+    Labelled inputs (images in folders named after the probe's classes, as `probe fit --data`
+    reads them, or --labels CSV) also print the accuracy and write a per-class report and a
+    confusion matrix (--report). When --out is not a .jsonl file it is a folder of resumable
+    Parquet shards (see
     `embed --help`, Bulk jobs); tables, tar shards and --engine ray work there too.
 
     \b
@@ -303,6 +312,8 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
       python cli.py probe predict models/spe probes/mnist photos/ --out preds/ --shard-size 5000
     """
     if not out.endswith(".jsonl"):
+        if labels_csv or report_dir:
+            raise click.UsageError("--labels and --report need a .jsonl --out")
         from runtime.cli.bulk import run_bulk
         return run_bulk(model_dir, inputs, out, probe_dirs=(probe_dir,), file_suffix=".jsonl",
                         pipeline=pipeline.pipeline_kwargs(), **bulk)
@@ -319,7 +330,7 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
     fd, tmp = make_temp_file(os.path.dirname(os.path.abspath(out)), suffix=".jsonl")
     try:
         with os.fdopen(fd, "w") as f, pipe:
-            errors = _write_predictions(f, pipe, estimator, items, top_k)
+            errors, predicted = _write_predictions(f, pipe, estimator, items, top_k)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -331,15 +342,20 @@ def predict(model_dir, probe_dir, inputs, out, top_k, pipeline: PipelineOptions,
     click.echo(f"predicted {done}/{len(items)} images; wrote {out}", err=True)
     if done == 0:
         raise click.ClickException(f"all {len(items)} images failed; see the errors above")
+    from runtime.cli.probe_saved import report_accuracy
+    report_accuracy(items, predicted, [str(c) for c in estimator.classes_], labels_csv,
+                    report_dir or out[: -len(".jsonl")] + ".report", probe_dir)
 
 
 def _write_predictions(f, pipe, estimator, items: list[tuple[str, str]], top_k: int
-                       ) -> dict[int, str]:
+                       ) -> tuple[dict[int, str], dict[int, str]]:
     """One JSON line per item into `f`, streamed batch by batch (memory stays flat however
-    many images there are); returns {row: message} of the items that failed."""
+    many images there are); returns ({row: message} of the items that failed, {row: predicted
+    label} of the others)."""
     from tqdm import tqdm
 
     errors: dict[int, str] = {}
+    predicted: dict[int, str] = {}
     row = 0
     with tqdm(total=len(items), unit="img", file=sys.stderr, desc="predict",
               dynamic_ncols=True, disable=None) as bar:
@@ -347,10 +363,12 @@ def _write_predictions(f, pipe, estimator, items: list[tuple[str, str]], top_k: 
             for record in _batch_records(estimator, batch, batch_errors, items[row:], top_k):
                 if "error" in record:
                     errors[row] = record["error"]
+                else:
+                    predicted[row] = str(record["label"])
                 f.write(json.dumps(record, allow_nan=False) + "\n")
                 row += 1
             bar.update(len(batch))
-    return errors
+    return errors, predicted
 
 
 def _batch_records(estimator, batch, batch_errors: dict[int, str], items, top_k: int) -> list[dict]:

@@ -18,6 +18,10 @@ API_KEY_ENV = "UNIREP_API_KEY"
               help="Serve a probe beside the embedding (outputs NAME_label, NAME_score, "
                    "NAME_topk_*); repeat for several; MODEL: says which model when there are "
                    "several. Refused at start if it was fitted on another backbone.")
+@click.option("--index", "index_specs", multiple=True, metavar="[MODEL=]INDEX_DIR",
+              help="Serve POST /v2/models/MODEL/search over this similarity index (`cli.py "
+                   "index build`; an embed output with an index works too); MODEL= says "
+                   "which model when there are several. Refused if another model made it.")
 @click.option("--name", default=None,
               help="Model name in the URLs (/v2/models/NAME) when one MODEL_DIR is served; "
                    "default: the folder name.")
@@ -59,7 +63,7 @@ API_KEY_ENV = "UNIREP_API_KEY"
               help="Classes in each probe's top-k outputs.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_key,
+def serve(model_dirs, repository, probe_specs, index_specs, name, host, port, grpc_port, api_key,
           api_key_file, public_metrics, tls_cert, tls_key, device, max_batch, max_delay_ms,
           max_queue, timeout_s, max_body_mb, workers, top_k, log_level):
     """Serve models over HTTP and gRPC: the Open Inference Protocol (KServe v2, what Triton
@@ -74,6 +78,8 @@ def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_
       POST /v2/models/NAME/infer   JSON or binary tensors: input `image` (BYTES, encoded
                                    images) or `pixels` (UINT8 [N,H,W,3]); outputs `embedding`,
                                    `error` (per item) and per probe label/score/top-k
+      POST /v2/models/NAME/search  {"image": [base64], "k": 10} -> nearest indexed ids and
+                                   cosine scores (with --index)
       POST /v1/embed[?model=NAME]  multipart upload for curl users, JSON back
       GET  /metrics                Prometheus
     gRPC (--grpc-port): the same, as inference.GRPCInferenceService (tritonclient.grpc).
@@ -118,6 +124,7 @@ def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_
                                            batch_size=max_batch, top_k=top_k),
                                max_batch=max_batch, max_delay_ms=max_delay_ms,
                                max_queue=max_queue, timeout_s=timeout_s) for s in specs]
+    _attach_indexes(endpoints, index_specs)
     try:
         plane = DataPlane(endpoints, api_key=api_key, metrics_public=public_metrics)
     except ValueError as e:
@@ -136,3 +143,26 @@ def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_
         raise click.ClickException(str(e)) from None
     if failure:
         raise click.ClickException(failure)
+
+
+def _attach_indexes(endpoints, index_specs) -> None:
+    """Load each --index [MODEL=]DIR, check it holds that model's vectors, attach it."""
+    if not index_specs:
+        return
+    from runtime.search import check_model, load_index
+    from runtime.service.model import model_description
+
+    by_name = {e.name: e for e in endpoints}
+    for spec in index_specs:
+        model, sep, path = spec.rpartition("=")
+        if not sep:
+            if len(endpoints) != 1:
+                raise click.UsageError(f"--index {spec}: several models are served; write "
+                                       f"MODEL=INDEX_DIR with MODEL one of {', '.join(by_name)}")
+            model = endpoints[0].name
+        if model not in by_name:
+            raise click.UsageError(f"--index {spec}: no served model is named {model!r}")
+        endpoint = by_name[model]
+        index = load_index(path)
+        check_model(index, model_description(endpoint.model.model_dir), endpoint.model.model_dir)
+        endpoint.search_index = index

@@ -2,7 +2,8 @@
 
     probe = make_probe("logreg").fit(X_train, y_train)     # C chosen on a validation split
     probe.predict(X); probe.predict_proba(X); probe.score(X, y)
-    save_probe(probe, "probes/mnist"); probe = load_probe("probes/mnist")
+    save_probe(probe, "probes/mnist", model=pipe, class_names=names)  # fingerprint, names
+    probe = load_probe("probes/mnist")
     probe = load_probe_for(pipeline, "probes/mnist")          # and check it fits the model
 
 Kinds (`PROBES`, filled by `register_probe`):
@@ -24,7 +25,10 @@ pickle.
 
 Modules: `numerics` and `objectives` (loss kernels, the threaded objective), `base` (the
 estimator base class and the registry), `linear` and `similarity` (the kinds), `files` (the
-file format), `compat` (fit to a backbone), `fuse` (into the ONNX model), `errors`.
+file format), `compat` (fit to a backbone), `saving` (save_probe with the backbone and
+class names), `fuse`
+(into the ONNX model), `labels` (true labels from a CSV or folders), `diagnostics` (accuracy,
+per-class report, confusion matrix), `errors`.
 Only numpy is needed to load and apply a probe; scipy is imported when fitting, onnx when fusing.
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 from .base import PROBES, Probe, make_probe, register_probe
 from .compat import description_fingerprint, load_probe_for, model_mismatch
 from .errors import FuseError, ProbeError, ProbeFileError, ProbeMismatchError, ProbeParameterError
-from .files import PROBE_FORMAT, PROBE_FORMAT_VERSION, load_probe, read_probe_json, save_probe
+from .files import PROBE_FORMAT, PROBE_FORMAT_VERSION, load_probe, read_probe_json
 from .fuse import fuse_probe, read_fused_classes
 from .linear import (
     DEFAULT_CS,
@@ -41,6 +45,7 @@ from .linear import (
     LinearSVMProbe,
     LogisticRegressionProbe,
 )
+from .saving import save_probe
 from .similarity import KNNProbe, NearestClassMeanProbe
 
 __all__ = [

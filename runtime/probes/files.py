@@ -31,18 +31,39 @@ def _jsonable(v):
     return v
 
 
-def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None) -> None:
+def _named_classes(probe: Probe, class_names) -> np.ndarray:
+    """The probe's classes, or `class_names[c]` for integer classes c (labels fitted as indices
+    into a dataset's class list): what `serve` and `probe predict` print."""
+    classes = np.asarray(probe.classes_)
+    if class_names is None:
+        return classes
+    names = [str(n) for n in class_names]
+    if classes.dtype.kind not in "iu":
+        if set(map(str, classes)) - set(names):
+            raise ValueError(f"class_names: the probe's classes {list(map(str, classes))[:5]} "
+                             "are names already, and not all of them are in class_names")
+        return classes
+    if classes.min() < 0 or classes.max() >= len(names):
+        raise ValueError(f"class_names has {len(names)} names but the probe's classes run "
+                         f"{classes.min()}..{classes.max()}; pass the list its labels index")
+    return np.array([names[c] for c in classes])
+
+
+def save_probe(probe: Probe, path_dir: str, metadata: dict | None = None, *,
+               class_names=None) -> None:
     """Write path_dir/probe.npz + path_dir/probe.json atomically (a temp folder renamed into
-    place). An existing folder is replaced only if it holds a probe (probe.json)."""
+    place). An existing folder is replaced only if it holds a probe (probe.json).
+    `class_names` names integer classes (see `_named_classes`). The public `save_probe`
+    (runtime/probes/saving.py) also records the backbone; this one writes what it is given."""
     if not hasattr(probe, "classes_"):
         raise ValueError("cannot save an unfitted probe; call fit(X, y) first")
+    classes = _named_classes(probe, class_names)
     path_dir = os.path.abspath(path_dir)
     if os.path.exists(path_dir) and (not os.path.isdir(path_dir) or (
             os.listdir(path_dir) and not os.path.exists(os.path.join(path_dir, "probe.json")))):
         raise FileExistsError(f"{path_dir} exists and is not a probe folder; choose another path")
     meta = dict(getattr(probe, "metadata_", {}) or {})
     meta.update(metadata or {})
-    classes = probe.classes_
     doc = {
         "format": PROBE_FORMAT, "format_version": PROBE_FORMAT_VERSION,
         "kind": probe.kind,

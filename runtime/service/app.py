@@ -188,6 +188,20 @@ def routes(plane: DataPlane) -> list[Route]:
         from .upload import embed_upload as run
         return _json(*await run(plane, r.scope, r.headers, await r.body(), r.max_body))
 
+    async def search(r: Request) -> Reply:
+        """{"image": [base64 images], "k": 10} -> each image's nearest indexed ids."""
+        from .protocol import decode_base64
+        try:
+            doc = json.loads(await r.body())
+            images, k = doc["image"], int(doc.get("k", 10))
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+            raise BadRequest('send JSON {"image": [base64 images], "k": 10}') from None
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images) \
+                or not 1 <= k <= 10_000:
+            raise BadRequest('"image" must be a list of base64 strings and "k" in 1..10000')
+        items = [decode_base64(x.encode(), f"image[{i}]") for i, x in enumerate(images)]
+        return _json(await plane.search(r.name, r.version, items, k))
+
     async def metrics(r: Request) -> Reply:
         payload, content_type = plane.metrics.render()
         return 200, payload, {"content-type": content_type}
@@ -201,6 +215,7 @@ def routes(plane: DataPlane) -> list[Route]:
         Route("POST", "/v1/embed", "embed", embed_upload),
         Route("GET", "/metrics", "metrics", metrics, public=plane.metrics_public),
         Route("POST", "/infer", "infer", infer, model=True),
+        Route("POST", "/search", "search", search, model=True),
         Route("GET", "", "model_metadata", model_metadata, model=True),
         Route("GET", "/ready", "model_ready", model_ready, public=True, model=True),
         Route("GET", "/config", "model_config", model_config, model=True),

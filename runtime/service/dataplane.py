@@ -97,6 +97,7 @@ class ModelEndpoint:
         self.failure_: str | None = None
         self.stats = _Stats()
         self.metrics: Any = None  # ServiceMetrics, set by the DataPlane
+        self.search_index: Any = None  # a runtime.search.SearchIndex (`serve --index`)
         self._started = False
 
     @property
@@ -321,6 +322,30 @@ class DataPlane:
             out.append({"name": e.name, "version": MODEL_VERSION, "state": state,
                         "reason": e.failure_ or ""})
         return out
+
+    # -- similarity search (`serve --index`: an index of this model's embeddings) --------------
+    async def search(self, name: str, version: str | None, items: list,
+                     k: int) -> dict[str, Any]:
+        """Embed `items` with the model and list each one's k nearest indexed ids, as `cli.py
+        search --format jsonl` does: {"model", "results": [{"neighbours": [{"id", "score"}]}
+        or {"error"}]}."""
+        import numpy as np
+        e = self.endpoint(name, version)
+        if e.search_index is None:
+            raise BadRequest(f"model {e.name!r} has no similarity index; start the server with "
+                             f"--index {e.name}=INDEX_DIR (made by `cli.py index build`)")
+        results = await e.embed(items)
+        ok = [i for i, r in enumerate(results) if not r.error]
+        found = []
+        if ok:
+            queries = np.stack([results[i].vector for i in ok])
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, e.search_index.neighbours, queries, k)
+        by_row = dict(zip(ok, found))
+        rows = [{"error": f"item {i}: {r.error}"} if r.error else
+                {"neighbours": [{"id": n, "score": s} for n, s in by_row[i]]}
+                for i, r in enumerate(results)]
+        return {"model": e.name, "k": int(k), "results": rows}
 
     # -- inference -----------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None,
