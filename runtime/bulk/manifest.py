@@ -23,29 +23,9 @@ from dataclasses import dataclass
 
 from common.atomic import TEMP_PREFIX, atomic_open
 
-from .output import FORMAT, MANIFEST, SHARD_FILE, OutputError, shard_name
+from .output import FORMAT, MANIFEST, OLD_MANIFEST, SHARD_FILE, OutputError, load_manifest, shard_name
 
-OLD_MANIFEST = "manifest.json"  # unirep-bulk/1, before the folder read as one dataset
-
-
-def load_manifest(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(out_dir, OLD_MANIFEST)):
-            raise OutputError(f"{out_dir}: written by an older version ({OLD_MANIFEST}); pass "
-                              f"--overwrite to rebuild it, or choose another --out")
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OutputError(f"{path}: unreadable manifest ({e}); pass --overwrite to start "
-                          f"again") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("shards"), dict):
-        raise OutputError(f"{path}: not a unirep bulk manifest; pass --overwrite or choose "
-                          f"another --out")
-    return manifest
+__all__ = ["load_manifest", "prepare", "remove_unlisted", "save_manifest", "verify_shards"]
 
 
 def save_manifest(out_dir: str, manifest: dict) -> None:

@@ -41,6 +41,7 @@ MANIFEST = "_manifest.json"
 FORMAT = "unirep-bulk/2"
 SHARD_FILE = re.compile(r"shard-\d{6,}\.parquet")
 BASE_COLUMNS = ("id", "embedding", "error", "input_stamp")
+OLD_MANIFEST = "manifest.json"  # unirep-bulk/1, before the folder read as one dataset
 
 
 class OutputError(UserError, ValueError):
@@ -98,6 +99,26 @@ def write_shard(out_dir: str, index: int, table) -> dict:
             "last_id": ids[-1].as_py() if table.num_rows else None}
 
 
+def load_manifest(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(out_dir, OLD_MANIFEST)):
+            raise OutputError(f"{out_dir}: written by an older version ({OLD_MANIFEST}); pass "
+                              f"--overwrite to rebuild it, or choose another --out")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: unreadable manifest ({e}); pass --overwrite to start "
+                          f"again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("shards"), dict):
+        raise OutputError(f"{path}: not a unirep bulk manifest; pass --overwrite or choose "
+                          f"another --out")
+    return manifest
+
+
 def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], dict[str, list]]:
     """A job's folder in memory, shards in the manifest's order:
 
@@ -110,8 +131,6 @@ def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], di
     Row order is the order rows were written: input order for one run, new and changed inputs
     after the kept ones for an update; join or sort by id when order matters."""
     import pyarrow.parquet as pq
-
-    from .manifest import load_manifest
     manifest = load_manifest(out_dir)
     if manifest is None:
         raise OutputError(f"{out_dir}: no {MANIFEST}; not a bulk job's output")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -68,7 +69,7 @@ def probe_identity(probe_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_identity(model_dir: str, variant: str) -> tuple[dict, object]:
+def model_identity(model_dir: str, variant: str) -> tuple[dict, Any]:
     """({fingerprint, architecture, variant, dim}, description) of MODEL_DIR without opening a
     session, so that both engines identify the model the same way."""
     from runtime import load_description, resolve_model
