@@ -335,3 +335,24 @@ def test_the_progress_bar_has_a_total_for_a_folder(model_dir, pipe, digit_paths,
     _job(model_dir, pipe, FolderSource(str(folder)), tmp_path / "out", shard_size=8,
          progress=True, bar_file=bar)
     assert "6/6" in bar.getvalue()  # this run's work: the kept rows are not in the total
+
+
+def test_small_updates_do_not_pile_up_tiny_shards(model_dir, pipe, digit_paths, tmp_path):
+    """Nightly updates of a few files each: shards under half the shard size are merged (two
+    or more at a time, at most a shard's worth), and the rows stay those of a clean run."""
+    from runtime.bulk.sources import FolderSource
+    folder = _folder(tmp_path / "imgs", digit_paths[:32], [f"{i:04d}.png" for i in range(32)])
+    out = tmp_path / "out"
+    _job(model_dir, pipe, FolderSource(str(folder)), out, shard_size=16)
+    sizes = []
+    for night in range(5):
+        _folder(folder, digit_paths[40 + 3 * night:43 + 3 * night],
+                [f"{night}-{i}.png" for i in range(3)])
+        summary = _job(model_dir, pipe, FolderSource(str(folder)), out, shard_size=16)
+        assert (summary.added, summary.kept) == (3, 32 + 3 * night)
+        shards = json.load(open(out / MANIFEST))["shards"]
+        sizes.append(sorted(info["rows"] for info in shards.values()))
+    assert sizes == [[3, 16, 16], [6, 16, 16], [9, 16, 16], [3, 9, 16, 16], [6, 9, 16, 16]]
+    clean = tmp_path / "clean"
+    _job(model_dir, pipe, FolderSource(str(folder)), clean, shard_size=16)
+    _assert_same_rows(str(out), str(clean))

@@ -40,7 +40,7 @@ from .manifest import prepare, remove_unlisted, save_manifest, verify_shards
 from .output import OutputError, shard_metadata
 from .sources import Source
 from .walk import Walk
-from .writer import ShardWriter
+from .writer import ShardWriter, merge_groups
 
 # (seqs, vectors, {index in batch: message}) as an engine returns them
 Batch = tuple[list[int], np.ndarray, dict[int, str]]
@@ -124,6 +124,7 @@ class Summary:
     vanished: int = 0        # rows whose input is gone
     pruned: int = 0          # of those, removed (prune)
     damaged: int = 0         # listed shards that failed their check and were redone
+    merged: int = 0          # small shards (left by earlier updates) merged into bigger ones
     total: int = 0           # rows in the whole output
     first_rows_s: float | None = None  # until the engine's first rows (its start-up)
     interrupted: bool = field(default=False, repr=False)
@@ -147,6 +148,8 @@ class Summary:
             parts.append(f"{self.duplicates} duplicate ids skipped")
         if self.damaged:
             parts.append(f"{self.damaged} damaged shards redone")
+        if self.merged:
+            parts.append(f"{self.merged} small shards merged")
         parts.append(f"{self.shards_written} shards written; {self.total} rows in {out_dir}")
         return "; ".join(parts)
 
@@ -258,6 +261,10 @@ class _Run:
         for index in sorted(self.drop):
             if writer.rewrite(index, self.drop[index], next_index):
                 next_index += 1
+        rows = {int(k): int(info["rows"]) for k, info in manifest["shards"].items()}
+        for group in merge_groups(rows, self.shard_size):
+            writer.merge(group, next_index)
+            next_index += 1
         manifest["finished"] = True
         manifest["rows"] = self.summary.total = sum(
             int(info["rows"]) for info in manifest["shards"].values())

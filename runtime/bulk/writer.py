@@ -101,3 +101,37 @@ class ShardWriter:
         save_manifest(self.out_dir, self.manifest)
         os.unlink(path)
         return kept.num_rows > 0
+
+    def merge(self, indices: list[int], new_index: int) -> None:
+        """Shards `indices` (small ones, left by updates) as one shard `new_index`: the new one
+        is written and listed before the old ones are unlisted and deleted."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        paths = [os.path.join(self.out_dir, self.manifest["shards"][str(i)]["file"])
+                 for i in indices]
+        tables = [pq.read_table(p) for p in paths]
+        merged = pa.concat_tables(tables).replace_schema_metadata(tables[-1].schema.metadata)
+        self.manifest["shards"][str(new_index)] = write_shard(self.out_dir, new_index, merged)
+        for i in indices:
+            del self.manifest["shards"][str(i)]
+        save_manifest(self.out_dir, self.manifest)
+        for p in paths:
+            os.unlink(p)
+        self.summary.shards_written += 1
+        self.summary.merged += len(indices)
+
+
+def merge_groups(rows: dict[int, int], shard_size: int) -> list[list[int]]:
+    """Groups of two or more shards under half the shard size ({index: rows}), each group
+    holding at most `shard_size` rows, so that nightly updates do not pile up tiny files."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    total = 0
+    for index in sorted(i for i, n in rows.items() if n < shard_size / 2):
+        if group and total + rows[index] > shard_size:
+            groups.append(group)
+            group, total = [], 0
+        group.append(index)
+        total += rows[index]
+    groups.append(group)
+    return [g for g in groups if len(g) >= 2]
