@@ -189,3 +189,34 @@ def test_ctrl_c_says_how_to_resume(model_dir, digit_paths, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert read_output(out)[0] == [f"stream.tar/{i:04d}" for i in range(96)]
     assert f"kept {8 * done} unchanged rows" in rerun.stderr
+
+
+def test_a_tar_cut_then_whole_again_ends_like_a_clean_run(model_dir, digit_paths, tmp_path):
+    """The cut sample is embedded again once its bytes are whole, and the row reporting the
+    cut goes (it was no input)."""
+    data, ends = _tar(digit_paths[:6])
+    path = tmp_path / "t.tar"
+    path.write_bytes(data[:ends[3] + 512 + 60])
+    out = str(tmp_path / "out")
+    assert _embed(model_dir, str(path), "--out", out).exit_code == 0
+    ids, _, errors, _ = read_output(out)
+    assert ids == ["t.tar/0000", "t.tar/0001", "t.tar/0002", "t.tar/#corrupt"]
+    assert sorted(errors) == [2, 3]
+    path.write_bytes(data)
+    again = _embed(model_dir, str(path), "--out", out)
+    assert again.exit_code == 0, again.output
+    assert "(3 new, 1 changed)" in again.output and "have no input any more" not in again.output
+    ids, _, errors, _ = read_output(out)
+    assert sorted(ids) == [f"t.tar/{i:04d}" for i in range(6)] and errors == {}
+
+
+def test_an_old_format_folder_is_refused_with_the_way_out(model_dir, digit_paths, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "unirep-bulk/1", "shards": {}}))
+    refused = _embed(model_dir, digit_paths[0], "--out", str(out))
+    assert refused.exit_code == 1
+    assert "written by an older version (manifest.json); pass --overwrite" in refused.output
+    replaced = _embed(model_dir, digit_paths[0], "--out", str(out), "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert not (out / "manifest.json").exists() and read_output(str(out))[0] == [digit_paths[0]]

@@ -38,7 +38,7 @@ from common.errors import UserError, renamed
 from .lock import OutputLock
 from .manifest import prepare, remove_unlisted, save_manifest, verify_shards
 from .output import OutputError, shard_metadata
-from .sources import Source
+from .sources import CORRUPT_SUFFIX, Source
 from .walk import Walk
 from .writer import ShardWriter, merge_groups
 
@@ -248,6 +248,10 @@ class _Run:
     def finish(self, manifest: dict, writer: ShardWriter, next_index: int) -> None:
         """Vanished inputs, shards rewritten without their old rows, the final manifest."""
         gone = [i for i in self.index if i not in self.seen]
+        for item_id in [i for i in gone if i.endswith(CORRUPT_SUFFIX)]:
+            # a report that a tar stopped early, not an input: gone once the tar reads whole
+            self.drop.setdefault(self.index[item_id][0], set()).add(item_id)
+            gone.remove(item_id)
         self.summary.vanished = len(gone)
         if gone:
             named = ", ".join(gone[:MAX_NAMED]) + (f" and {len(gone) - MAX_NAMED} more"

@@ -51,6 +51,7 @@ def _tar_errors(*names: str) -> tuple[type[BaseException], ...]:
 
 
 TAR_END = _tar_errors("EOFHeaderError")
+CORRUPT_SUFFIX = "/#corrupt"  # the id of the row saying why a tar stops early
 TAR_CUT = _tar_errors("EmptyHeaderError", "TruncatedHeaderError")
 
 
@@ -386,7 +387,7 @@ class TarSource(Source):
         if key is not None:
             yield self._sample(key, item if item is not None else BadItem(
                 f"{where}: {why}; this sample was cut"))
-        yield (f"{self.name}/#corrupt",
+        yield (f"{self.name}{CORRUPT_SUFFIX}",
                BadItem(f"{where}: {why}; later samples of {self.name} are missing"))
 
     def _sample(self, key: str, item: Any) -> tuple[str, Any]:
