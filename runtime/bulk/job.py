@@ -155,13 +155,14 @@ class Summary:
 
 
 def _disk_error(e: OSError, out_dir: str) -> JobError | None:
-    """A one-line JobError for a full disk or a read-only / forbidden output, else None."""
-    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-            errno.EROFS: "the file system is read-only"}.get(e.errno or 0)
+    """A one-line JobError for a full disk, a quota or a read-only output, else None."""
+    what = {errno.ENOSPC: ("the disk is full", "free some space"),
+            errno.EDQUOT: ("the disk quota is exceeded", "free some space"),
+            errno.EROFS: ("the file system is read-only", "make it writable")}.get(e.errno or 0)
     if what is None:
         return None
-    return JobError(f"{out_dir}: cannot write ({what}: {e.strerror}); the complete shards are "
-                    f"kept: free some space and run the same command again to resume")
+    return JobError(f"{out_dir}: cannot write ({what[0]}: {e.strerror}); the complete shards "
+                    f"are kept: {what[1]} and run the same command again to resume")
 
 
 def run_job(source: Source, out_dir: str, engine: Engine, *, dim: int, model: dict,
@@ -179,18 +180,19 @@ def run_job(source: Source, out_dir: str, engine: Engine, *, dim: int, model: di
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"{out_dir}: cannot create the output folder ({e.strerror})") from e
-    with OutputLock(out_dir):
-        run = _Run(source, out_dir, engine, dim=dim, model=model, description=description,
-                   shard_size=shard_size, probes=probes or [], prune=prune, say=say,
-                   on_shard=on_shard)
-        try:
+        raise OutputError(f"{out_dir}: cannot create the output folder "
+                          f"({e.strerror or e})") from e
+    try:
+        with OutputLock(out_dir):
+            run = _Run(source, out_dir, engine, dim=dim, model=model, description=description,
+                       shard_size=shard_size, probes=probes or [], prune=prune, say=say,
+                       on_shard=on_shard)
             return run.run(overwrite=overwrite, progress=progress, bar_file=bar_file)
-        except OSError as e:
-            error = _disk_error(e, out_dir)
-            if error is None:
-                raise
-            raise error from e
+    except OSError as e:
+        error = _disk_error(e, out_dir)
+        if error is None:
+            raise
+        raise error from e
 
 
 class _Run:
