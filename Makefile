@@ -1,4 +1,4 @@
-# Quick start: `make demo` (train -> export -> probes, < 10 min on 2 cores) and `make test`.
+# Quick start: `make demo` (train -> export -> probes; README gives its measured times) and `make test`.
 .PHONY: setup caffe2-env demo test test-fast lint bench study clean
 PY := .venv/bin/python
 

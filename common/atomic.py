@@ -6,6 +6,11 @@ the destination (rename is atomic within a file system). On any error the tempor
 Whole folders (models, probes, caches) are built in a temporary sibling and swapped in with
 `replace_folder`.
 
+Temporaries are made private (mkstemp: 0600, mkdtemp: 0700) while they are written, then given
+the mode an ordinary `open`/`mkdir` would have given them under the process's umask (0644 and
+0755 under umask 022) before they are renamed into place, so a service account or a container
+running as another user can read what the project writes.
+
 A process killed with SIGKILL cannot remove its temporaries, so every temporary is named
 `.tmp-PID-...` after the process that writes it, and the next write into the same folder removes
 those whose process is gone (`clean_stale_temps`). (A folder shared by several machines would
@@ -68,18 +73,55 @@ def temp_prefix(tag: str = "") -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-" + (f"{tag}-" if tag else "")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel says it (Linux: the
+    Umask line of /proc/self/status); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # a brief window: only where /proc does not say
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open(path, 'w')` gives a new file now: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode `os.mkdir` gives a new folder now: 0o777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
 def make_temp_file(directory: str, suffix: str = "", tag: str = "") -> tuple[int, str]:
-    """mkstemp in `directory` under this process's temp prefix, after cleaning stale ones."""
+    """mkstemp in `directory` under this process's temp prefix, after cleaning stale ones; the
+    file has the umask's mode (mkstemp's own 0600 would make every output private)."""
     os.makedirs(directory, exist_ok=True)
     clean_stale_temps(directory)
-    return tempfile.mkstemp(prefix=temp_prefix(tag), suffix=suffix, dir=directory)
+    fd, path = tempfile.mkstemp(prefix=temp_prefix(tag), suffix=suffix, dir=directory)
+    try:
+        os.fchmod(fd, file_mode())
+    except OSError:  # a file system without modes: its own defaults hold
+        pass
+    return fd, path
 
 
 def make_temp_dir(directory: str, tag: str = "") -> str:
-    """mkdtemp in `directory` under this process's temp prefix, after cleaning stale ones."""
+    """mkdtemp in `directory` under this process's temp prefix, after cleaning stale ones; the
+    folder has the umask's mode (mkdtemp's 0700 would hide it from other users)."""
     os.makedirs(directory, exist_ok=True)
     clean_stale_temps(directory)
-    return tempfile.mkdtemp(prefix=temp_prefix(tag), dir=directory)
+    path = tempfile.mkdtemp(prefix=temp_prefix(tag), dir=directory)
+    try:
+        os.chmod(path, folder_mode())
+    except OSError:
+        pass
+    return path
 
 
 @contextlib.contextmanager

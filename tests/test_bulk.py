@@ -66,10 +66,13 @@ def test_folder_to_shards_equals_library_rows(model_dir, pipe, digits_small, dig
     expected = pipe.embed(digit_paths)
     np.testing.assert_allclose(vectors, expected.vectors, rtol=0, atol=1e-6)
     assert "300 rows" in result.output and "5 shards written" in result.output
+    assert "(300 new, 0 changed)" in result.output
 
-    # the same command again: nothing to do, and it says it resumed
+    # the same command again: nothing to do, and it says so
     again = _embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
-    assert again.exit_code == 0 and "skipped 5 complete shards (300 images)" in again.output
+    assert again.exit_code == 0, again.output
+    assert "embedded 0/0 images" in again.output and "kept 300 unchanged rows" in again.output
+    assert read_output(out)[0] == digit_paths
     # another job into the same folder is refused, and --overwrite replaces it
     other = _embed(model_dir, digit_paths[0], "--out", out, "--shard-size", "64")
     assert other.exit_code != 0 and "another job's shards" in other.output
@@ -78,7 +81,8 @@ def test_folder_to_shards_equals_library_rows(model_dir, pipe, digits_small, dig
     replaced = _embed(model_dir, digit_paths[0], "--out", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert read_output(out)[0] == [digit_paths[0]]
-    assert sorted(os.listdir(out)) == ["keep.parquet", MANIFEST, "shard-000000.parquet"]
+    assert sorted(os.listdir(out)) == ["_lock", MANIFEST, "keep.parquet",
+                                       "shard-000000.parquet"]
 
 
 def _tar_bytes(paths, prefix="s"):
@@ -160,8 +164,8 @@ def test_kill_9_then_resume(model_dir, pipe, digit_paths, tmp_path):
         writer.join(30)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     skipped = len(written["shards"])
-    assert f"resumed {out}: skipped {skipped} complete shards ({16 * skipped} images)" \
-        in rerun.stderr
+    assert f"kept {16 * skipped} unchanged rows" in rerun.stderr
+    assert f"({200 - 16 * skipped} new, 0 changed)" in rerun.stderr
     ids, vectors, errors, _ = read_output(out)
     expected_ids = [f"stream.tar/s/{i:04d}" for i in range(200)]
     assert ids == expected_ids and len(set(ids)) == 200 and errors == {}
@@ -300,9 +304,10 @@ def test_ray_engine_survives_a_killed_actor(model_dir, pipe, digit_paths, tmp_pa
     np.testing.assert_allclose(vectors, pipe.embed(digit_paths).vectors, rtol=0, atol=1e-6)
 
 
-def test_resume_refuses_inputs_that_changed_under_it(model_dir, digit_paths, tmp_path):
-    """Same folder path, but a file renamed: the complete shards no longer hold these inputs,
-    so the rerun stops with a one-line error instead of mixing two corpora."""
+def test_renamed_file_is_new_and_the_old_row_kept_until_pruned(model_dir, pipe, digit_paths,
+                                                                tmp_path):
+    """Same folder, a file renamed: the new name is embedded, the old row is reported as gone
+    and kept; --prune removes it."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, path in enumerate(digit_paths[:40]):
@@ -312,7 +317,16 @@ def test_resume_refuses_inputs_that_changed_under_it(model_dir, digit_paths, tmp
     assert first.exit_code == 0, first.output
     os.rename(folder / "0000.png", folder / "0000b.png")
     again = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
-    assert again.exit_code == 1
-    assert "shard 0 was written from other inputs" in again.output
-    assert "--overwrite" in again.output
-    assert read_output(out)[0][0] == str(folder / "0000.png")  # nothing was rewritten
+    assert again.exit_code == 0, again.output
+    assert "(1 new, 0 changed)" in again.output and "kept 39 unchanged rows" in again.output
+    assert "1 rows have no input any more" in again.output and "--prune" in again.output
+    ids = read_output(out)[0]
+    assert len(ids) == 41 and str(folder / "0000.png") in ids and str(folder / "0000b.png") in ids
+    pruned = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16", "--prune")
+    assert pruned.exit_code == 0, pruned.output
+    assert "1 inputs gone: 1 rows removed" in pruned.output
+    ids, vectors, errors, _ = read_output(out)
+    assert sorted(ids) == sorted(str(p) for p in folder.iterdir()) and errors == {}
+    by_id = dict(zip(ids, vectors))
+    np.testing.assert_allclose(by_id[str(folder / "0000b.png")],
+                               pipe.embed([str(folder / "0000b.png")]).vectors[0], atol=1e-6)

@@ -1,17 +1,32 @@
-"""A bulk job's output folder: Parquet shards and the manifest that says which are complete.
+"""A bulk job's output folder: Parquet shards that read as one dataset, and how to read it back.
 
-    OUT_DIR/shard-000000.parquet   rows [0, S) of the input stream, S = the job's shard size
-    OUT_DIR/shard-000001.parquet   rows [S, 2S) ...
-    OUT_DIR/manifest.json          model, inputs, shard size, and every complete shard
+    OUT/shard-000000.parquet   rows of the job, at most S per shard (S = --shard-size)
+    OUT/shard-000001.parquet   ...
+    OUT/_manifest.json         model, inputs, and every complete shard (runtime/bulk/manifest.py)
+    OUT/_lock                  the single-writer lock (runtime/bulk/lock.py)
 
-Columns: `id` (string), `embedding` (fixed-size list<float32>[D], NaN for failed rows), `error`
-(string, null when the row is fine), and per probe `<probe>_label` (string) and
-`<probe>_score` (float32). A shard is written to a temporary name, fsynced and renamed; the
-manifest is rewritten atomically after it, so a crash leaves at worst a complete shard that the
-manifest does not list yet, which a rerun writes again under the same name.
+Readers of Parquet folders (pyarrow datasets, pandas, polars, DuckDB with 'OUT/*.parquet') skip
+names that start with '_' or '.', so the shards read as one table, and every shard has the same
+schema:
+
+    id            string     the input's id (a path, TABLE#row, a table's id column, TAR/key);
+                             unique in the folder
+    embedding     fixed_size_list<float32>[D]   NaN for a row that failed
+    error         string     null when the row is fine, else '<id>: reason'
+    input_stamp   string     what a rerun compares to see that the input changed
+                             (runtime.bulk.sources.stamp_of: size-mtime of a file, a hash of bytes)
+    <probe>_label string     per --probe: the predicted class (null for a failed row)
+    <probe>_score float32    its probability
+
+Each shard's Parquet key-value metadata holds `unirep.format`, `unirep.model` (JSON: fingerprint,
+architecture, variant, dim) and `unirep.description` (the model's description.json), so a shard
+copied on its own still says which model made it. Shards are written whole to a temporary name,
+fsynced and renamed (common/atomic.py); the manifest, rewritten after each, lists a shard only
+once it is complete, with its size and SHA-256, so a rerun can tell a damaged one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,9 +37,11 @@ import numpy as np
 from common.atomic import atomic_open
 from common.errors import UserError
 
-MANIFEST = "manifest.json"
-FORMAT = "unirep-bulk/1"
+MANIFEST = "_manifest.json"
+FORMAT = "unirep-bulk/2"
 SHARD_FILE = re.compile(r"shard-\d{6,}\.parquet")
+BASE_COLUMNS = ("id", "embedding", "error", "input_stamp")
+OLD_MANIFEST = "manifest.json"  # unirep-bulk/1, before the folder read as one dataset
 
 
 class OutputError(UserError, ValueError):
@@ -35,9 +52,19 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.parquet"
 
 
+def shard_metadata(model: dict, description: dict | None = None) -> dict[bytes, bytes]:
+    """The key-value metadata every shard carries (bytes keys, JSON values)."""
+    meta = {b"unirep.format": FORMAT.encode(),
+            b"unirep.model": json.dumps(model, sort_keys=True).encode()}
+    if description is not None:
+        meta[b"unirep.description"] = json.dumps(description, sort_keys=True).encode()
+    return meta
+
+
 def shard_table(ids: list[str], vectors: np.ndarray, errors: dict[int, str],
-                extra: dict[str, Any] | None = None):
-    """The rows of one shard as a pyarrow Table."""
+                stamps: list[str], extra: dict[str, Any] | None = None,
+                metadata: dict[bytes, bytes] | None = None):
+    """The rows of one shard as a pyarrow Table, with the documented column types."""
     import pyarrow as pa
     dim = vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
@@ -45,24 +72,39 @@ def shard_table(ids: list[str], vectors: np.ndarray, errors: dict[int, str],
         "id": pa.array(ids, pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
         "error": pa.array([errors.get(i) for i in range(len(ids))], pa.string()),
+        "input_stamp": pa.array(stamps, pa.string()),
     }
-    for name, values in (extra or {}).items():
-        columns[name] = pa.array(values)
-    return pa.table(columns)
+    for name, values in (extra or {}).items():  # typed: a shard of failed rows is all nulls
+        columns[name] = pa.array(values, pa.float32() if name.endswith("_score")
+                                 else pa.string())
+    table = pa.table(columns)
+    return table.replace_schema_metadata(metadata) if metadata else table
 
 
-def write_shard(out_dir: str, index: int, table) -> str:
-    """Write `table` as shard `index`, atomically; return its file name."""
+def write_shard(out_dir: str, index: int, table) -> dict:
+    """Write `table` as shard `index`, atomically; return its manifest entry."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
     name = shard_name(index)
     with atomic_open(os.path.join(out_dir, name), "wb") as f:
-        pq.write_table(table, f)
-    return name
+        f.write(data)
+    ids = table.column("id")
+    return {"file": name, "rows": table.num_rows,
+            "errors": table.num_rows - table.column("error").null_count,
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "first_id": ids[0].as_py() if table.num_rows else None,
+            "last_id": ids[-1].as_py() if table.num_rows else None}
 
 
 def load_manifest(out_dir: str) -> dict | None:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(out_dir, OLD_MANIFEST)):
+            raise OutputError(f"{out_dir}: written by an older version ({OLD_MANIFEST}); pass "
+                              f"--overwrite to rebuild it, or choose another --out")
         return None
     try:
         with open(path, encoding="utf-8") as f:
@@ -70,57 +112,24 @@ def load_manifest(out_dir: str) -> dict | None:
     except (OSError, ValueError) as e:
         raise OutputError(f"{path}: unreadable manifest ({e}); pass --overwrite to start "
                           f"again") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("shards"), dict):
         raise OutputError(f"{path}: not a unirep bulk manifest; pass --overwrite or choose "
                           f"another --out")
     return manifest
 
 
-def save_manifest(out_dir: str, manifest: dict) -> None:
-    with atomic_open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
+def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], dict[str, list]]:
+    """A job's folder in memory, shards in the manifest's order:
 
+        ids      list[str], one per row
+        vectors  float32 array (rows, D); NaN rows for failed inputs
+        errors   {row: '<id>: reason'} for the rows that failed
+        extra    {column: list} of the other columns (probes: `<probe>_label`,
+                 `<probe>_score`), aligned with `ids`
 
-def job_mismatch(old: dict, new: dict) -> str | None:
-    """Why an existing manifest belongs to another job (None: same job, resume it)."""
-    for key, what in (("model", "model"), ("inputs", "inputs"), ("shard_size", "shard size"),
-                      ("probes", "probes")):
-        if old.get(key) != new.get(key):
-            return f"it was written with another {what}"
-    return None
-
-
-def prepare(out_dir: str, job: dict, *, overwrite: bool) -> dict:
-    """The manifest to continue: the existing one when it is the same job, else a new one.
-
-    Leftovers of a killed run (temporary files, shards the manifest does not list) are
-    removed, and nothing else: other files in the folder are left alone. Another job's folder
-    is refused unless `overwrite`."""
-    os.makedirs(out_dir, exist_ok=True)
-    old = load_manifest(out_dir) if not overwrite else None
-    if old is not None:
-        problem = job_mismatch(old, job)
-        if problem:
-            raise OutputError(f"{out_dir} holds another job's shards ({problem}); pass "
-                              f"--overwrite to replace them, or choose another --out")
-        manifest = old
-    else:
-        if not overwrite and any(SHARD_FILE.fullmatch(n) for n in os.listdir(out_dir)):
-            raise OutputError(f"{out_dir} holds Parquet files but no manifest; pass "
-                              f"--overwrite to replace them, or choose another --out")
-        manifest = {"format": FORMAT, **job, "shards": {}, "finished": False, "rows": None}
-    listed = {info["file"] for info in manifest["shards"].values()}
-    for name in os.listdir(out_dir):  # only our own names: the folder may hold other files
-        stale = ((name.startswith(".tmp-") and name.endswith((".parquet", ".json")))
-                 or (SHARD_FILE.fullmatch(name) is not None and name not in listed))
-        if stale:
-            os.unlink(os.path.join(out_dir, name))
-    save_manifest(out_dir, manifest)
-    return manifest
-
-
-def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], dict]:
-    """(ids, vectors, {row: error}, other columns) of a finished job, shards in order."""
+    Row order is the order rows were written: input order for one run, new and changed inputs
+    after the kept ones for an update; join or sort by id when order matters."""
     import pyarrow.parquet as pq
     manifest = load_manifest(out_dir)
     if manifest is None:
@@ -130,7 +139,11 @@ def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], di
     errors: dict[int, str] = {}
     extra: dict[str, list] = {}
     for key in sorted(manifest["shards"], key=int):
-        table = pq.read_table(os.path.join(out_dir, manifest["shards"][key]["file"]))
+        name = manifest["shards"][key]["file"]
+        if not SHARD_FILE.fullmatch(str(name)):
+            raise OutputError(f"{out_dir}/{MANIFEST}: shard {key} names {name!r}, not a shard "
+                              f"file; rerun the job to repair the folder")
+        table = pq.read_table(os.path.join(out_dir, name))
         dim = table.schema.field("embedding").type.list_size
         blocks.append(table.column("embedding").combine_chunks().flatten()
                       .to_numpy().reshape(-1, dim))
@@ -138,7 +151,7 @@ def read_output(out_dir: str) -> tuple[list[str], np.ndarray, dict[int, str], di
             if e is not None:
                 errors[len(ids) + i] = e
         for name in table.column_names:
-            if name not in ("id", "embedding", "error"):
+            if name not in BASE_COLUMNS:
                 extra.setdefault(name, []).extend(table.column(name).to_pylist())
         ids += table.column("id").to_pylist()
     vectors = np.concatenate(blocks) if blocks else np.empty((0, 0), np.float32)

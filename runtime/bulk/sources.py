@@ -1,18 +1,24 @@
 """Where a bulk job's images come from: one ordered, lazily read stream of (id, item).
 
 An item is a path (str), the image's bytes, or a `BadItem` saying why that input cannot be read
-(the job records it as a failed row, so rows stay aligned with the inputs). The order is fixed by
-the inputs alone (sorted folder walks, table rows, tar members), never by a count, so the k-th
-item is the same on every run and a resumed job can skip whole shards without decoding them.
+(the job records it as a failed row, so every input has its row). The order is fixed by the
+inputs alone (sorted folder walks, table rows, tar members), never by a count.
+
+Each item has a *stamp* (`stamp_of`): a file's size and modification time, a hash of bytes that
+are already in memory (table cells, tar members), or a hash of a BadItem's reason. A rerun on the
+same output embeds an id again only when its stamp changed, so a file rewritten under the same
+name is re-embedded while untouched ones are never decoded.
 
     source = open_source(["photos/", "more.parquet", "shards/0001.tar"], column=None)
     for item_id, item in source: ...
     source.count()        # known for lists and Parquet tables, None for streamed folders/tars
 
 Paths read from a table are relative to the table's folder (or to --root) and may not leave it:
-an absolute path or one that climbs out with '..' fails that row with a one-line error. Tar
-members are read in stream order; a member whose name is absolute or climbs out fails its
-sample.
+an absolute path, one that climbs out with '..', or one that a symbolic link takes outside (paths
+are resolved, not only normalised) fails that row with a one-line error. Tar members are read in
+stream order; a member whose name is absolute or climbs out fails its sample, and a tar that ends
+early (cut inside a member or a header, or without its end-of-archive blocks) gives a row saying
+it is truncated.
 """
 from __future__ import annotations
 
@@ -37,6 +43,16 @@ PATH_COLUMNS = ("path", "image_path", "file", "filename", "image")
 BYTES_COLUMNS = ("bytes", "image_bytes", "jpg", "png", "image")
 ID_COLUMNS = ("id", "key", "image_id")
 MAX_ITEM_BYTES = 64 << 20  # a tar member or table cell above this is refused, not read
+# tarfile's own header errors (not in its __all__): the end marker, and a header missing or cut
+
+
+def _tar_errors(*names: str) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(tarfile, n) for n in names if hasattr(tarfile, n))
+
+
+TAR_END = _tar_errors("EOFHeaderError")
+CORRUPT_SUFFIX = "/#corrupt"  # the id of the row saying why a tar stops early
+TAR_CUT = _tar_errors("EmptyHeaderError", "TruncatedHeaderError")
 
 
 class SourceError(UserError, ValueError):
@@ -62,9 +78,34 @@ class Source:
         """Number of items if known without reading them, else None."""
         return None
 
-    def signature(self) -> dict:
-        """What identifies these inputs for a resumed job (paths, sizes, mtimes)."""
+    def estimate(self) -> int | None:
+        """Number of items, counted quickly where it can be (a folder walk without reading a
+        file); may take a while, so the job calls it beside its work. Default: `count()`."""
+        return self.count()
+
+    def identity(self) -> dict:
+        """What names these inputs whatever their content (kind and path): a rerun with the
+        same identity updates the output, another one is another job."""
         raise NotImplementedError
+
+    def signature(self) -> dict:
+        """What the manifest records of these inputs (paths, sizes, mtimes; for a folder, its
+        file count, total size and newest mtime once walked)."""
+        return self.identity()
+
+
+def stamp_of(item: Any) -> str:
+    """What tells whether an input changed since its row was written: 'SIZE-MTIME_NS' of a file,
+    'h' + a hash of bytes in memory, 'bad-' + a hash of a BadItem's reason, 'missing'."""
+    if isinstance(item, BadItem):
+        return "bad-" + hashlib.blake2b(item.message.encode(), digest_size=8).hexdigest()
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return "h" + hashlib.blake2b(item, digest_size=16).hexdigest()
+    try:
+        st = os.stat(item)
+    except (OSError, TypeError, ValueError):
+        return "missing"
+    return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def _file_signature(path: str) -> dict:
@@ -91,9 +132,12 @@ class ItemsSource(Source):
     def count(self):
         return len(self.items)
 
+    def identity(self):
+        return {"kind": self.kind, "label": self.label}
+
     def signature(self):
         digest = hashlib.sha256(json.dumps(self.items).encode()).hexdigest()[:16]
-        return {"kind": self.kind, "label": self.label, "n": len(self.items), "sha": digest}
+        return {**self.identity(), "n": len(self.items), "sha": digest}
 
 
 class FolderSource(Source):
@@ -103,13 +147,28 @@ class FolderSource(Source):
 
     def __init__(self, root: str, on_error=None):
         self.root, self.on_error = root, on_error
+        self.walked: dict[str, int] | None = None  # files, bytes, newest mtime: after a walk
 
     def __iter__(self):
+        files = size = newest = 0
         for path in iter_image_files(self.root, on_error=self.on_error):
+            try:
+                st = os.stat(path)
+                size, newest = size + st.st_size, max(newest, st.st_mtime_ns)
+            except OSError:
+                pass  # the pipeline reports it on its row
+            files += 1
             yield path, path
+        self.walked = {"files": files, "bytes": size, "newest_mtime_ns": newest}
+
+    def estimate(self):
+        return sum(1 for _ in iter_image_files(self.root, on_error=lambda p, m: None))
+
+    def identity(self):
+        return {"kind": self.kind, "path": os.path.abspath(self.root)}
 
     def signature(self):
-        return {"kind": self.kind, "path": os.path.abspath(self.root)}
+        return {**self.identity(), **(self.walked or {})}
 
 
 def resolve_table_path(value: Any, base: str, where: str) -> str | BadItem:
@@ -128,6 +187,11 @@ def resolve_table_path(value: Any, base: str, where: str) -> str | BadItem:
     joined = os.path.normpath(os.path.join(base, value))
     if os.path.relpath(joined, base).split(os.sep)[0] == os.pardir:
         return BadItem(f"{where}: path {value!r} leaves {base}; refused")
+    # resolved, not only normalised: a symbolic link may lead out of the folder
+    real, real_base = os.path.realpath(joined), os.path.realpath(base)
+    if os.path.commonpath([real, real_base]) != real_base:
+        return BadItem(f"{where}: path {value!r} leads out of {base} through a symbolic "
+                       f"link; refused")
     if os.path.isdir(joined):
         return BadItem(f"{where}: {value!r} is a folder, not an image")
     return joined
@@ -238,9 +302,17 @@ class TableSource(Source):
         import pyarrow.parquet as pq
         return pq.ParquetFile(self.path).metadata.num_rows
 
-    def signature(self):
-        return {"kind": self.kind, **_file_signature(self.path), "column": self.column,
+    def estimate(self):
+        if self.is_parquet:
+            return self.count()
+        return sum(1 for _ in self._rows())  # a CSV: its rows, without reading an image
+
+    def identity(self):
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "column": self.column,
                 "id_column": self.id_column, "root": self.root}
+
+    def signature(self):
+        return {**self.identity(), **_file_signature(self.path)}
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -268,8 +340,24 @@ class TarSource(Source):
     def __iter__(self):
         key: str | None = None
         item: Any = None
+        ended: list[str] = []  # how the member headers ended: 'end' (the marker) or 'cut'
+
+        class Header(tarfile.TarInfo):
+            """tarfile stops without a word at a header cut short or missing: note it."""
+
+            @classmethod
+            def fromtarfile(cls, tar):
+                try:
+                    return super().fromtarfile(tar)
+                except TAR_END:
+                    ended.append("end")
+                    raise
+                except TAR_CUT:
+                    ended.append("cut")
+                    raise
+
         try:
-            with tarfile.open(self.path, mode="r|*") as tar:
+            with tarfile.open(self.path, mode="r|*", tarinfo=Header) as tar:
                 for member in tar:
                     if member.isdir():
                         continue
@@ -282,15 +370,25 @@ class TarSource(Source):
                         continue
                     item = self._member(tar, member)
         except (tarfile.TarError, OSError, EOFError) as e:
-            where = f"{self.name}/{key}" if key is not None else self.name
-            if key is not None:
-                yield self._sample(key, item)
-            yield (f"{self.name}/#corrupt",
-                   BadItem(f"{where}: the tar cannot be read further ({e}); later samples "
-                           f"of {self.name} are missing"))
+            cut = "end of data" in str(e) or isinstance(e, EOFError)
+            yield from self._broken(key, item, f"truncated archive ({e})" if cut else
+                                    f"the tar cannot be read further ({e})")
+            return
+        if "cut" in ended:
+            yield from self._broken(key, item, "truncated archive (it ends without its "
+                                               "end-of-archive blocks)")
             return
         if key is not None:
             yield self._sample(key, item)
+
+    def _broken(self, key: str | None, item: Any, why: str) -> Iterator[tuple[str, Any]]:
+        """The samples of a tar that stops early: the last one, then a row saying why."""
+        where = f"{self.name}/{key}" if key is not None else self.name
+        if key is not None:
+            yield self._sample(key, item if item is not None else BadItem(
+                f"{where}: {why}; this sample was cut"))
+        yield (f"{self.name}{CORRUPT_SUFFIX}",
+               BadItem(f"{where}: {why}; later samples of {self.name} are missing"))
 
     def _sample(self, key: str, item: Any) -> tuple[str, Any]:
         item_id = f"{self.name}/{key}"
@@ -311,10 +409,18 @@ class TarSource(Source):
             return BadItem(f"{where}: {member.size} bytes is more than the {MAX_ITEM_BYTES} "
                            f"allowed")
         f = tar.extractfile(member)
-        return f.read() if f is not None else BadItem(f"{where}: cannot be read")
+        if f is None:
+            return BadItem(f"{where}: cannot be read")
+        data = f.read()
+        if len(data) != member.size:
+            return BadItem(f"{where}: truncated archive ({len(data)} of {member.size} bytes)")
+        return data
+
+    def identity(self):
+        return {"kind": self.kind, "path": os.path.abspath(self.path)}
 
     def signature(self):
-        return {"kind": self.kind, **_file_signature(self.path)}
+        return {**self.identity(), **_file_signature(self.path)}
 
 
 class ChainSource(Source):
@@ -332,6 +438,13 @@ class ChainSource(Source):
     def count(self):
         counts = [p.count() for p in self.parts]
         return None if any(c is None for c in counts) else sum(c for c in counts if c)
+
+    def estimate(self):
+        counts = [p.estimate() for p in self.parts]
+        return None if any(c is None for c in counts) else sum(c for c in counts if c)
+
+    def identity(self):
+        return {"kind": self.kind, "parts": [p.identity() for p in self.parts]}
 
     def signature(self):
         return {"kind": self.kind, "parts": [p.signature() for p in self.parts]}

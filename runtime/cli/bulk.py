@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+from typing import Any
 
 import click
 
@@ -14,12 +16,17 @@ ENGINES = ("local", "ray")
 
 
 def bulk_options(f):
-    """--shard-size, --overwrite, --column, --id-column, --root, --engine and the Ray options."""
+    """--shard-size, --overwrite, --prune, --column, --id-column, --root, --engine and the Ray options."""
     options = [
         click.option("--shard-size", type=click.IntRange(1), default=10_000, show_default=True,
                      help="Folder output: images per Parquet shard (the unit of resume)."),
         click.option("--overwrite", is_flag=True,
-                     help="Folder output: replace another job's shards instead of refusing."),
+                     help="Folder output: replace another job's shards instead of refusing "
+                          "(a rerun of the same job needs none: it embeds only new or "
+                          "changed inputs)."),
+        click.option("--prune", is_flag=True,
+                     help="Folder output: remove the rows of inputs that are gone (default: "
+                          "report them and keep them)."),
         click.option("--column", default=None,
                      help="Table inputs (.parquet/.csv): the path or image-bytes column "
                           "(default: bytes/image_bytes/jpg/png/image, else path/file/"
@@ -62,7 +69,7 @@ def probe_identity(probe_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_identity(model_dir: str, variant: str) -> tuple[dict, object]:
+def model_identity(model_dir: str, variant: str) -> tuple[dict, Any]:
     """({fingerprint, architecture, variant, dim}, description) of MODEL_DIR without opening a
     session, so that both engines identify the model the same way."""
     from runtime import load_description, resolve_model
@@ -104,10 +111,29 @@ def _require(module: str, extra: str, what: str) -> None:
 
 def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
              file_suffix: str = ".npy",
-             shard_size: int, overwrite: bool, column, id_column, root, engine: str,
-             address, actors, cpus_per_actor: float, gpus_per_actor: float) -> None:
-    """Run a sharded job into folder `out` and print its summary (the CLI's bulk branch)."""
+             shard_size: int, overwrite: bool, prune: bool = False, column, id_column, root,
+             engine: str, address, actors, cpus_per_actor: float,
+             gpus_per_actor: float) -> None:
+    """Run (or update) a sharded job into folder `out` and print its summary (the CLI's bulk
+    branch). Ctrl-C keeps the complete shards and says how to resume."""
+    try:
+        _run_bulk(model_dir, inputs, out, pipeline=pipeline, probe_dirs=probe_dirs,
+                  file_suffix=file_suffix, shard_size=shard_size, overwrite=overwrite,
+                  prune=prune, column=column, id_column=id_column, root=root, engine=engine,
+                  address=address, actors=actors, cpus_per_actor=cpus_per_actor,
+                  gpus_per_actor=gpus_per_actor)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the complete shards in {out} are kept; run the same "
+                   f"command again to resume (only what is missing is embedded)", err=True)
+        sys.exit(130)
+
+
+def _run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs, file_suffix: str,
+              shard_size: int, overwrite: bool, prune: bool, column, id_column, root,
+              engine: str, address, actors, cpus_per_actor: float,
+              gpus_per_actor: float) -> None:
     from runtime.bulk.job import JobError, pipeline_engine, run_job
+    from runtime.bulk.lock import BusyError
     from runtime.bulk.output import OutputError
     from runtime.bulk.sources import SourceError, open_source
     from runtime.cli.items import collect_items
@@ -126,8 +152,9 @@ def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
                              on_error=lambda p, m: click.echo(f"warning: {p}: {m}", err=True))
     except SourceError as e:
         raise click.UsageError(str(e))
-    common = dict(dim=model["dim"], model=model, shard_size=shard_size, probes=probes,
-                  overwrite=overwrite, echo=lambda s: click.echo(s, err=True))
+    common = dict(dim=model["dim"], model=model, description=description.to_dict(),
+                  shard_size=shard_size, probes=probes, overwrite=overwrite, prune=prune,
+                  echo=lambda s: click.echo(s, err=True))
     try:
         if engine == "ray":
             from runtime.bulk.ray_engine import RayEngine
@@ -147,10 +174,10 @@ def run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs=(),
                            f"{model['dim']}-d; provider {pipe.provider_}; threads "
                            f"{pipe.threads_}", err=True)
                 summary = run_job(source, out, pipeline_engine(pipe), **common)
-    except (OutputError, JobError) as e:
+    except (OutputError, JobError, BusyError) as e:
         raise click.ClickException(str(e))
     click.echo(summary.line(engine, out), err=True)
     if summary.total and summary.images and summary.failed == summary.images \
-            and not summary.images_skipped:
+            and not summary.kept:
         raise click.ClickException(f"all {summary.images} images failed; see the error column "
                                    f"in {out}")

@@ -62,7 +62,7 @@ def describe_pipeline(pipe) -> str:
 @click.option("--out", "-o", required=True, type=click.Path(),
               callback=writable_output("file or folder"),
               help="FEATURES.npy (ids go to FEATURES.ids.json beside it), or a folder: "
-                   "resumable Parquet shards + manifest.json (see Bulk jobs below).")
+                   "Parquet shards + _manifest.json, updated by a rerun (see Bulk jobs below).")
 @pipeline_options(decode="fast")
 @click.option("--probe", "probe_dirs", multiple=True, type=click.Path(exists=True,
               file_okay=False), help="Folder output: add <probe>_label and <probe>_score "
@@ -87,8 +87,10 @@ def embed(model_dir, inputs, out, pipeline: PipelineOptions, probe_dirs, **bulk)
 
     \b
     Bulk jobs: when --out is a folder, rows go to OUT/shard-NNNNNN.parquet (columns id,
-    embedding, error; probe columns with --probe) and OUT/manifest.json lists the complete
-    shards. Rerunning the same command after a crash resumes; another job's folder is refused
+    embedding, error, input_stamp; probe columns with --probe) and OUT/_manifest.json lists the
+    complete shards; the folder reads as one Parquet dataset. Rerunning the same command
+    embeds only new or changed inputs (after a crash too: it resumes); --prune removes the
+    rows of inputs that are gone; another job's folder is refused
     (--overwrite replaces it). INPUT may then also be a Parquet/CSV table (--column) or
     WebDataset tar shards; --engine ray runs the job on Ray Data.
 
