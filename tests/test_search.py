@@ -201,7 +201,9 @@ def test_cli_on_a_parquet_folder_needs_and_checks_the_model(embedded, exported_m
     build = _cli("index", "build", folder, "--model", model, "--kind", "hnsw")
     assert "hnsw" in build.stdout and "recall@10 vs exact" in build.stdout
     assert os.path.isfile(os.path.join(folder, "_index", "index.json"))
-    assert _search_jsonl(folder, queries) == _search_jsonl(npy, queries)
+    exact = str(tmp_path / "npy-exact")      # its own index: the test runs alone too
+    _cli("index", "build", npy, "--kind", "exact", "--out", exact)
+    assert _search_jsonl(folder, queries) == _search_jsonl(exact, queries)
     other = exported_model(fmnist_small, name="other", seed=1)
     refused = _cli("search", folder, queries[0], "--model", other, "--device", "cpu",
                    check=False)
@@ -210,6 +212,17 @@ def test_cli_on_a_parquet_folder_needs_and_checks_the_model(embedded, exported_m
     refused = _cli("index", "build", folder, "--model", other, "--out", str(tmp_path / "i"),
                    check=False)
     assert refused.returncode == 2 and "did not make these embeddings" in refused.stderr
+
+
+def test_a_parquet_folder_names_its_model(embedded, tmp_path):
+    """The bulk manifest records the model folder, so build and search need no --model."""
+    model, npy, folder, queries, _ = embedded
+    with open(os.path.join(folder, "_manifest.json")) as f:
+        assert json.load(f)["model_dir"] == os.path.abspath(model)
+    _cli("index", "build", folder, "--kind", "exact", "--out", str(tmp_path / "idx"))
+    _cli("index", "build", npy, "--kind", "exact", "--out", str(tmp_path / "npy-exact"))
+    assert _search_jsonl(str(tmp_path / "idx"), queries) == \
+        _search_jsonl(str(tmp_path / "npy-exact"), queries)
 
 
 def test_service_search_endpoint_answers_like_the_cli(embedded):

@@ -170,12 +170,14 @@ def run_job(source: Source, out_dir: str, engine: Engine, *, dim: int, model: di
             probes: list[Probe] | None = None, overwrite: bool = False, prune: bool = False,
             progress: bool | None = None, bar_file=None,
             echo: Callable[[str], None] | None = None,
-            on_shard: Callable[[int], None] | None = None) -> Summary:
+            on_shard: Callable[[int], None] | None = None,
+            model_dir: str | None = None) -> Summary:
     """Embed what `out_dir` lacks of `source` with `engine` (see the module doc), holding the
     folder's single-writer lock. `model` identifies the model (fingerprint, variant, dim) and,
     with `description`, goes into every shard's metadata; `prune` removes the rows of inputs
     that are gone; `progress` None shows a bar only on a terminal (`bar_file`: where, default
-    stderr); `on_shard(index)` is called after each shard is written."""
+    stderr); `on_shard(index)` is called after each shard is written; `model_dir`, recorded in
+    the manifest (not part of the job's identity), lets `search` embed queries with the model."""
     say = echo or (lambda s: print(s, file=sys.stderr))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -186,7 +188,7 @@ def run_job(source: Source, out_dir: str, engine: Engine, *, dim: int, model: di
         with OutputLock(out_dir):
             run = _Run(source, out_dir, engine, dim=dim, model=model, description=description,
                        shard_size=shard_size, probes=probes or [], prune=prune, say=say,
-                       on_shard=on_shard)
+                       on_shard=on_shard, model_dir=model_dir)
             return run.run(overwrite=overwrite, progress=progress, bar_file=bar_file)
     except OSError as e:
         error = _disk_error(e, out_dir)
@@ -200,8 +202,10 @@ class _Run:
 
     def __init__(self, source: Source, out_dir: str, engine: Engine, *, dim: int, model: dict,
                  description: dict | None, shard_size: int, probes: list[Probe], prune: bool,
-                 say: Callable[[str], None], on_shard: Callable[[int], None] | None):
+                 say: Callable[[str], None], on_shard: Callable[[int], None] | None,
+                 model_dir: str | None = None):
         self.source, self.out_dir, self.engine = source, out_dir, engine
+        self.model_dir = os.path.abspath(model_dir) if model_dir else None
         self.dim, self.model, self.shard_size, self.probes = dim, model, shard_size, probes
         self.prune, self.say, self.on_shard = prune, say, on_shard
         self.metadata = shard_metadata(model, description)
@@ -215,6 +219,8 @@ class _Run:
         job = {"model": self.model, "identity": self.source.identity(),
                "shard_size": self.shard_size,
                "probes": [{"name": p.name, "fingerprint": p.fingerprint} for p in self.probes]}
+        if self.model_dir:
+            job["model_dir"] = self.model_dir
         manifest = prepare(self.out_dir, job, overwrite=overwrite)
         good, dropped = verify_shards(self.out_dir, manifest)
         for line in dropped:

@@ -6,6 +6,8 @@ a rerun makes before it trusts them.
      "identity": the inputs by kind and path (a rerun with other inputs is another job),
      "inputs": what was read last time (paths; a file's size and mtime; a folder's file count,
                total size and newest mtime),
+     "model_dir": the model folder's absolute path (where `search` finds the model; not part of
+                  the job's identity),
      "shard_size": S, "shards": {"0": {file, rows, errors, bytes, sha256, first_id, last_id}},
      "finished": bool, "rows": rows in the folder, "last_run": {added, changed, kept, ...}}
 
@@ -54,7 +56,9 @@ def prepare(out_dir: str, job: dict, *, overwrite: bool) -> dict:
         if problem:
             raise OutputError(f"{out_dir} holds another job's shards ({problem}); pass "
                               f"--overwrite to replace them, or choose another --out")
-        manifest = {**old, "shard_size": job["shard_size"], "finished": False}
+        # the model folder may have moved: where it is now, not part of the job's identity
+        manifest = {**old, "shard_size": job["shard_size"], "finished": False,
+                    **({"model_dir": job["model_dir"]} if "model_dir" in job else {})}
     else:
         if not overwrite and any(SHARD_FILE.fullmatch(n) for n in os.listdir(out_dir)):
             raise OutputError(f"{out_dir} holds Parquet files but no {MANIFEST}; pass "

@@ -154,7 +154,7 @@ def _run_bulk(model_dir: str, inputs, out: str, *, pipeline: dict, probe_dirs, f
         raise click.UsageError(str(e))
     common = dict(dim=model["dim"], model=model, description=description.to_dict(),
                   shard_size=shard_size, probes=probes, overwrite=overwrite, prune=prune,
-                  echo=lambda s: click.echo(s, err=True))
+                  echo=lambda s: click.echo(s, err=True), model_dir=model_dir)
     try:
         if engine == "ray":
             from runtime.bulk.ray_engine import RayEngine
