@@ -155,8 +155,8 @@ def image_input(model, path: str) -> InputFacts:
         raise ImportOnnxError(f"{path}: the input {described} is channels-last (NHWC); export "
                               "the model with channels first [batch, 3, H, W]")
     if isinstance(channels, int) and channels != 3:
-        raise ImportOnnxError(f"{path}: the input {described} has {channels} channels; the "
-                              "runtime feeds RGB images [batch, 3, H, W]")
+        raise ImportOnnxError(f"{path}: the input {described} has {channels} channel(s); "
+                              "the runtime feeds RGB images [batch, 3, H, W]")
     fixed = [d for d in (height, width) if isinstance(d, int)]
     if len(fixed) == 2 and height != width:
         raise ImportOnnxError(f"{path}: the input {described} is not square ({height}x{width}); "

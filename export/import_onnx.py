@@ -180,15 +180,20 @@ def original_outputs(path: str, facts: G.InputFacts, output: str, images: np.nda
                      ) -> np.ndarray:
     """The chosen output of the ORIGINAL file on `images`: one image at a time when its batch
     is open, in batches of its fixed size otherwise (the last one padded)."""
-    session = parity_mod.new_session(path)
     step = facts.batch or 1
     chunks = []
-    for start in range(0, len(images), step):
-        batch = images[start:start + step]
-        padded = np.concatenate([batch, np.repeat(batch[-1:], step - len(batch), 0)]) \
-            if len(batch) < step else batch
-        y = session.run([output], {facts.name: padded})[0]
-        chunks.append(np.asarray(y, np.float32)[:len(batch)])
+    try:
+        session = parity_mod.new_session(path)
+        for start in range(0, len(images), step):
+            batch = images[start:start + step]
+            padded = np.concatenate([batch, np.repeat(batch[-1:], step - len(batch), 0)]) \
+                if len(batch) < step else batch
+            y = session.run([output], {facts.name: padded})[0]
+            chunks.append(np.asarray(y, np.float32)[:len(batch)])
+    except Exception as e:  # onnxruntime's own errors: an IR version or operator it lacks...
+        raise ImportOnnxError(f"{path}: onnxruntime cannot run the original file on "
+                              f"{facts.batch or 1}x3x{images.shape[-1]}x{images.shape[-1]} "
+                              f"images ({G._one_line(e)})") from e
     reference = np.concatenate(chunks)
     if reference.ndim == 4 and reference.shape[2:] == (1, 1):
         reference = reference.reshape(len(reference), -1)
