@@ -29,6 +29,7 @@ import numpy as np
 from .onnx_files import ExportError
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "image", "embedding", "batch"
+MAX_WEIGHT_BYTES = 2**31 - 2**26  # one protobuf file, with room for the graph itself
 # Output names that say "this is the embedding" (lower case, whole name or a suffix after / . _)
 EMBEDDING_NAMES = ("embedding", "embeddings", "image_embeds", "image_embedding", "features",
                    "image_features", "feature", "pooled", "pooled_output", "pooler_output",
@@ -116,6 +117,10 @@ def read_foreign(path: str):
     if check_external_data(model, path):
         from onnx.external_data_helper import load_external_data_for_model
         load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    weights = sum(len(t.raw_data) for t in _tensors(model.graph))
+    if weights > MAX_WEIGHT_BYTES:
+        raise ImportOnnxError(f"{path}: {weights / 2**30:.1f} GiB of weights; import keeps a "
+                              "model in one .onnx file, which protobuf limits to 2 GiB")
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # ValidationError, or a protobuf error on odd files

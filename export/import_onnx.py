@@ -219,7 +219,7 @@ def prove_rewritten(model_path: str, reference: np.ndarray, images: np.ndarray,
             raise
         raise ImportOnnxError(f"{src}: the imported graph does not run like the original "
                               f"({G._one_line(e)})") from e
-    result["reference"] = "the original ONNX file in onnxruntime"
+    result["reference"] = "the original ONNX file"
     return result
 
 

@@ -35,15 +35,37 @@ def _timm_model(name: str, **kwargs):
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
 
 
-def _timm_export(name: str, path: str) -> str:
+def _timm_export(name: str, path: str, dynamic_size: bool = False) -> str:
     """timm's own exporter (timm.utils.onnx: TorchScript path, names input0/output0)."""
     from timm.utils.onnx import onnx_export
     model = _timm_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_export(model, path, input_size=model.pretrained_cfg["input_size"], batch_size=2,
-                    opset=17)
+                    opset=17, dynamic_size=dynamic_size)
     return path
+
+
+class _ViewFlatten:
+    """A user's own small CNN whose flatten is `x.view(x.shape[0], -1)`: exported with one
+    example image, the Reshape target [1, -1] is a constant that bakes the batch in."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+                self.fc = torch.nn.Linear(8 * 15 * 15, 32)
+
+            def forward(self, x):
+                y = torch.relu(self.conv(x))
+                return self.fc(y.view(y.shape[0], -1))
+
+        torch.manual_seed(0)
+        return Net().eval()
 
 
 def _plain_export(model, path: str, size: int, **kwargs) -> str:
@@ -66,8 +88,12 @@ def foreign(tmp_path_factory):
         if key in made:
             return made[key]
         path = str(base / f"{key}.onnx")
-        if key.startswith("timm-"):
+        if key.startswith("timm-dynsize-"):
+            _timm_export(key[len("timm-dynsize-"):], path, dynamic_size=True)
+        elif key.startswith("timm-"):
             _timm_export(key[len("timm-"):], path)
+        elif key == "view-b1":
+            _plain_export(_ViewFlatten.build(), path, 64)
         elif key == "torchvision-mobilenet-b1":
             import torch
             import torchvision
@@ -158,6 +184,8 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     ("timm-test_vit", ["--like", "timm:test_vit"]),
     ("timm-test_convnext", ["--like", "timm:test_convnext"]),
     ("timm-test_efficientnet", ["--like", "timm:test_efficientnet"]),
+    ("timm-dynsize-test_convnext", ["--like", "timm:test_convnext"]),
+    ("view-b1", ["--resize-size", "72", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]),
     ("torchvision-mobilenet-b1", ["--input-size", "128", "--resize-size", "146",
                                   "--interpolation", "bilinear", *IMAGENET]),
 ])
@@ -179,8 +207,12 @@ def test_imported_models_match_the_original_on_real_photos(foreign, photos, phot
         expected = reference_embeddings(src, photo_files, pipe.preprocessing_)
     assert got.vectors.shape == expected.shape
     assert min_cosine(got.vectors, expected) >= MIN_COSINE
+    rewrite = report["imported_from"]["rewrite"]
     if key.endswith("-b1"):  # the fixed batch of 1 was opened and proven at batch 7
-        assert report["imported_from"]["rewrite"]["batch_was"] == 1
+        assert rewrite["batch_was"] == 1
+        assert rewrite["opened_reshapes"] == (1 if key == "view-b1" else 0)
+    if "dynsize" in key:  # height and width were open: fixed to the crop size
+        assert io["inputs"]["image"]["shape"] == ["batch", 3, 160, 160]
 
 
 def test_preprocessing_from_timm_and_from_our_registry(foreign, photos, tmp_path):
