@@ -473,3 +473,14 @@ def test_the_command_line_exits_non_zero_with_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "not an ONNX" in proc.stderr, proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_the_import_benchmark_runs_every_row(photos):
+    from benchmarks.bench_import import run
+    report = run("test_resnet", photos, batch_size=8, repeats=1, limit=16)
+    assert set(report["speed"]) == {"imported_model_only", "original_model_only",
+                                    "torch_model_only", "ours_end_to_end",
+                                    "original_recipe_end_to_end"}
+    assert all(f["images"] == 16 and f["images_per_s"] > 0 for f in report["speed"].values())
+    assert report["import_parity"]["min_cosine"] >= MIN_COSINE
+    assert report["input_size"] == 160 and report["feature_dim"] == 96
