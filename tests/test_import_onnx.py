@@ -78,6 +78,28 @@ def _plain_export(model, path: str, size: int, **kwargs) -> str:
     return path
 
 
+def make_foreign(key: str, path: str) -> str:
+    """The foreign ONNX file `key` at `path` (see the keys below)."""
+    if key.startswith("timm-dynsize-"):
+        return _timm_export(key[len("timm-dynsize-"):], path, dynamic_size=True)
+    if key.startswith("timm-"):
+        return _timm_export(key[len("timm-"):], path)
+    if key == "view-b1":
+        return _plain_export(_ViewFlatten.build(), path, 64)
+    if key == "torchvision-mobilenet-b1":
+        import torch
+        import torchvision
+        torch.manual_seed(0)
+        model = torchvision.models.mobilenet_v3_small(weights=None)
+        model.classifier = torch.nn.Identity()  # the pooled 576-d features
+        return _plain_export(model.eval(), path, 128)
+    if key == "vit-b1":
+        return _plain_export(_timm_model("test_vit"), path, 160)
+    return _plain_export(_two_outputs(key), path, 160,  # "named" or "ambiguous"
+                         output_names=["logits", "features"] if key == "named" else ["a", "b"],
+                         input_names=["pixel_values"])
+
+
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory):
     """{key: path} of foreign ONNX files, made on first request."""
@@ -85,30 +107,9 @@ def foreign(tmp_path_factory):
     made: dict[str, str] = {}
 
     def get(key: str) -> str:
-        if key in made:
-            return made[key]
-        path = str(base / f"{key}.onnx")
-        if key.startswith("timm-dynsize-"):
-            _timm_export(key[len("timm-dynsize-"):], path, dynamic_size=True)
-        elif key.startswith("timm-"):
-            _timm_export(key[len("timm-"):], path)
-        elif key == "view-b1":
-            _plain_export(_ViewFlatten.build(), path, 64)
-        elif key == "torchvision-mobilenet-b1":
-            import torch
-            import torchvision
-            torch.manual_seed(0)
-            model = torchvision.models.mobilenet_v3_small(weights=None)
-            model.classifier = torch.nn.Identity()  # the pooled 576-d features
-            _plain_export(model.eval(), path, 128)
-        elif key == "vit-b1":
-            _plain_export(_timm_model("test_vit"), path, 160)
-        else:
-            _plain_export(_two_outputs(key), path, 160,
-                          output_names=["logits", "features"] if key == "named" else ["a", "b"],
-                          input_names=["pixel_values"])
-        made[key] = path
-        return path
+        if key not in made:
+            made[key] = make_foreign(key, str(base / f"{key}.onnx"))
+        return made[key]
 
     return get
 
