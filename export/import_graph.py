@@ -373,6 +373,9 @@ def rewrite(model, facts: InputFacts, output: str, size: int, path: str) -> Rewr
     """Rewrite `model` in place into a model folder's graph (see the module docstring)."""
     from onnx import TensorProto
     graph = model.graph
+    initialisers = {t.name for t in graph.initializer}
+    for value in [v for v in graph.input if v.name in initialisers]:
+        graph.input.remove(value)  # weights listed as inputs (keep_initializers_as_inputs)
     pruned = prune(graph, output)
     del graph.value_info[:]  # intermediate shapes may pin the old batch; onnxruntime re-infers
     opened = open_reshape_batches(graph, facts.batch) if facts.batch else 0

@@ -35,14 +35,15 @@ def _timm_model(name: str, **kwargs):
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
 
 
-def _timm_export(name: str, path: str, dynamic_size: bool = False) -> str:
+def _timm_export(name: str, path: str, dynamic_size: bool = False,
+                 keep_initializers: bool = False) -> str:
     """timm's own exporter (timm.utils.onnx: TorchScript path, names input0/output0)."""
     from timm.utils.onnx import onnx_export
     model = _timm_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_export(model, path, input_size=model.pretrained_cfg["input_size"], batch_size=2,
-                    opset=17, dynamic_size=dynamic_size)
+                    opset=17, dynamic_size=dynamic_size, keep_initializers=keep_initializers)
     return path
 
 
@@ -80,6 +81,8 @@ def _plain_export(model, path: str, size: int, **kwargs) -> str:
 
 def make_foreign(key: str, path: str) -> str:
     """The foreign ONNX file `key` at `path` (see the keys below)."""
+    if key.startswith("timm-keepinit-"):  # weights also listed as graph inputs
+        return _timm_export(key[len("timm-keepinit-"):], path, keep_initializers=True)
     if key.startswith("timm-dynsize-"):
         return _timm_export(key[len("timm-dynsize-"):], path, dynamic_size=True)
     if key.startswith("timm-"):
@@ -186,6 +189,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     ("timm-test_convnext", ["--like", "timm:test_convnext"]),
     ("timm-test_efficientnet", ["--like", "timm:test_efficientnet"]),
     ("timm-dynsize-test_convnext", ["--like", "timm:test_convnext"]),
+    ("timm-keepinit-test_resnet", ["--like", "timm:test_resnet"]),
     ("view-b1", ["--resize-size", "72", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]),
     ("torchvision-mobilenet-b1", ["--input-size", "128", "--resize-size", "146",
                                   "--interpolation", "bilinear", *IMAGENET]),
@@ -438,6 +442,8 @@ def test_refusals_name_the_problem(tmp_path, foreign, photos):
     ambiguous = _refusal(tmp_path, foreign("ambiguous"), "--check-data", photos)
     assert "choose one with --output" in ambiguous and "a [1, 5]" in ambiguous
     assert "no output 'x'" in _refusal(tmp_path, foreign("ambiguous"), "--output", "x")
+    assert "timm has no architecture" in _refusal(tmp_path, square, "--like", "timm:nope")
+    assert "unknown architecture" in _refusal(tmp_path, square, "--like", "nope")
 
 
 def test_external_data_must_stay_beside_the_file(tmp_path, photos):
