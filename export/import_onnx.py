@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from common.atomic import make_temp_dir, replace_folder
-from common.description import ModelDescription, Preprocessing, save_json_atomic
+from common.description import INTERPOLATIONS, ModelDescription, Preprocessing, save_json_atomic
 from common.model_dir import DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
 
 from . import import_graph as G
@@ -65,7 +65,7 @@ class PreprocessingOptions:
 
 def preprocessing_like(name: str) -> tuple[Preprocessing, str]:
     """The evaluation preprocessing of architecture `name`: `timm:NAME` from timm's resolved
-    data config (timm must be installed), else a name of our registry (train.models)."""
+    data config (timm must be installed), else an architecture of train.models' registry."""
     if name.startswith("timm:"):
         return _timm_preprocessing(name[len("timm:"):]), f"timm data config of {name[5:]}"
     try:
@@ -74,13 +74,19 @@ def preprocessing_like(name: str) -> tuple[Preprocessing, str]:
         raise ImportOnnxError(f"--like {name}: the architecture registry needs the training "
                               f"extras ({e}); give --input-size/--resize-size/--mean/--std "
                               "instead") from e
-    if name not in ARCHITECTURES:
-        raise ImportOnnxError(f"--like {name}: unknown architecture; choose from "
-                              f"{', '.join(ARCHITECTURES)} or timm:NAME")
-    return default_preprocessing(name), f"registry architecture {name}"
+    unknown = (f"--like {name}: unknown architecture; choose from {', '.join(ARCHITECTURES)} "
+               "or timm:NAME")
+    if name not in ARCHITECTURES and not name.startswith("torchvision:"):
+        raise ImportOnnxError(unknown)
+    try:
+        return default_preprocessing(name), f"architecture {name}"
+    except KeyError as e:  # a registry without torchvision:NAME architectures
+        raise ImportOnnxError(unknown) from e
 
 
 def _timm_preprocessing(name: str) -> Preprocessing:
+    """timm's eval transform: Resize(floor(S / crop_pct)) with torchvision's truncated long
+    side, CenterCrop(S), timm's interpolation, mean and std."""
     try:
         import timm
         import timm.data
@@ -93,15 +99,18 @@ def _timm_preprocessing(name: str) -> Preprocessing:
                               "timm.list_models())")
     cfg = get_pretrained_cfg(name)
     data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg else None)
-    size = int(data["input_size"][-1])
+    _, height, width = data["input_size"]
+    if height != width:
+        raise ImportOnnxError(f"--like timm:{name}: its input is {height}x{width}; the runtime "
+                              "feeds square crops (give --input-size S and the rest instead)")
     interpolation = data.get("interpolation", "bilinear")
-    return Preprocessing(
-        input_size=size,
-        # timm's eval transform: Resize(floor(S / crop_pct)) then CenterCrop(S)
-        resize_size=int(math.floor(size / float(data.get("crop_pct") or 1.0))),
-        mean=[float(x) for x in data["mean"]], std=[float(x) for x in data["std"]],
-        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest")
-        else "bilinear")
+    # from_dict: keeps only the fields this build's Preprocessing knows (resize_rounding is new)
+    return Preprocessing.from_dict({
+        "input_size": int(height),
+        "resize_size": int(math.floor(height / float(data.get("crop_pct") or 1.0))),
+        "mean": [float(x) for x in data["mean"]], "std": [float(x) for x in data["std"]],
+        "interpolation": interpolation if interpolation in INTERPOLATIONS else "bilinear",
+        "resize_rounding": "truncate"})
 
 
 def resolve_preprocessing(opts: PreprocessingOptions, graph_size: int | None, path: str
@@ -131,7 +140,9 @@ def resolve_preprocessing(opts: PreprocessingOptions, graph_size: int | None, pa
         raise ImportOnnxError(f"{path}: the preprocessing the model expects is not in the ONNX "
                               f"file: give {', '.join(missing)} (or --like ARCH, e.g. "
                               "--like timm:resnet50)")
-    pre = Preprocessing(**values)
+    merged = dict(vars(base)) if base is not None else {}  # background, resize convention...
+    merged.update(values)
+    pre = Preprocessing(**merged)
     problem = pre.problem()
     if problem:
         raise ImportOnnxError(f"{path}: {problem}")
