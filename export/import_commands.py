@@ -40,6 +40,10 @@ def _three_floats(ctx, param, value):
               help="Per-channel std on the [0, 1] scale, e.g. 0.229,0.224,0.225.")
 @click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
               help="Resize filter (default: borrowed with --like, else bilinear).")
+@click.option("--resize-rounding", type=click.Choice(["round", "truncate"]), default=None,
+              help="How the long side's length is made whole after the resize: round (our "
+                   "models) or truncate (torchvision's Resize, so timm's and torchvision's "
+                   "transforms; borrowed with --like). Default: round.")
 @click.option("--like", metavar="ARCH", default=None,
               help="Borrow the preprocessing of an architecture: one of our registry "
                    "(resnet50, efficientnet_lite0, ...) or timm:NAME (timm's resolved data "
@@ -59,8 +63,9 @@ def _three_floats(ctx, param, value):
 @click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
               help="How many real images the parity checks use.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
-def import_model(model_file, out_dir, input_size, resize_size, mean, std, interpolation, like,
-                 output, name, fp16, int8, calib, check_data, parity_images, overwrite):
+def import_model(model_file, out_dir, input_size, resize_size, mean, std, interpolation,
+                 resize_rounding, like, output, name, fp16, int8, calib, check_data,
+                 parity_images, overwrite):
     """Import an image ONNX exported elsewhere into a model folder, proven on real images.
 
     \b
@@ -86,7 +91,8 @@ def import_model(model_file, out_dir, input_size, resize_size, mean, std, interp
         raise click.UsageError("--calib is only used with --int8")
     from .import_onnx import PreprocessingOptions, import_onnx
     options = PreprocessingOptions(input_size=input_size, resize_size=resize_size, mean=mean,
-                                   std=std, interpolation=interpolation, like=like)
+                                   std=std, interpolation=interpolation,
+                                   resize_rounding=resize_rounding, like=like)
     report = import_onnx(model_file, out_dir, options, output=output, name=name,
                          check_data=check_data, parity_images=parity_images, fp16=fp16,
                          int8_calib=calib if int8 else None, overwrite=overwrite)

@@ -59,6 +59,7 @@ class PreprocessingOptions:
     mean: list[float] | None = None
     std: list[float] | None = None
     interpolation: str | None = None
+    resize_rounding: str | None = None  # "round" | "truncate", where Preprocessing has it
     like: str | None = None
     given: dict = field(default_factory=dict)
 
@@ -119,7 +120,11 @@ def resolve_preprocessing(opts: PreprocessingOptions, graph_size: int | None, pa
     base, source = (preprocessing_like(opts.like) if opts.like else (None, None))
     values: dict = {}
     origin: dict = {}
-    for key in ("input_size", "resize_size", "mean", "std", "interpolation"):
+    known = Preprocessing.__dataclass_fields__
+    if opts.resize_rounding is not None and "resize_rounding" not in known:
+        raise ImportOnnxError("--resize-rounding: this build's preprocessing always rounds the "
+                              "long side; drop the option")
+    for key in ("input_size", "resize_size", "mean", "std", "interpolation", "resize_rounding"):
         given = getattr(opts, key)
         if given is not None:
             values[key], origin[key] = given, "option"
@@ -142,7 +147,7 @@ def resolve_preprocessing(opts: PreprocessingOptions, graph_size: int | None, pa
                               "--like timm:resnet50)")
     merged = dict(vars(base)) if base is not None else {}  # background, resize convention...
     merged.update(values)
-    pre = Preprocessing(**merged)
+    pre = Preprocessing(**{k: v for k, v in merged.items() if k in known})
     problem = pre.problem()
     if problem:
         raise ImportOnnxError(f"{path}: {problem}")

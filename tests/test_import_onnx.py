@@ -237,6 +237,21 @@ def test_preprocessing_from_timm_and_from_our_registry(foreign, photos, tmp_path
     assert pre.mean == [0.485, 0.456, 0.406]
 
 
+def test_the_resize_rounding_is_borrowed_or_given(foreign, photos, tmp_path):
+    from common.description import Preprocessing
+    from common.model_dir import ModelDir
+    src = foreign("timm-test_resnet")
+    if "resize_rounding" not in Preprocessing.__dataclass_fields__:
+        assert "always rounds" in _refusal(tmp_path, src, "--resize-rounding", "truncate")
+        return
+    do_import(src, str(tmp_path / "t"), "--check-data", photos, "--like", "timm:test_resnet")
+    pre = ModelDir(str(tmp_path / "t")).description.preprocessing
+    assert pre.resize_rounding == "truncate"  # torchvision's Resize, as timm's transform
+    do_import(src, str(tmp_path / "r"), "--check-data", photos, "--like", "timm:test_resnet",
+              "--resize-rounding", "round")
+    assert ModelDir(str(tmp_path / "r")).description.preprocessing.resize_rounding == "round"
+
+
 def test_the_output_named_like_an_embedding_is_chosen_and_flattened(foreign, photos, tmp_path):
     from runtime import FeaturePipeline
     src = foreign("named")  # outputs logits [1, 5] and features [1, 96, 1, 1]
