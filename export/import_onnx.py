@@ -128,7 +128,7 @@ def resolve_preprocessing(opts: PreprocessingOptions, graph_size: int | None, pa
         given = getattr(opts, key)
         if given is not None:
             values[key], origin[key] = given, "option"
-        elif base is not None:
+        elif base is not None and key in known:
             values[key], origin[key] = getattr(base, key), source
     if "input_size" not in values and graph_size:
         values["input_size"], origin["input_size"] = graph_size, "the graph's input shape"
