@@ -331,6 +331,17 @@ def test_embed_probe_evaluate_and_bulk(imported, photos, photo_files, tmp_path):
     right = [p["label"] == os.path.basename(os.path.dirname(p["id"])) for p in preds]
     assert np.mean(right) > 0.5
 
+    code, text = run_cli("probe", "fuse", imported, tmp_path / "p", "--out",
+                         tmp_path / "fused.onnx")
+    assert code == 0, text
+    import onnxruntime as ort
+    fused = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    with FeaturePipeline(imported, device="cpu", fast_decode=False) as pipe:
+        arrays, _ = pipe.preprocess(photo_files[:4])
+        plain = pipe.embed_arrays(arrays)
+    got = fused.run(["embedding"], {fused.get_inputs()[0].name: arrays})[0]
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
+
     code, text = run_cli("evaluate", imported, "-t", photos, "--out", tmp_path / "rep",
                          "--no-cache", "--device", "cpu")
     assert code == 0, text
