@@ -129,8 +129,8 @@ def read_foreign(path: str):
 
 
 def graph_inputs(model) -> list:
-    initialisers = {t.name for t in model.graph.initializer}
-    return [v for v in model.graph.input if v.name not in initialisers]
+    """The graph's real inputs (not the weights some exporters also list as inputs)."""
+    return graph_inputs_of(model.graph)
 
 
 def image_input(model, path: str) -> InputFacts:

@@ -358,9 +358,13 @@ def import_onnx(src: str, out_dir: str, preprocessing: PreprocessingOptions | No
     tmp_dir = make_temp_dir(parent, tag=base)
     try:
         model_path = os.path.join(tmp_dir, MODEL_FILE)
-        onnx.save(model, model_path)
-        del model
-        graph_report = optimise(model_path)
+        try:
+            onnx.save(model, model_path)
+            del model
+            graph_report = optimise(model_path)
+        except Exception as e:  # the checker, or protobuf, on a graph the rewrite broke
+            raise ImportOnnxError(f"{src}: the rewritten graph is not valid ONNX "
+                                  f"({G._one_line(e)}); please report this file") from e
         final = onnx.load(model_path)
         set_description_metadata(final, desc_dict)
         onnx.save(final, model_path)

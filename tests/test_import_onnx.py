@@ -5,6 +5,7 @@ then every stage (embed, probe, serve, bulk, evaluate, export --format triton) o
 and every refusal in one line, with nothing written."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -470,6 +471,21 @@ def test_refusals_name_the_problem(tmp_path, foreign, photos):
     assert "no output 'x'" in _refusal(tmp_path, foreign("ambiguous"), "--output", "x")
     assert "timm has no architecture" in _refusal(tmp_path, square, "--like", "timm:nope")
     assert "unknown architecture" in _refusal(tmp_path, square, "--like", "nope")
+
+
+def test_every_dimension_open_as_optimum_writes_it(tmp_path, photos):
+    """Hugging Face optimum names the input pixel_values [batch_size, num_channels, height,
+    width], all symbolic: the import fixes channels and size, keeps the batch open."""
+    from onnx import TensorProto as T
+
+    from runtime import FeaturePipeline
+    src = _tiny(str(tmp_path / "hf.onnx"), [_input("pixel_values", T.FLOAT, [
+        "batch_size", "num_channels", "height", "width"])])
+    report = do_import(src, str(tmp_path / "m"), "--input-size", 32, "--resize-size", 36,
+                       *IMAGENET, "--check-data", photos)
+    assert report["io"]["inputs"]["image"]["shape"] == ["batch", 3, 32, 32]
+    with FeaturePipeline(str(tmp_path / "m"), device="cpu") as pipe:
+        assert pipe.embed(sorted(glob.glob(os.path.join(photos, "*", "*.jpg")))[:9]).ok.all()
 
 
 def test_external_data_must_stay_beside_the_file(tmp_path, photos):
