@@ -100,11 +100,17 @@ def import_model(model_file, out_dir, input_size, resize_size, mean, std, interp
 
 
 def summary(out_dir: str, report: dict) -> str:
+    from common.model_dir import ModelDir
     imported = report["imported_from"]
-    pre = imported["preprocessing_from"]
+    pre = ModelDir(out_dir).description.preprocessing
+    by_source: dict[str, list[str]] = {}
+    for key, source in imported["preprocessing_from"].items():
+        by_source.setdefault(source, []).append(key)
     lines = [f"{out_dir}: {report['architecture']} imported from {imported['file']} "
              f"(output {imported['embedding_output']!r}), {report['feature_dim']}-d embedding",
-             "  preprocessing from " + ", ".join(f"{k}: {v}" for k, v in pre.items())]
+             f"  preprocessing: resize {pre.resize_size} ({pre.interpolation}), crop "
+             f"{pre.input_size}, mean {pre.mean}, std {pre.std}; from "
+             + "; ".join(f"{source} ({', '.join(keys)})" for source, keys in by_source.items())]
     rewrite = imported["rewrite"]
     if rewrite["batch_was"] != "dynamic":
         lines.append(f"  fixed batch {rewrite['batch_was']} opened to a dynamic batch"

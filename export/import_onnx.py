@@ -224,6 +224,7 @@ def prove_rewritten(model_path: str, reference: np.ndarray, images: np.ndarray,
     """Parity of the rewritten graph against the original, fresh sessions at batch 1 and 7;
     a fixed batch that fails here could not be opened."""
     try:
+        _runs_quietly(model_path, images[:7])  # onnxruntime's refusal, without its log lines
         result = parity_mod.check_parity(model_path, {G.OUTPUT_NAME: reference}, images)
     except Exception as e:  # onnxruntime refusing another batch size, or figures off
         if facts.batch:
@@ -237,6 +238,18 @@ def prove_rewritten(model_path: str, reference: np.ndarray, images: np.ndarray,
                               f"({G._one_line(e)})") from e
     result["reference"] = "the original ONNX file"
     return result
+
+
+def _runs_quietly(model_path: str, batch: np.ndarray) -> None:
+    """One run of `batch`, onnxruntime's own logging off (its failure is raised, and said
+    once, by the caller)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    session.run([G.OUTPUT_NAME], {G.INPUT_NAME: batch}, run_options)
 
 
 def prove_uint8_front(model_path: str, desc: ModelDescription, crops: np.ndarray,
@@ -269,11 +282,16 @@ def optimise(model_path: str) -> dict:
     """The portable clean-up our export applies: BatchNorm folded into Convs, onnxruntime's
     BASIC optimisation kept when it stays plain ONNX. The parity run judges the result."""
     import onnx
+    import onnxruntime as ort
     model = onnx.load(model_path)
     report = {"batchnorm_folded": fold_batchnorm(model), "nodes_imported": len(model.graph.node)}
     onnx.save(model, model_path)
     optimised = model_path + ".opt"
-    report["ort_basic_optimisation"] = ort_basic_optimise(model_path, optimised)
+    ort.set_default_logger_severity(3)  # foreign graphs make it list every unused constant
+    try:
+        report["ort_basic_optimisation"] = ort_basic_optimise(model_path, optimised)
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
     if report["ort_basic_optimisation"]["applied"]:
         os.replace(optimised, model_path)
     elif os.path.exists(optimised):
