@@ -221,21 +221,31 @@ def original_outputs(path: str, facts: G.InputFacts, output: str, images: np.nda
 
 def prove_rewritten(model_path: str, reference: np.ndarray, images: np.ndarray,
                     facts: G.InputFacts, src: str) -> dict:
-    """Parity of the rewritten graph against the original, fresh sessions at batch 1 and 7;
-    a fixed batch that fails here could not be opened."""
+    """Parity of the rewritten graph against the original, fresh sessions at batch 1 and 7:
+    this is where a batch that only looks dynamic, or a fixed one that could not be opened,
+    is found."""
+    fixed = (f"{src}: the model has a fixed batch of {facts.batch} that cannot be made "
+             "dynamic ({}); export it with a dynamic batch dimension "
+             "(torch.onnx.export(..., dynamic_axes={{'input': {{0: 'batch'}}}}))")
     try:
         _runs_quietly(model_path, images[:7])  # onnxruntime's refusal, without its log lines
-        result = parity_mod.check_parity(model_path, {G.OUTPUT_NAME: reference}, images)
-    except Exception as e:  # onnxruntime refusing another batch size, or figures off
+    except Exception as e:  # onnxruntime's own error types
         if facts.batch:
-            raise ImportOnnxError(f"{src}: the model has a fixed batch of {facts.batch} that "
-                                  "cannot be made dynamic (at other batch sizes: "
-                                  f"{G._one_line(e)}); export it with a dynamic batch "
-                                  "dimension (dynamic_axes={'input': {0: 'batch'}})") from e
-        if isinstance(e, ImportOnnxError):
-            raise
-        raise ImportOnnxError(f"{src}: the imported graph does not run like the original "
-                              f"({G._one_line(e)})") from e
+            raise ImportOnnxError(fixed.format(f"at batch 7: {G._one_line(e)}")) from e
+        raise ImportOnnxError(f"{src}: the input declares a dynamic batch, but the graph "
+                              f"fails at batch 7 ({G._one_line(e)}); re-export it with a "
+                              "truly dynamic batch") from e
+    try:
+        result = parity_mod.check_parity(model_path, {G.OUTPUT_NAME: reference}, images)
+    except ImportOnnxError:
+        raise
+    except Exception as e:  # the figures are off (ExportError), or a run failed
+        detail = G._one_line(e).replace("onnxruntime vs PyTorch ", "")
+        if facts.batch:
+            raise ImportOnnxError(fixed.format(f"other batch sizes give other embeddings: "
+                                               f"{detail}")) from e
+        raise ImportOnnxError(f"{src}: the imported graph does not compute what the original "
+                              f"does image by image ({detail})") from e
     result["reference"] = "the original ONNX file"
     return result
 

@@ -466,6 +466,13 @@ def test_refusals_name_the_problem(tmp_path, foreign, photos):
 
     assert "cannot be made dynamic" in _refusal(tmp_path, foreign("vit-b1"), "--check-data",
                                                  photos)
+    # the same ViT with its batch declared dynamic: the claim is checked, not believed
+    import onnx
+    liar = onnx.load(foreign("vit-b1"))
+    liar.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(liar, str(tmp_path / "liar.onnx"))
+    assert "declares a dynamic batch, but the graph fails at batch 7" in _refusal(
+        tmp_path, str(tmp_path / "liar.onnx"), "--check-data", photos)
     ambiguous = _refusal(tmp_path, foreign("ambiguous"), "--check-data", photos)
     assert "choose one with --output" in ambiguous and "a [1, 5]" in ambiguous
     assert "no output 'x'" in _refusal(tmp_path, foreign("ambiguous"), "--output", "x")
