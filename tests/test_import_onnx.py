@@ -292,6 +292,20 @@ def test_variants_and_inspect(imported, photo_files):
     assert code == 0 and "onnx:timm-test_resnet" in text and "input  image" in text
 
 
+def test_fp16_of_an_imported_vit(foreign, photos, photo_files, tmp_path):
+    """timm's ViT export casts its attention scale to float32: the fp16 variant keeps those
+    Casts in float32 (the converter would otherwise retype their outputs)."""
+    from runtime import FeaturePipeline
+    out = str(tmp_path / "vit")
+    report = do_import(foreign("timm-test_vit"), out, "--check-data", photos, "--like",
+                       "timm:test_vit", "--fp16")
+    assert any("Cast" in n for n in report["variants"]["fp16"]["kept_float32_nodes"])
+    with FeaturePipeline(out, device="cpu") as fp32, \
+            FeaturePipeline(out, device="cpu", variant="fp16") as fp16:
+        assert min_cosine(fp16.embed(photo_files).vectors,
+                          fp32.embed(photo_files).vectors) >= 0.999
+
+
 def test_embed_probe_evaluate_and_bulk(imported, photos, photo_files, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
