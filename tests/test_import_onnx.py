@@ -475,6 +475,9 @@ def test_refusals_name_the_problem(tmp_path, foreign, photos):
         assert words in _refusal(tmp_path, src), words
     square = _tiny(str(tmp_path / "square.onnx"), [_input("x", T.FLOAT, ["batch", 3, 32, 32])])
     assert "takes 32x32" in _refusal(tmp_path, square, "--input-size", "64")
+    code, text = run_cli("import", square, "--out", tmp_path, "--overwrite", *IMAGENET,
+                         "--resize-size", 36)
+    assert code == 1 and "holds the file being imported" in text and os.path.exists(square)
     code, text = run_cli("import", square, "--out", tmp_path / "m", "--input-size", "32")
     assert code == 1 and "give --resize-size, --mean, --std" in text
 
