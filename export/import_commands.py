@@ -51,6 +51,10 @@ def _three_floats(ctx, param, value):
 @click.option("--output", "output", metavar="NAME", default=None,
               help="The graph output to use as the embedding (default: the only output, or "
                    "the one named like an embedding).")
+@click.option("--taps", metavar="TENSOR,...", default=None,
+              help="Multi-depth features: intermediate tensors of the graph (by name) and/or "
+                   "final, each pooled (maps: global average; tokens: mean), L-infinity "
+                   "normalised and concatenated into the embedding.")
 @click.option("--name", metavar="NAME", default=None,
               help="Architecture name in the description (default: onnx:<file stem>).")
 @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (float32 in/out).")
@@ -64,7 +68,7 @@ def _three_floats(ctx, param, value):
               help="How many real images the parity checks use.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
 def import_model(model_file, out_dir, input_size, resize_size, mean, std, interpolation,
-                 resize_rounding, like, output, name, fp16, int8, calib, check_data,
+                 resize_rounding, like, output, taps, name, fp16, int8, calib, check_data,
                  parity_images, overwrite):
     """Import an image ONNX exported elsewhere into a model folder, proven on real images.
 
@@ -95,7 +99,7 @@ def import_model(model_file, out_dir, input_size, resize_size, mean, std, interp
                                    resize_rounding=resize_rounding, like=like)
     report = import_onnx(model_file, out_dir, options, output=output, name=name,
                          check_data=check_data, parity_images=parity_images, fp16=fp16,
-                         int8_calib=calib if int8 else None, overwrite=overwrite)
+                         int8_calib=calib if int8 else None, overwrite=overwrite, taps=taps)
     click.echo(summary(out_dir, report))
 
 
@@ -111,6 +115,9 @@ def summary(out_dir: str, report: dict) -> str:
              f"  preprocessing: resize {pre.resize_size} ({pre.interpolation}), crop "
              f"{pre.input_size}, mean {pre.mean}, std {pre.std}; from "
              + "; ".join(f"{source} ({', '.join(keys)})" for source, keys in by_source.items())]
+    taps = ModelDir(out_dir).description.extra.get("taps")
+    if taps:
+        lines.append("  taps: " + ", ".join(f"{t['tap']} ({t['dim']}-d)" for t in taps))
     rewrite = imported["rewrite"]
     if rewrite["batch_was"] != "dynamic":
         lines.append(f"  fixed batch {rewrite['batch_was']} opened to a dynamic batch"

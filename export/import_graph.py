@@ -249,13 +249,13 @@ def _claim(graph, current: str, wanted: str) -> None:
     _rename(graph, current, wanted)
 
 
-def prune(graph, keep_output: str) -> int:
-    """Drop the other outputs and every node and initialiser only they need; returns how many
-    nodes went."""
+def prune(graph, keep_output: str, also: tuple[str, ...] | list[str] = ()) -> int:
+    """Drop the other outputs and every node and initialiser only they (and not the tensors
+    `also`) need; returns how many nodes went."""
     for o in [o for o in graph.output if o.name != keep_output]:
         graph.output.remove(o)
     producers = {x: n for n in graph.node for x in n.output}
-    needed, stack, seen = set(), [keep_output], set()
+    needed, stack, seen = set(), [keep_output, *also], set()
     while stack:
         name = stack.pop()
         node = producers.get(name)
@@ -369,14 +369,16 @@ class RewriteReport:
         return dict(vars(self))
 
 
-def rewrite(model, facts: InputFacts, output: str, size: int, path: str) -> RewriteReport:
-    """Rewrite `model` in place into a model folder's graph (see the module docstring)."""
+def rewrite(model, facts: InputFacts, output: str, size: int, path: str,
+            keep: tuple[str, ...] | list[str] = ()) -> RewriteReport:
+    """Rewrite `model` in place into a model folder's graph (see the module docstring);
+    `keep`: tensors to keep computing (taps) besides the embedding output."""
     from onnx import TensorProto
     graph = model.graph
     initialisers = {t.name for t in graph.initializer}
     for value in [v for v in graph.input if v.name in initialisers]:
         graph.input.remove(value)  # weights listed as inputs (keep_initializers_as_inputs)
-    pruned = prune(graph, output)
+    pruned = prune(graph, output, keep)
     del graph.value_info[:]  # intermediate shapes may pin the old batch; onnxruntime re-infers
     opened = open_reshape_batches(graph, facts.batch) if facts.batch else 0
     _claim(graph, facts.name, INPUT_NAME)

@@ -33,6 +33,7 @@ from common.description import INTERPOLATIONS, ModelDescription, Preprocessing, 
 from common.model_dir import DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
 
 from . import import_graph as G
+from . import import_taps as T
 from . import parity as parity_mod
 from . import variants as variants_mod
 from .import_graph import ImportOnnxError
@@ -356,6 +357,7 @@ def import_onnx(src: str, out_dir: str, preprocessing: PreprocessingOptions | No
                 output: str | None = None, name: str | None = None,
                 check_data: str | None = None, parity_images: int = 16, fp16: bool = False,
                 int8_calib: str | None = None, overwrite: bool = False,
+                taps: str | list[str] | None = None,
                 variant_images: int = 300, calib_images: int = 200) -> dict:
     """Import the ONNX file `src` into MODEL_DIR `out_dir` (see the module docstring); returns
     export.json's content. Raises ImportOnnxError (one line) and writes nothing when the file
@@ -369,17 +371,26 @@ def import_onnx(src: str, out_dir: str, preprocessing: PreprocessingOptions | No
     model = G.read_foreign(src)
     facts = G.image_input(model, src)
     chosen = G.choose_output(model, output, src)
+    tap_names = T.parse_taps(taps)
+    T.check_names(model, tap_names, src)
     pre, origin = resolve_preprocessing(preprocessing or PreprocessingOptions(), facts.size, src)
     imported = _source_facts(src, model, facts)
     imported.update(embedding_output=chosen, preprocessing_from=origin)
-    rewrite = G.rewrite(model, facts, chosen, pre.input_size, src)
+    rewrite = G.rewrite(model, facts, chosen, pre.input_size, src,
+                        keep=[t for t in tap_names if t != T.FINAL])
     imported["rewrite"] = rewrite.to_dict()
 
     check_data = check_data or default_check_data()
     log(f"import: real images of {check_data} for parity ({parity_images})")
     crops, images, image_source = load_crops(check_data, parity_images, pre)
-    reference = original_outputs(src, facts, chosen, images)
+    if tap_names:
+        reference, tap_info = T.tapped_reference(src, facts, chosen, tap_names, images)
+        T.add_tap_head(model, tap_names, tap_info)
+    else:
+        reference = original_outputs(src, facts, chosen, images)
     desc = _description(src, pre, int(reference.shape[1]), name, imported)
+    if tap_names:
+        desc.extra["taps"] = [{"tap": t["tap"], "dim": t["dim"]} for t in tap_info]
     desc_dict = desc.to_dict()
 
     parent, base = os.path.split(os.path.abspath(out_dir))

@@ -253,6 +253,54 @@ def test_the_resize_rounding_is_borrowed_or_given(foreign, photos, tmp_path):
     assert ModelDir(str(tmp_path / "r")).description.preprocessing.resize_rounding == "round"
 
 
+def _tensor_outputs(src: str, op_types: tuple[str, ...]) -> list[str]:
+    import onnx
+    return [n.output[0] for n in onnx.load(src).graph.node if n.op_type in op_types]
+
+
+@pytest.mark.parametrize("key, pick", [
+    ("timm-test_resnet", lambda names: [names[3], names[8]]),       # two ReLU maps [N, C, H, W]
+    ("timm-test_vit", lambda names: [names[len(names) // 2]]),      # a block's tokens [N, T, D]
+])
+def test_taps_pool_normalise_and_concatenate_tensors_of_the_graph(foreign, photos, photo_files,
+                                                                   tmp_path, key, pick):
+    import onnx
+    import onnxruntime as ort
+
+    from common.images import preprocess
+    from common.model_dir import ModelDir
+    from runtime import FeaturePipeline
+    src = foreign(key)
+    taps = pick(_tensor_outputs(src, ("Relu", "Add"))) + ["final"]
+    out = str(tmp_path / "tapped")
+    report = do_import(src, out, "--check-data", photos, "--like", f"timm:{key[5:]}",
+                       "--taps", ",".join(taps))
+    desc = ModelDir(out).description
+    assert [t["tap"] for t in desc.extra["taps"]] == taps
+    assert report["feature_dim"] == desc.feature_dim == sum(t["dim"] for t in desc.extra["taps"])
+
+    # independently: the original with the taps as outputs, pooled and normalised in NumPy
+    model = onnx.load(src)
+    for name in taps[:-1]:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with FeaturePipeline(out, device="cpu", fast_decode=False) as pipe:
+        got = pipe.embed(photo_files).vectors
+        x = np.stack([preprocess(f, pipe.preprocessing_) for f in photo_files])
+    names = taps[:-1] + [session.get_outputs()[0].name]
+    parts = []
+    for y in session.run(names, {session.get_inputs()[0].name: x}):
+        v = y.mean(axis=(2, 3)) if y.ndim == 4 else y.mean(axis=1) if y.ndim == 3 else y
+        parts.append(v / np.abs(v).max(axis=1, keepdims=True))
+    assert min_cosine(got, np.concatenate(parts, axis=1)) >= MIN_COSINE
+
+
+def test_tap_names_are_checked(foreign, tmp_path):
+    src = foreign("timm-test_resnet")
+    assert "names no tensor of the graph: nope" in _refusal(tmp_path, src, "--taps", "nope,final")
+    assert "named twice" in _refusal(tmp_path, src, "--taps", "final,final")
+
+
 def test_the_output_named_like_an_embedding_is_chosen_and_flattened(foreign, photos, tmp_path):
     from runtime import FeaturePipeline
     src = foreign("named")  # outputs logits [1, 5] and features [1, 96, 1, 1]
