@@ -22,6 +22,8 @@ COMMANDS = {
     "train": ("train.commands", "train",
               "Train a backbone on a dataset (methods: specific, generic, multilevel, finer, fsft)."),
     "export": ("export.commands", "export", "Export trained runs to ONNX (and Caffe2), with proven parity."),
+    "import": ("export.import_commands", "import_model",
+               "Import an image ONNX exported elsewhere into a model folder, with proven parity."),
     "caffe2-run": ("export.caffe2_commands", "caffe2_run",
                    "Embed images with exported Caffe2 nets in the real Caffe2 runtime (torch 1.8.1)."),
     "inspect": ("export.commands", "inspect", "Show an exported model: description, I/O, formats, parity, sizes."),

@@ -221,6 +221,7 @@ def describe_model_dir(model_dir: str) -> str:
             if engine not in parity:
                 continue
             res = parity[engine]
+            ref = res.get("reference", ref)  # an imported model: the original ONNX file
             for name, fig in res["outputs"].items():
                 label = "caffe2 reference executor" if engine == "caffe2" else engine
                 out.append(f"parity {label} vs {ref}, {name} (batch {res['batch_sizes']}): "

@@ -106,7 +106,10 @@ def make_fp16(fp32_path: str, out_path: str, desc_dict: dict) -> dict:
     from onnxconverter_common import float16
     model = onnx.load(fp32_path)
     separate_consumed_outputs(model)
-    keep = tail_nodes(model)
+    # Casts to float32 (attention scales in timm's and torch's ViT exports) stay float32: the
+    # converter would retype their outputs to float16 while their `to` still says float
+    keep = tail_nodes(model) + [n.name for n in model.graph.node if n.op_type == "Cast" and any(
+        a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
     with warnings.catch_warnings():  # tiny weights flushed to fp16's range: expected, not news
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(model, keep_io_types=True,
