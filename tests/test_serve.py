@@ -96,8 +96,10 @@ def test_binary_size_must_match_the_shape():
                                         "parameters": {"binary_data_size": len(blob)}}]}, blob)
     with pytest.raises(ProtocolError, match="needs 16 bytes"):
         parse_infer_request(body, n)
-    with pytest.raises(ProtocolError, match="ends before element 1"):
+    with pytest.raises(ProtocolError, match="hold at most 1"):
         unpack_bytes(pack_bytes([b"abc"]), 2)
+    with pytest.raises(ProtocolError, match="ends before element 1"):
+        unpack_bytes(pack_bytes([b"a"]) + b"\x00" * 3, 2)
 
 
 def test_response_encoding_json_and_binary():
