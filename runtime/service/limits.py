@@ -91,17 +91,17 @@ def guarded_protocol(limits: Limits) -> type:
             if self._refused:
                 return
             waiting = not self._in_request()
-            if waiting:
-                self._header_bytes += len(data)
-                if self._header_bytes > limits.max_header_bytes:
-                    self.transport.close()
-                    return
-                if self._header_timer is None:
-                    self._arm()
+            if waiting and self._header_timer is None:
+                self._arm()
             super().data_received(data)
             if self._in_request():  # the headers are complete: the app's body timeout rules
                 self._disarm()
                 self._header_bytes = 0
+            elif waiting:  # still no complete headers: count what they have taken so far
+                self._header_bytes += len(data)
+                if self._header_bytes > limits.max_header_bytes and \
+                        not self.transport.is_closing():
+                    self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

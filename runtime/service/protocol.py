@@ -162,8 +162,8 @@ def _parse_input(spec, k: int, binary: memoryview) -> tuple[Tensor, int]:
     if not isinstance(name, str) or not name:
         raise ProtocolError(f"inputs[{k}] needs a string `name`")
     datatype = spec.get("datatype")
-    if datatype not in DTYPES:
-        raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}; the protocol's "
+    if not isinstance(datatype, str) or datatype not in DTYPES:
+        raise ProtocolError(f"input {name!r}: unknown datatype {_short(datatype)}; the protocol's "
                             f"types are {', '.join(DTYPES)}")
     if not isinstance(spec.get("shape"), list):
         raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, "
