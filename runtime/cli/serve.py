@@ -9,6 +9,24 @@ import click
 API_KEY_ENV = "UNIREP_API_KEY"
 
 
+def _checked_specs(model_dirs, repository, probe_specs, name) -> list:
+    """The models to serve, each with its probes checked against it (UsageError if not)."""
+    from runtime.service.model import load_probes, model_description
+    from runtime.service.repository import model_specs
+
+    try:
+        specs = model_specs(list(model_dirs), repository, list(probe_specs), name)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    for spec in specs:
+        try:
+            description = model_description(spec.model_dir)
+            load_probes(spec.probes, description)  # refuse a wrong probe now, not after loading
+        except (OSError, ValueError) as e:  # ProbeMismatch is a ValueError
+            raise click.UsageError(str(e)) from None
+    return specs
+
+
 @click.command("serve")
 @click.argument("model_dirs", nargs=-1, metavar="MODEL_DIR [MODEL_DIR ...]")
 @click.option("--repository", metavar="DIR", default=None,
@@ -98,19 +116,7 @@ def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_
     SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits
     within --timeout-s + 5 s.
     """
-    from runtime.service.model import load_probes, model_description
-    from runtime.service.repository import model_specs
-
-    try:
-        specs = model_specs(list(model_dirs), repository, list(probe_specs), name)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    for spec in specs:
-        try:
-            description = model_description(spec.model_dir)
-            load_probes(spec.probes, description)  # refuse a wrong probe now, not after loading
-        except (OSError, ValueError) as e:  # ProbeMismatch is a ValueError
-            raise click.UsageError(str(e)) from None
+    specs = _checked_specs(model_dirs, repository, probe_specs, name)
     if api_key_file:
         with open(api_key_file) as f:
             api_key = f.readline().strip()
