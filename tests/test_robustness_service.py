@@ -269,7 +269,7 @@ def test_shape_lies_and_malformed_json_are_protocol_errors_without_allocating():
 def hostile_server(model_dir):  # noqa: F811
     """A server with small limits, so the hostile cases reach them quickly."""
     with serve_process([model_dir, "--name", "cnn", "--max-body-mb", "8",
-                        "--max-buffered-mb", "12", "--header-timeout-s", "2",
+                        "--max-buffered-mb", "12", "--max-json-mb", "7", "--header-timeout-s", "2",
                         "--max-connections", "40", "--log-level", "warning"]) as served:
         yield served
 
@@ -308,6 +308,22 @@ def test_shape_lie_is_answered_at_once_with_flat_memory_and_liveness_meanwhile(
             answered += 1
         assert pending.result().status_code == 200
     assert answered >= 1
+
+
+def test_big_json_is_refused_but_the_same_tensor_in_binary_is_served(hostile_server):
+    """--max-json-mb 7: JSON costs the event loop its interpreter lock while it is scanned;
+    the binary extension carries the same pixels at a fraction of the cost."""
+    port = hostile_server.port
+    r = _infer(port, b'{"inputs": [' + b" " * (7 << 20) + b"]}")
+    assert r.status_code == 413 and "--max-json-mb 7" in r.json()["error"]
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 1600, 1600, 3), dtype=np.uint8)
+    body, headers = _binary_body({"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                              "shape": list(pixels.shape),
+                                              "parameters": {"binary_data_size": pixels.size}}],
+                                  "outputs": [{"name": "embedding"}]}, pixels.tobytes())
+    assert 7 << 20 < len(body) < 8 << 20
+    r = _infer(port, body, headers)
+    assert r.status_code == 200, r.text
 
 
 def test_hundreds_of_malformed_bodies_get_400_never_500(hostile_server, images):  # noqa: F811

@@ -73,6 +73,9 @@ def _checked_specs(model_dirs, repository, probe_specs, name) -> list:
 @click.option("--max-buffered-mb", type=click.FloatRange(0.001, 65536), default=256.0,
               show_default=True, help="All request bodies held at once (being read or "
                                       "parsed); beyond, 503 with Retry-After.")
+@click.option("--max-json-mb", type=click.FloatRange(0.001, 4096), default=16.0,
+              show_default=True, help="Largest JSON part of an infer request; beyond, 413 (send "
+                                      "big tensors as binary data: parsed far faster).")
 @click.option("--header-timeout-s", type=click.FloatRange(0.1, 3600), default=10.0,
               show_default=True, help="A connection must send its request headers within "
                                       "this; each body chunk may take 3x as long.")
@@ -87,7 +90,7 @@ def _checked_specs(model_dirs, repository, probe_specs, name) -> list:
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_key,
           api_key_file, public_metrics, tls_cert, tls_key, device, max_batch, max_delay_ms,
-          max_queue, timeout_s, max_body_mb, max_buffered_mb, header_timeout_s,
+          max_queue, timeout_s, max_body_mb, max_buffered_mb, max_json_mb, header_timeout_s,
           max_connections, workers, top_k, log_level):
     """Serve models over HTTP and gRPC: the Open Inference Protocol (KServe v2, what Triton
     and tritonclient speak), with dynamic batching and Prometheus metrics.
@@ -147,6 +150,7 @@ def serve(model_dirs, repository, probe_specs, name, host, port, grpc_port, api_
     from runtime.service.runner import run_servers
     limits = Limits(max_body=int(max_body_mb * 2**20),
                     max_buffered=int(max(max_buffered_mb, max_body_mb) * 2**20),
+                    max_json=int(max_json_mb * 2**20),
                     header_timeout_s=header_timeout_s, body_timeout_s=3 * header_timeout_s,
                     max_connections=max_connections)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -147,6 +148,13 @@ class Request:
         return body
 
 
+def _int_or_zero(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0  # parse_infer_request says what is wrong with it
+
+
 class _Disconnected(Exception):
     """The client went away before sending its whole body: nobody to answer."""
 
@@ -211,6 +219,12 @@ def routes(plane: DataPlane) -> list[Route]:
         body = await r.body()
         declared = r.headers.get(HEADER_LENGTH.lower())
 
+        json_bytes = len(body) if not declared else min(len(body), _int_or_zero(declared))
+        if json_bytes > r.limits.max_json:
+            raise TooLarge(f"the JSON part of the body has {json_bytes} bytes, more than "
+                           f"--max-json-mb {r.limits.max_json / 2**20:g} MiB allows; send big "
+                           "tensors as binary data (the binary tensor extension)")
+
         def prepare():
             request = parse_infer_request(body, declared)
             return (request, *plane.prepare(r.name, r.version, request))
@@ -220,8 +234,11 @@ def routes(plane: DataPlane) -> list[Route]:
             parsed, endpoint, items = prepare()
         outputs = await plane.run(endpoint, items, parsed)
         binary = {n: parsed.outputs.get(n, parsed.binary_outputs) for n in outputs}
-        payload, header_length = encode_infer_response(endpoint.name, parsed.id, outputs,
-                                                       binary, model_version="1")
+        encode = functools.partial(encode_infer_response, endpoint.name, parsed.id, outputs,
+                                   binary, model_version="1")
+        elements = sum(int(v.size) for v in outputs.values())
+        payload, header_length = (await asyncio.to_thread(encode) if elements > 1 << 16
+                                  else encode())  # a big JSON answer, off the event loop
         if header_length is None:
             return 200, payload, {"content-type": "application/json"}
         return 200, payload, {"content-type": "application/octet-stream",
@@ -258,12 +275,13 @@ class HttpApp:
     """The ASGI application: lifespan (start/stop the plane) and the route table."""
 
     def __init__(self, plane: DataPlane, *, max_body_mb: float = 64.0,
-                 manage_plane: bool = True, limits: Limits | None = None):
+                 manage_plane: bool = True, limits: Limits | None = None,
+                 budget: BodyBudget | None = None):
         self.plane = plane
         self.limits = limits or Limits(max_body=int(max_body_mb * 1024 * 1024),
                                        max_buffered=max(4 * int(max_body_mb * 2**20), 256 << 20))
         self.max_body = self.limits.max_body
-        self.budget = BodyBudget(self.limits.max_buffered)
+        self.budget = budget or BodyBudget(self.limits.max_buffered)
         self.manage_plane = manage_plane
         self.static: dict[str, dict[str, Route]] = {}
         self.model: dict[str, dict[str, Route]] = {}
@@ -344,7 +362,9 @@ class HttpApp:
 
 
 def build_app(plane: DataPlane, *, max_body_mb: float = 64.0,
-              manage_plane: bool = True, limits: Limits | None = None) -> HttpApp:
+              manage_plane: bool = True, limits: Limits | None = None,
+              budget: BodyBudget | None = None) -> HttpApp:
     """The HTTP application of `plane` (with manage_plane, it starts loading the models on
     startup and stops them on shutdown; `serve` does that itself, around both transports)."""
-    return HttpApp(plane, max_body_mb=max_body_mb, manage_plane=manage_plane, limits=limits)
+    return HttpApp(plane, max_body_mb=max_body_mb, manage_plane=manage_plane, limits=limits,
+                   budget=budget)

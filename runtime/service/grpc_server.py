@@ -40,6 +40,7 @@ from .errors import (
     Unauthenticated,
     UnknownModel,
 )
+from .limits import BodyBudget
 from .protocol import (
     DTYPES,
     InferRequest,
@@ -188,9 +189,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     does not override (shared memory, tracing, logging, load/unload, streaming) answer
     UNIMPLEMENTED, as the base class does."""
 
-    def __init__(self, plane: DataPlane, *, offload_bytes: int = 64 << 10):
+    def __init__(self, plane: DataPlane, *, offload_bytes: int = 64 << 10,
+                 budget: BodyBudget | None = None):
         self.plane = plane
         self.offload_bytes = offload_bytes  # bigger requests are parsed in a worker thread
+        self.budget = budget  # shared with HTTP: request bytes held at once, both transports
 
     @_rpc("live", public=True)
     async def ServerLive(self, request, context):
@@ -231,11 +234,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc("infer")
     async def ModelInfer(self, request, context):
+        size = request.ByteSize()
+        if self.budget is not None and not self.budget.reserve(size):
+            raise Overloaded(f"the server holds {self.budget.used / 2**20:.0f} MiB of requests "
+                             f"(--max-buffered-mb {self.budget.limit / 2**20:g}); retry later")
+        try:
+            return await self._infer(request, size)
+        finally:
+            if self.budget is not None:
+                self.budget.release(size)
+
+    async def _infer(self, request, size: int):
         def prepare():
             parsed = request_from_proto(request)
             return (parsed, *self.plane.prepare(request.model_name, request.model_version,
                                                 parsed))
-        if request.ByteSize() > self.offload_bytes:  # off the event loop that answers liveness
+        if size > self.offload_bytes:  # off the event loop that answers liveness
             parsed, endpoint, items = await asyncio.to_thread(prepare)
         else:
             parsed, endpoint, items = prepare()
@@ -245,7 +259,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 def build_grpc_server(plane: DataPlane, *, host: str = "127.0.0.1", port: int = 8001,
                       max_message_mb: float = 64.0, tls: tuple[bytes, bytes] | None = None,
-                      offload_bytes: int = 64 << 10):
+                      offload_bytes: int = 64 << 10, budget: BodyBudget | None = None):
     """A grpc.aio server for `plane` on host:port (not started); `tls` = (key PEM, cert PEM).
     Messages over max_message_mb are refused by grpcio with RESOURCE_EXHAUSTED."""
     limit = int(max_message_mb * 1024 * 1024)
@@ -255,7 +269,7 @@ def build_grpc_server(plane: DataPlane, *, host: str = "127.0.0.1", port: int = 
         ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(plane, offload_bytes=offload_bytes), server)
+        InferenceServicer(plane, offload_bytes=offload_bytes, budget=budget), server)
     address = f"{host}:{port}"
     try:
         if tls is None:

@@ -5,9 +5,11 @@
     protocol = guarded_protocol(limits)           # uvicorn's HTTP protocol with a header timeout
 
 Small requests must not cost the server far more than they weigh, so every cost is bounded
-where it arises: a body by --max-body-mb (413) and all bodies being read or parsed at once by
---max-buffered-mb (503 + Retry-After); a body larger than `offload_bytes` is parsed in a worker
-thread, never on the event loop that answers liveness; a connection must send its request
+where it arises: a body by --max-body-mb (413), its JSON part by --max-json-mb (413: big tensors
+go as binary data, which is parsed in milliseconds), and all bodies being read or parsed at once,
+over HTTP and gRPC together, by --max-buffered-mb (503 + Retry-After); a body larger than
+`offload_bytes` is parsed in a worker thread, never on the event loop that answers liveness (the
+JSON scanner itself still holds the interpreter lock: hence --max-json-mb); a connection must send its request
 headers within `header_timeout_s` and each body chunk within `body_timeout_s`, and at most
 `max_connections` are open at once (beyond, new ones are closed at once). Decoded images are
 bounded in common.images (UNIREP_MAX_DECODED_MB); tensors are checked against their data before
@@ -29,6 +31,8 @@ log = logging.getLogger("unirep.serve")
 class Limits:
     max_body: int = 64 << 20          # one request body (bytes)
     max_buffered: int = 256 << 20     # all request bodies held at once (bytes)
+    max_json: int = 16 << 20          # the JSON part of a body: Python's JSON scanner holds
+                                      # the interpreter lock, ~0.13 s a MB on a loaded 2-core box
     offload_bytes: int = 64 << 10     # bodies above this are parsed in a worker thread
     header_timeout_s: float = 10.0    # from the first byte (or the connection) to the headers
     body_timeout_s: float = 30.0      # the longest wait for the next chunk of a body

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from .dataplane import DataPlane
-from .limits import Limits, guarded_protocol, tune_allocator
+from .limits import BodyBudget, Limits, guarded_protocol, tune_allocator
 
 log = logging.getLogger("unirep.serve")
 
@@ -96,8 +96,9 @@ def run_servers(plane: DataPlane, *, host: str, port: int, grpc_port: int, max_b
 
     limits = limits or Limits(max_body=int(max_body_mb * 2**20))
     tune_allocator()  # big decoded images go back to the system once freed
+    budget = BodyBudget(limits.max_buffered)  # request bytes held, HTTP and gRPC together
     config = uvicorn_config(build_app(plane, max_body_mb=max_body_mb, manage_plane=False,
-                                      limits=limits),
+                                      limits=limits, budget=budget),
                             host=host, port=port, log_level=log_level, timeout_s=timeout_s,
                             tls=tls, limits=limits)
     server = _server_class()(config, plane, graceful_limit(timeout_s))
@@ -115,7 +116,7 @@ def run_servers(plane: DataPlane, *, host: str, port: int, grpc_port: int, max_b
                     credentials = (k.read(), c.read())
             server.grpc_server = build_grpc_server(
                 plane, host=host, port=grpc_port, max_message_mb=max_body_mb,
-                tls=credentials, offload_bytes=limits.offload_bytes)
+                tls=credentials, offload_bytes=limits.offload_bytes, budget=budget)
             await server.grpc_server.start()
         plane.start()
         try:
