@@ -35,6 +35,10 @@ MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics",
               "model_repository"]
 RESERVED_NAMES = {"stats"}  # /v2/models/stats is every model's statistics
+# A batch slower than this gave memory back to the system after it (malloc_trim costs ~15 ms
+# on a fragmented heap, so not after every batch; big blocks go back by themselves, see
+# limits.tune_allocator)
+HEAVY_BATCH_S = 0.5
 
 
 class _Stats:
@@ -160,7 +164,8 @@ class ModelEndpoint:
         try:
             results = self.model.run_batch(items)
         finally:
-            return_memory()  # a decoded image of 100s of MB must not stay with the process
+            if time.perf_counter() - start > HEAVY_BATCH_S:  # big decodes: give memory back
+                return_memory()
         seconds = time.perf_counter() - start
         for r in results:
             r.batch_start, r.batch_seconds = start, seconds

@@ -151,7 +151,7 @@ def _c_library() -> Any:
     return _libc
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
+def tune_allocator(mmap_threshold: int = 4 << 20) -> bool:
     """glibc only: serve allocations of `mmap_threshold` bytes and more (decoded images,
     batches) from mmap, so they go back to the system when freed; by default glibc raises the
     threshold after the first such free, and a 400 MB image then stays in the heap for good.
@@ -162,7 +162,7 @@ def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
     return bool(lib.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
 
 
-def return_memory(min_interval_s: float = 0.25) -> None:
+def return_memory(min_interval_s: float = 1.0) -> None:
     """Give freed heap memory back to the system (glibc's malloc_trim), at most every
     `min_interval_s` (it walks the heap)."""
     global _last_trim
