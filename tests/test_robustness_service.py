@@ -452,6 +452,18 @@ def test_slowloris_sockets_are_closed_and_the_connection_cap_holds(hostile_serve
     _healthy(port)
 
 
+def test_a_body_that_stops_arriving_gets_408_and_its_budget_back(hostile_server):
+    """--header-timeout-s 2: each body chunk may take 6 s; a body that stalls is answered 408."""
+    port = hostile_server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST /v2/models/cnn/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 5000000\r\n\r\n{\"inputs\": [")
+        reply = _read_reply(s)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"did not arrive within 6 s" in reply
+    _healthy(port)
+
+
 @pytest.mark.slow
 def test_timed_out_requests_are_dropped_so_good_ones_are_served(model_dir, images):  # noqa: F811
     """--timeout-s 4, one worker: 12 heavy requests (a 100 MP image each, ~1 s of decoding)

@@ -95,8 +95,9 @@ async def read_limited_body(max_body: int, declared: str | None, receive,
     chunks, total = [], 0
     while True:
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):  # a timer, no task (wait_for makes one)
+                message = await receive()
+        except TimeoutError:
             raise ClientTimeout(f"the body did not arrive within {timeout_s:g} s of its last "
                                 "part; send it at once") from None
         if message["type"] == "http.disconnect":
