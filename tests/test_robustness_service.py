@@ -254,6 +254,9 @@ def test_shape_lies_and_malformed_json_are_protocol_errors_without_allocating():
                          (json.dumps({"inputs": [{"name": "x", "datatype": "FP32",
                                                   "shape": [1] * 40, "data": [1]}]}).encode(),
                           "out of range"),
+                         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                                  "shape": [0] + [2**30] * 3,
+                                                  "data": []}]}).encode(), "out of range"),
                          (json.dumps({"inputs": [{"name": "x", "datatype": "FP64",
                                                   "shape": [1], "data": [10**400]}]}).encode(),
                           "FP64 values")]:
@@ -352,7 +355,7 @@ def test_malformed_grpc_requests_get_invalid_argument_never_internal(model_dir, 
     from tritonclient.grpc import service_pb2_grpc
 
     rng = random.Random(7)
-    dims = [0, 1, 2, 3, 10**8, 2**31, 2**62, -1, -2**62]
+    dims = [0, 0, 1, 2, 3, 10**8, 2**30, 2**31, 2**62, -1, -2**62]
     types = ["BYTES", "UINT8", "FP32", "FP16", "INT64", "BOOL", "x", ""]
     with serve_process([model_dir, "--name", "cnn", "--max-body-mb", "4",
                         "--log-level", "warning"]) as served:

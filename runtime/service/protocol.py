@@ -31,6 +31,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # refuses more than 64 dimensions or sizes past 2**63 with errors that are not the client's.
 MAX_DIMS = 16
 MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**48
 
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
@@ -135,9 +136,10 @@ def check_shape(shape: Any, name: str) -> list[int]:
             not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, "
                             f"got {_short(shape)}")
-    if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape):
+    if (len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape)
+            or math.prod(d for d in shape if d) > MAX_ELEMENTS):  # NumPy's size, zeros aside
         raise ProtocolError(f"input {name!r}: shape {_short(shape)} is out of range (at most "
-                            f"{MAX_DIMS} dimensions of at most {MAX_DIM} each)")
+                            f"{MAX_DIMS} dimensions of at most {MAX_DIM} each, {MAX_ELEMENTS} elements)")
     return [int(d) for d in shape]
 
 
