@@ -264,6 +264,52 @@ def test_shape_lies_and_malformed_json_are_protocol_errors_without_allocating():
             parse_infer_request(text)
 
 
+def test_parsers_turn_thousands_of_malformed_requests_into_client_errors():
+    """The pure parsers of both transports (and the model's tensor check) on 2,000 generated
+    HTTP bodies and 3,000 gRPC requests: every failure is a ProtocolError/ServiceError."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from runtime.service.errors import ServiceError
+    from runtime.service.grpc_server import request_from_proto
+    from runtime.service.model import ServedModel
+    from runtime.service.protocol import ProtocolError, parse_infer_request
+    model = ServedModel("unused", name="cnn")  # its tensor checks need no loaded model
+    failures = []
+
+    def check(parse) -> None:
+        try:
+            model.items_from_request(parse())
+        except (ProtocolError, ServiceError):
+            pass
+        except Exception as e:  # a bug: would be a 500
+            failures.append(f"{type(e).__name__}: {e}"[:200])
+
+    jpeg = b"\xff\xd8\xff" + bytes(60)
+    for seed in range(10):
+        for k, body in enumerate(malformed_bodies(seed, 200, _image_doc(jpeg))):
+            length = str((k * 37) % (len(body) + 3)) if k % 7 == 3 else None
+            check(lambda: parse_infer_request(body, length))  # noqa: B023 (called at once)
+    rng = random.Random(3)
+    dims = [0, 1, 2, 3, 10**8, 2**30, 2**31, 2**62, 2**63 - 1, -1, -2**62]
+    fields = {"bytes_contents": [b"ab"], "int_contents": [-2**31], "uint_contents": [2**32 - 1],
+              "fp32_contents": [1e38], "bool_contents": [True], "int64_contents": [-2**63],
+              "uint64_contents": [2**64 - 1], "fp64_contents": [float("nan")]}
+    for _ in range(3000):
+        request = pb.ModelInferRequest(model_name="cnn")
+        for _ in range(rng.choice([1, 1, 2])):
+            spec = request.inputs.add(
+                name=rng.choice(["image", "pixels", "x"]),
+                datatype=rng.choice(["BYTES", "UINT8", "FP32", "FP16", "INT64", "BOOL", "x"]),
+                shape=[rng.choice(dims) for _ in range(rng.randint(0, 6))])
+            if rng.random() < 0.5:
+                request.raw_input_contents.append(rng.randbytes(rng.choice([0, 3, 4, 12, 64])))
+            else:
+                name = rng.choice(list(fields))
+                getattr(spec.contents, name).extend(fields[name] * rng.randint(0, 4))
+        check(lambda: request_from_proto(request))  # noqa: B023 (called at once)
+    assert not failures, failures[:5]
+
+
 # ---------------------------------------------------------------------------------------------
 # the real server
 
