@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -190,6 +191,43 @@ def test_batcher_queue_bound_failures_and_cancellation():
     finally:
         gate.set()
         batcher.close(timeout=10)
+
+
+def test_batcher_drops_expired_requests_and_close_gives_up_at_its_deadline():
+    from runtime.service.batcher import Closed, Expired
+    gate, started = threading.Event(), threading.Event()
+    ran: list = []
+
+    def run(items):
+        ran.extend(items)
+        started.set()
+        gate.wait(30)
+        return items
+
+    batcher = Batcher(run, max_batch=1, max_delay_s=0, workers=1)
+    try:
+        first = batcher.submit(["a"])
+        assert started.wait(10)
+        expired = batcher.submit(["late"], deadline=time.monotonic() - 1)  # waited too long
+        gate.set()
+        assert first.result(timeout=10) == ["a"]
+        with pytest.raises(Expired):
+            expired.result(timeout=10)
+        assert "late" not in ran  # dropped unrun
+    finally:
+        gate.set()
+        batcher.close(timeout=10)
+    gate.clear()
+    started.clear()
+    batcher = Batcher(run, max_batch=1, max_delay_s=0, workers=1)
+    long_batch = batcher.submit(["long"])
+    assert started.wait(10)
+    queued = batcher.submit(["queued"])
+    assert batcher.close(timeout=0.2) is False  # the long batch still runs at the deadline
+    with pytest.raises(Closed, match="stopped before this request ran"):
+        queued.result(timeout=10)
+    gate.set()
+    assert long_batch.result(timeout=10) == ["long"] and "queued" not in ran
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,7 +219,6 @@ def routes(plane: DataPlane) -> list[Route]:
     async def infer(r: Request) -> Reply:
         body = await r.body()
         declared = r.headers.get(HEADER_LENGTH.lower())
-
         json_bytes = len(body) if not declared else min(len(body), _int_or_zero(declared))
         if json_bytes > r.limits.max_json:
             raise TooLarge(f"the JSON part of the body has {json_bytes} bytes, more than "
