@@ -446,6 +446,19 @@ def test_decoded_bomb_request_gives_its_memory_back(hostile_server):
     assert refused.status_code == 400 and "UNIREP_MAX_DECODED_MB" in refused.json()["error"]
 
 
+def test_a_big_upload_is_parsed_off_the_event_loop(hostile_server, images):  # noqa: F811
+    import httpx
+    files = [("image", ("bomb.png", png_bytes(10_000, 9_980), "image/png")),
+             ("image", ("b.jpg", images[1], "image/jpeg")),
+             ("image", ("junk.bin", os.urandom(300_000), "application/octet-stream"))]
+    r = httpx.post(f"http://127.0.0.1:{hostile_server.port}/v1/embed", files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert [row["file"] for row in rows] == ["bomb.png", "b.jpg", "junk.bin"]
+    assert rows[0]["embedding"] and rows[1]["embedding"] and rows[2]["embedding"] is None
+    assert "cannot decode" in rows[2]["error"]
+
+
 def test_bodies_past_the_buffer_budget_get_503_with_retry_after(hostile_server):
     """--max-buffered-mb 12: two announced 7 MB bodies still being sent hold 14 MB; the second
     is refused at once, and once the first is answered the budget is free again."""

@@ -246,7 +246,8 @@ def routes(plane: DataPlane) -> list[Route]:
 
     async def embed_upload(r: Request) -> Reply:
         from .upload import embed_upload as run
-        return _json(*await run(plane, r.scope, r.headers, await r.body(), r.max_body))
+        return _json(*await run(plane, r.scope, r.headers, await r.body(), r.max_body,
+                                r.limits.offload_bytes))
 
     async def metrics(r: Request) -> Reply:
         payload, content_type = plane.metrics.render()
