@@ -5,26 +5,24 @@
     protocol = guarded_protocol(limits)           # uvicorn's HTTP protocol with a header timeout
 
 Small requests must not cost the server far more than they weigh, so every cost is bounded
-where it arises: a body by --max-body-mb (413), its JSON part by --max-json-mb (413: big tensors
-go as binary data, which is parsed in milliseconds), and all bodies being read or parsed at once,
-over HTTP and gRPC together, by --max-buffered-mb (503 + Retry-After); a body larger than
-`offload_bytes` is parsed in a worker thread, never on the event loop that answers liveness (the
-JSON scanner itself still holds the interpreter lock: hence --max-json-mb); a connection must send its request
-headers within `header_timeout_s` and each body chunk within `body_timeout_s`, and at most
-`max_connections` are open at once (beyond, new ones are closed at once). Decoded images are
-bounded in common.images (UNIREP_MAX_DECODED_MB); tensors are checked against their data before
-anything is allocated from their shape (protocol.check_shape, unpack_bytes).
+where it arises: a body by --max-body-mb (413), its JSON part by --max-json-mb (413: big
+tensors go as binary data, which is parsed in milliseconds), and all bodies being read or
+parsed at once, over HTTP and gRPC together, by --max-buffered-mb (503 + Retry-After); a body
+larger than `offload_bytes` is parsed in a worker thread, never on the event loop that answers
+liveness (the JSON scanner itself still holds the interpreter lock: hence --max-json-mb); a
+connection must send its request headers within `header_timeout_s` and each body chunk within
+`body_timeout_s`, and at most `max_connections` are open at once (beyond, new ones are closed
+at once). Decoded images are bounded in common.images (UNIREP_MAX_DECODED_MB); tensors are
+checked against their data before anything is allocated from their shape
+(protocol.check_shape, unpack_bytes).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger("unirep.serve")
 
 
 @dataclass(frozen=True)
