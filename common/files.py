@@ -22,12 +22,28 @@ def _warn(path: str, message: str) -> None:
     log.warning("%s: %s", path, message)
 
 
+def _report_hidden(entry: os.DirEntry, report: OnError) -> None:
+    """Report a hidden folder that holds image files (one listing of that folder only)."""
+    try:
+        if not entry.is_dir(follow_symlinks=True):
+            return
+        with os.scandir(entry.path) as it:
+            n = sum(1 for e in it if not e.name.startswith(".") and is_image_file(e.name))
+    except OSError:
+        return
+    if n:
+        report(entry.path, f"hidden folder (its name starts with '.') holding {n} image(s); "
+                           "skipped: rename it without the leading '.' to use them")
+
+
 def iter_image_files(root: str, *, on_error: OnError | None = None,
                      follow_links: bool = True,
                      on_folder: Callable[[str, int, int], None] | None = None) -> Iterator[str]:
     """Image files under `root`, depth first, each directory's entries in sorted order.
 
-    Hidden entries (a leading '.') are skipped. Links to folders are followed once: a folder
+    Hidden entries (a leading '.') are skipped; a hidden folder that holds image files itself
+    (a class folder named '.cats', unlike '.git') is reported with their count, never dropped
+    without a word. Links to folders are followed once: a folder
     reached again through a link (same device and inode as one already on the walk) is skipped
     and reported, so a link loop ends and no file is yielded twice through it. `on_error(path,
     message)` hears about unreadable folders and skipped loops (default: a logged warning);
@@ -47,10 +63,14 @@ def iter_image_files(root: str, *, on_error: OnError | None = None,
     def walk(folder: str) -> Iterator[str]:
         try:
             with os.scandir(folder) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             report(folder, f"folder cannot be read ({e.strerror or e}); its images are skipped")
             return
+        for entry in entries:
+            if entry.name.startswith("."):
+                _report_hidden(entry, report)
+        entries = [e for e in entries if not e.name.startswith(".")]
         kinds = []
         for entry in entries:
             try:

@@ -26,6 +26,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # hold 12000x12000 pixels (430 MB decoded). 100 MP is well above any camera photo.
 MAX_PIXELS = 100_000_000
 MAX_PIXELS_ENV = "UNIREP_MAX_PIXELS"
+# Pixels are not the whole cost: a 97 KB grey PNG of 99.8 MP decodes to 100 MB, a 16-bit or
+# RGBA one to several times that. Images whose decoded form (width x height x channels x bytes
+# per sample, as PIL holds it; palette images count as RGB) would exceed this many MiB are
+# refused from their header too. JPEGs are checked at the size libjpeg really decodes them to
+# (the runtime asks for a reduced decode), so any photo up to the pixel limit passes.
+MAX_DECODED_MB = 256
+MAX_DECODED_ENV = "UNIREP_MAX_DECODED_MB"
 # Up to this many times the crop's area the whole image is resized then cropped (the exact
 # reference, unchanged); beyond it only the crop window is resampled, so memory stays bounded
 # for extreme shapes (a 1x20000 image resized whole at 224 px would need 3 GB).
@@ -90,6 +97,52 @@ def check_pixels(size: tuple[int, int], name: str) -> None:
             f"set {MAX_PIXELS_ENV} to a larger number to accept it")
 
 
+def max_decoded_bytes() -> int:
+    """The decoded-size limit in bytes: $UNIREP_MAX_DECODED_MB (MiB) when set, else
+    MAX_DECODED_MB."""
+    raw = os.environ.get(MAX_DECODED_ENV)
+    if raw is None or not raw.strip():
+        return MAX_DECODED_MB << 20
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ImageDecodeError(f"{MAX_DECODED_ENV}={raw!r}: expected a positive number of MiB, "
+                               f"e.g. {MAX_DECODED_ENV}={MAX_DECODED_MB}")
+    return int(value * 2**20)
+
+
+def decoded_bytes(size: tuple[int, int], mode: str, info: dict | None = None) -> int:
+    """Bytes of an image of `size` in PIL `mode` once decoded: width x height x channels x
+    bytes per sample (a palette image counts as the RGB or RGBA it is converted to)."""
+    if mode == "P" or mode == "PA":
+        channels = 4 if mode == "PA" or "transparency" in (info or {}) else 3
+    else:
+        channels = Image.getmodebands(mode) if mode else 3
+    sample = 2 if mode.startswith("I;16") else 4 if mode in ("I", "F", "I;32") else 1
+    return int(size[0]) * int(size[1]) * channels * sample
+
+
+def check_decoded(size: tuple[int, int], mode: str, name: str, info: dict | None = None
+                  ) -> None:
+    """Refuse an image whose decoded form would exceed the decoded-size limit (on the header,
+    before any pixel is decoded), naming the limit and how to raise it."""
+    limit = max_decoded_bytes()
+    need = decoded_bytes(size, mode, info)
+    if need > limit:
+        raise ImageDecodeError(
+            f"{name}: {int(size[0])}x{int(size[1])} {mode} decodes to {need / 2**20:,.0f} MiB, "
+            f"above the limit of {limit / 2**20:,.0f} MiB; set {MAX_DECODED_ENV} to a larger "
+            "number to accept it")
+
+
+def check_header(img: Image.Image, name: str) -> None:
+    """The pixel and decoded-size limits on an opened (not yet loaded) image."""
+    check_pixels(img.size, name)
+    check_decoded(img.size, img.mode, name, img.info)
+
+
 def bomb_error(name: str, e: Exception) -> ImageDecodeError:
     """PIL's DecompressionBombError worded as our pixel-limit error."""
     return ImageDecodeError(
@@ -125,17 +178,7 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
     elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode == "F" and not np.isfinite(arr).all():
-            raise ImageDecodeError("32-bit float image contains NaN or infinite values")
-        if mode == "F":
-            scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
-        elif mode == "I" and arr.size and float(arr.max()) <= 255:
-            scale = 1.0
-        else:
-            scale = 255.0 / 65535.0
-        arr = np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(arr, "L")
+        img = grey_to_8bit(img)
         mode = "L"
     elif mode == "1":
         img = img.convert("L")
@@ -146,6 +189,34 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
     return img.convert("RGB")
+
+
+GREY_STRIP_PIXELS = 1 << 20  # rows converted at a time by grey_to_8bit
+
+
+def grey_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16/32-bit grey or float image as 8-bit L: 16-bit scaled by its bit depth, 32-bit
+    integers kept when they fit in 0..255 (else scaled as 16-bit), floats in [0, 1] scaled
+    by 255; NaN or infinite floats refused. The arithmetic runs in float64 on strips of rows,
+    so the cost is the image in its own sample size plus a strip (a whole-image float64 copy
+    was 8 bytes a pixel: 800 MB for a 100 MP 16-bit PNG)."""
+    arr = np.asarray(img)  # its own dtype: uint16, int32 or float32
+    mode = img.mode
+    if mode == "F" and not np.isfinite(arr).all():
+        raise ImageDecodeError("32-bit float image contains NaN or infinite values")
+    if mode == "F":
+        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
+    elif mode == "I" and arr.size and float(arr.max()) <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / 65535.0
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, GREY_STRIP_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for top in range(0, arr.shape[0], rows):
+        strip = arr[top:top + rows].astype(np.float64)
+        out[top:top + rows] = np.clip(np.nan_to_num(strip * scale), 0, 255).round().astype(
+            np.uint8)
+    return Image.fromarray(out, "L")
 
 
 def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
@@ -175,7 +246,7 @@ def open_image(src: Any, background=(255, 255, 255)) -> Image.Image:
             raise ImageDecodeError(
                 _describe(src), "unsupported input type; give a path, bytes, a PIL image "
                 "or an HxW / HxWxC uint8 or uint16 array")
-        check_pixels(img.size, _describe(src))  # on the header: nothing decoded yet
+        check_header(img, _describe(src))  # on the header: nothing decoded yet
         img.load()
         img = ImageOps.exif_transpose(img) if not isinstance(src, np.ndarray) else img
         return to_rgb(img, background)

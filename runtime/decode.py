@@ -32,7 +32,9 @@ from common.images import (
     ImageDecodeError,
     apply_pixel_limit,
     bomb_error,
+    check_decoded,
     check_pixels,
+    grey_to_8bit,
     open_image,
     resize_and_crop,
     resize_crop_window,
@@ -50,6 +52,10 @@ _SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray")
 # PIL's filter still does the final (antialiased) reduction: at 2x the result stays within about
 # one grey level of the reference on average, at 1x it drifts by three.
 DCT_MARGIN = 2
+# Non-JPEG images above this many pixels are shrunk by an integer factor right after decoding
+# (their formats have no reduced decode), before any colour conversion: a 100 MP grey PNG then
+# costs its 100 MB once instead of 400 MB as RGB plus resampling buffers.
+REDUCE_ABOVE_PIXELS = 16_000_000
 
 
 def resize_target(width: int, height: int, pre: Preprocessing) -> tuple[int, int]:
@@ -190,6 +196,10 @@ def _simplejpeg_crop(data: bytes, pre: Preprocessing, out: np.ndarray | None = N
         return None
     scale = DCT_MARGIN * pre.resize_size / min(width, height)
     min_w, min_h = (0, 0) if scale >= 1 else (math.ceil(width * scale), math.ceil(height * scale))
+    eighths = next((k for k in range(1, 9) if math.ceil(width * k / 8) >= min_w
+                    and math.ceil(height * k / 8) >= min_h), 8)  # libjpeg scales by k/8
+    check_decoded((math.ceil(width * eighths / 8), math.ceil(height * eighths / 8)), "RGBX",
+                  name)
     try:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGBX" if _RGB_VIEW else "RGB",
                                         min_width=min_w, min_height=min_h)
@@ -228,22 +238,64 @@ def _check_rgb_view() -> bool:
 _RGB_VIEW = _check_rgb_view()
 
 
+def reduce_factor(size: tuple[int, int], pre: Preprocessing) -> int:
+    """The integer factor a large image may be shrunk by right after decoding, keeping
+    DCT_MARGIN x the resize target (1: keep it whole, the exact path). Only images above
+    REDUCE_ABOVE_PIXELS are reduced, so normal sizes take the exact reference path."""
+    if size[0] * size[1] <= REDUCE_ABOVE_PIXELS:
+        return 1
+    return max(1, min(size) // (DCT_MARGIN * pre.resize_size))
+
+
+def reduce_decoded(img: Image.Image, factor: int) -> Image.Image:
+    """`img` shrunk by `factor` (box filter, PIL's reduce) in its own mode where PIL can (a
+    palette, 1-bit or 16-bit image is first turned into the 8-bit mode to_rgb would give), so
+    the colour conversions that follow touch factor**2 times fewer pixels."""
+    if factor <= 1:
+        return img
+    if img.mode.startswith("I;16"):
+        img = grey_to_8bit(img)
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode PIL cannot reduce: resampled whole later, as before
+        return img
+
+
 def _pil_crop(data: bytes, pre: Preprocessing, fast: bool, name: str,
               out: np.ndarray | None = None) -> np.ndarray:
-    if not fast:
-        return _to_array(resize_and_crop(open_image(data, pre.background), pre), out)
+    """The crop through PIL. fast=False: the exact reference. fast=True: a JPEG is decoded
+    reduced by libjpeg (draft), another format above REDUCE_ABOVE_PIXELS is shrunk right after
+    decoding (reduce_decoded); other images take the reference path."""
+    if fast:
+        try:
+            apply_pixel_limit()
+            img: Image.Image | None = Image.open(io.BytesIO(data))
+        except Exception:  # not an image PIL knows: the reference words the error
+            img = None
+        if img is not None and (img.format == "JPEG" or reduce_factor(img.size, pre) > 1):
+            return _pil_reduced_crop(img, pre, name, out)
+    return _to_array(resize_and_crop(open_image(data, pre.background), pre), out)
+
+
+def _pil_reduced_crop(img: Image.Image, pre: Preprocessing, name: str,
+                      out: np.ndarray | None = None) -> np.ndarray:
     try:
-        apply_pixel_limit()
-        img: Image.Image = Image.open(io.BytesIO(data))
         check_pixels(img.size, name)  # on the header, before any pixel is decoded
+        full = img.size
+        factor = 1
         if img.format == "JPEG":  # libjpeg's own downscale, keeping DCT_MARGIN x the target
-            full = img.size
             scale = DCT_MARGIN * pre.resize_size / min(full)
             if scale < 1:
                 img.draft(None, (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
         else:
-            full = img.size
+            factor = reduce_factor(full, pre)
+        check_decoded(img.size, img.mode, name, img.info)  # the size it really decodes to
         img.load()
+        img = reduce_decoded(img, factor)
         transposed = ImageOps.exif_transpose(img)
         if transposed.size != img.size:  # rotated by 90 degrees: the full size swaps too
             full = full[::-1]
@@ -272,8 +324,8 @@ def load_crop(src: Any, pre: Preprocessing, fast: bool = True, out: np.ndarray |
         crop = _simplejpeg_crop(data, pre, out, name)
         if crop is not None:
             return crop
-    try:  # other formats take the reference path; only JPEGs gain from draft()
-        return _pil_crop(data, pre, fast and data[:3] == JPEG_MAGIC, name, out)
+    try:  # JPEGs gain from draft(), large images of other formats from reduce_decoded
+        return _pil_crop(data, pre, fast, name, out)
     except ImageDecodeError as e:
         message = re.sub(r"cannot identify image file <_io\.BytesIO object at 0x[0-9a-f]+>",
                          "not a known image format", str(e))

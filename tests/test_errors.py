@@ -27,6 +27,7 @@ NOT_USER_ERRORS = {
     "common.errors.UserError": "the base class itself",
     "runtime.service.batcher.QueueFull": "the service is overloaded (HTTP 503), not bad input",
     "runtime.service.batcher.Closed": "the service is stopping; the request may be retried",
+    "runtime.service.batcher.Expired": "the request waited past its timeout (HTTP 504)",
     "export.caffe2_exec.Caffe2ExecError": "a net we exported does not run: a bug, not the input",
     "runtime.service.app._Disconnected": "the client went away mid-request: nothing to answer",
 }

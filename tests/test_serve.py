@@ -26,6 +26,7 @@ from runtime.service.protocol import (
     unpack_bytes,
 )
 from tests.conftest import ROOT
+from tests.servers import READY_TIMEOUT_S, free_port, serve_process, wait_until
 
 # ---------------------------------------------------------------------------------------------
 # protocol.py (pure)
@@ -96,8 +97,10 @@ def test_binary_size_must_match_the_shape():
                                         "parameters": {"binary_data_size": len(blob)}}]}, blob)
     with pytest.raises(ProtocolError, match="needs 16 bytes"):
         parse_infer_request(body, n)
-    with pytest.raises(ProtocolError, match="ends before element 1"):
+    with pytest.raises(ProtocolError, match="hold at most 1"):
         unpack_bytes(pack_bytes([b"abc"]), 2)
+    with pytest.raises(ProtocolError, match="ends before element 1"):
+        unpack_bytes(pack_bytes([b"a"]) + b"\x00" * 3, 2)
 
 
 def test_response_encoding_json_and_binary():
@@ -190,6 +193,43 @@ def test_batcher_queue_bound_failures_and_cancellation():
         batcher.close(timeout=10)
 
 
+def test_batcher_drops_expired_requests_and_close_gives_up_at_its_deadline():
+    from runtime.service.batcher import Closed, Expired
+    gate, started = threading.Event(), threading.Event()
+    ran: list = []
+
+    def run(items):
+        ran.extend(items)
+        started.set()
+        gate.wait(30)
+        return items
+
+    batcher = Batcher(run, max_batch=1, max_delay_s=0, workers=1)
+    try:
+        first = batcher.submit(["a"])
+        assert started.wait(10)
+        expired = batcher.submit(["late"], deadline=time.monotonic() - 1)  # waited too long
+        gate.set()
+        assert first.result(timeout=10) == ["a"]
+        with pytest.raises(Expired):
+            expired.result(timeout=10)
+        assert "late" not in ran  # dropped unrun
+    finally:
+        gate.set()
+        batcher.close(timeout=10)
+    gate.clear()
+    started.clear()
+    batcher = Batcher(run, max_batch=1, max_delay_s=0, workers=1)
+    long_batch = batcher.submit(["long"])
+    assert started.wait(10)
+    queued = batcher.submit(["queued"])
+    assert batcher.close(timeout=0.2) is False  # the long batch still runs at the deadline
+    with pytest.raises(Closed, match="stopped before this request ran"):
+        queued.result(timeout=10)
+    gate.set()
+    assert long_batch.result(timeout=10) == ["long"] and "queued" not in ran
+
+
 # ---------------------------------------------------------------------------------------------
 # fixtures: a real exported small CNN, a probe fitted on it, real images
 
@@ -254,42 +294,14 @@ def probes(model_dir, library, fmnist_small, tmp_path_factory):
     return {"good": str(base / "good"), "other": str(base / "other"), "probe": probe}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 @contextlib.contextmanager
-def running_server(model_dir, *args, timeout=90):
+def running_server(model_dir, *args, timeout=READY_TIMEOUT_S, env=None):
     """`cli.py serve` in a subprocess on a free port; yields (port, process); always killed."""
-    import httpx
-    port = _free_port()
-    log = open(os.path.join(os.path.dirname(model_dir), f"serve-{port}.log"), "w+")
-    if "--grpc-port" not in args:
-        args = (*args, "--grpc-port", "0")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "serve", model_dir,
-                             "--port", str(port), "--device", "cpu", *args],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code \
-                        == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("server not ready in time")
-            time.sleep(0.05)
-        yield port, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        log.close()
+    with serve_process([model_dir, *args], grpc=False, env=env) as served:
+        yield served.port, served.proc
 
 
 @pytest.fixture(scope="module")
@@ -493,6 +505,13 @@ def test_probe_without_fingerprint_is_served_with_a_warning(library, probes, tmp
     assert served[0].name == "old" and "no model fingerprint" in caplog.text
 
 
+def _queue_depth(port) -> float:
+    import httpx
+    text = httpx.get(_url(port, "/metrics"), timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("unirep_queue_depth"))
+
+
 @pytest.mark.slow
 def test_full_queue_503_timeout_504_and_sigterm_drains(model_dir, images):
     """--max-queue 1 with a long batching delay: a second waiting request is refused with
@@ -503,7 +522,8 @@ def test_full_queue_503_timeout_504_and_sigterm_drains(model_dir, images):
                         "1500", "--timeout-s", "20") as (port, proc):
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(_infer, port, doc)
-            time.sleep(0.5)  # the first request now waits in the queue for its batch
+            wait_until(lambda: _queue_depth(port) >= 1, timeout=60,
+                       what="the first request waiting in the queue")
             r = _infer(port, doc)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert "max-queue 1" in r.json()["error"]
@@ -522,29 +542,54 @@ def test_full_queue_503_timeout_504_and_sigterm_drains(model_dir, images):
 # Ray Serve
 
 
+@contextlib.contextmanager
+def ray_serve_patience(seconds: float = 600.0):
+    """Ray Serve waits a fixed 60 s for its HTTP proxy (HTTP_PROXY_TIMEOUT, no setting) and 5 s
+    for each of the proxy's health and ready checks: too little on a loaded machine (load 5-6
+    on 2 cores). Longer waits for the Ray started inside: the checks' environment variables
+    (inherited by Ray's processes) and the proxy constant where Serve reads it."""
+    import ray.serve._private.api as serve_api
+    import ray.serve._private.client as serve_client
+    names = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S")
+    saved = {n: os.environ.get(n) for n in names}
+    saved_timeouts = serve_api.HTTP_PROXY_TIMEOUT, serve_client.HTTP_PROXY_TIMEOUT
+    os.environ.update({n: str(seconds / 10) for n in names})
+    serve_api.HTTP_PROXY_TIMEOUT = serve_client.HTTP_PROXY_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+        serve_api.HTTP_PROXY_TIMEOUT, serve_client.HTTP_PROXY_TIMEOUT = saved_timeouts
+
+
 @pytest.mark.slow
 def test_ray_serve_deployment_with_two_replicas(model_dir, images, library):
     import httpx
     import ray
     from ray import serve
 
+    from runtime.local_ray import LOOPBACK, init_local_ray, node_addresses
     from runtime.service.ray_serve import deployment
-
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    patience = contextlib.ExitStack()
+    patience.enter_context(ray_serve_patience())
+    init_local_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        assert node_addresses() == {LOOPBACK}  # nothing listens beyond the loopback
+        serve.start(http_options={"host": LOOPBACK, "port": port})
         app = deployment(replicas=2, num_cpus=1).bind(model_dir, name="cnn", workers=1,
                                                         max_batch=8, device="cpu")
         serve.run(app, name="unirep", route_prefix="/", blocking=False)
-        deadline = time.monotonic() + 240
-        while True:  # serve.run returns when the replicas are up; the proxy may lag a little
+
+        def ready() -> bool:  # serve.run returns when the replicas are up; the proxy may lag
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(_url(port, "/v2/health/ready"), timeout=5).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "Ray Serve app not ready in time"
-            time.sleep(0.5)
+                return httpx.get(_url(port, "/v2/health/ready"), timeout=5).status_code == 200
+            return False
+        wait_until(ready, timeout=READY_TIMEOUT_S * 2, what="the Ray Serve app", interval=0.5)
         status = serve.status().applications["unirep"].deployments["unirep"]
         assert status.replica_states.get("RUNNING") == 2
         expected = library.embed(images[:8]).vectors
@@ -564,6 +609,7 @@ def test_ray_serve_deployment_with_two_replicas(model_dir, images, library):
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        patience.close()
 
 
 def test_service_modules_stay_off_the_light_import_paths():

@@ -9,16 +9,13 @@ import ipaddress
 import os
 import shutil
 import ssl
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_serve import _free_port, images  # noqa: F401  (a fixture)
+from tests.servers import READY_TIMEOUT_S, serve_process
+from tests.test_serve import images  # noqa: F401  (a fixture)
 
 KEY = "s3cret-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -52,35 +49,11 @@ def repo(tmp_path_factory, exported_model, fmnist_small):
 
 
 @contextlib.contextmanager
-def serving(args, *, scheme="http", timeout=120, verify=None):
+def serving(args, *, scheme="http", timeout=READY_TIMEOUT_S, verify=None):
     """`cli.py serve ARGS` on free HTTP and gRPC ports; yields (http_port, grpc_port, proc)."""
-    import httpx
-    port, grpc_port = _free_port(), _free_port()
-    log_path = os.path.join(ROOT, ".pytest_cache", f"serve-api-{port}.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "serve", *args,
-                             "--port", str(port), "--grpc-port", str(grpc_port),
-                             "--device", "cpu", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{scheme}://127.0.0.1:{port}/v2/health/ready", timeout=2,
-                             verify=verify or True).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.05)
-        yield port, grpc_port, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        log.close()
+    with serve_process([*args, "--log-level", "warning"], scheme=scheme, verify=verify,
+                       timeout=timeout) as served:
+        yield served.port, served.grpc_port, served.proc
 
 
 @pytest.fixture(scope="module")

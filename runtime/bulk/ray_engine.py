@@ -60,10 +60,14 @@ class RayEngine:
         self._started = False
         self.actor_pids_: set[int] = set()  # every actor process that returned rows
         if not ray.is_initialized():
-            ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                     include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}})
+            runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+                p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}}
+            if address is None:  # a local instance: on 127.0.0.1 only (runtime/local_ray.py)
+                from runtime.local_ray import init_local_ray
+                init_local_ray(num_cpus=num_cpus, runtime_env=runtime_env)
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         runtime_env=runtime_env)
             self._started = True
         resources = ray.cluster_resources()
         if actors is None:

@@ -9,6 +9,24 @@ import click
 API_KEY_ENV = "UNIREP_API_KEY"
 
 
+def _checked_specs(model_dirs, repository, probe_specs, name) -> list:
+    """The models to serve, each with its probes checked against it (UsageError if not)."""
+    from runtime.service.model import load_probes, model_description
+    from runtime.service.repository import model_specs
+
+    try:
+        specs = model_specs(list(model_dirs), repository, list(probe_specs), name)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    for spec in specs:
+        try:
+            description = model_description(spec.model_dir)
+            load_probes(spec.probes, description)  # refuse a wrong probe now, not after loading
+        except (OSError, ValueError) as e:  # ProbeMismatch is a ValueError
+            raise click.UsageError(str(e)) from None
+    return specs
+
+
 @click.command("serve")
 @click.argument("model_dirs", nargs=-1, metavar="MODEL_DIR [MODEL_DIR ...]")
 @click.option("--repository", metavar="DIR", default=None,
@@ -56,6 +74,17 @@ API_KEY_ENV = "UNIREP_API_KEY"
 @click.option("--max-body-mb", type=click.FloatRange(0.001, 4096), default=64.0,
               show_default=True, help="Largest request body or gRPC message; beyond, 413 "
                                       "(before reading it) or RESOURCE_EXHAUSTED.")
+@click.option("--max-buffered-mb", type=click.FloatRange(0.001, 65536), default=256.0,
+              show_default=True, help="All request bodies held at once (being read or "
+                                      "parsed); beyond, 503 with Retry-After.")
+@click.option("--max-json-mb", type=click.FloatRange(0.001, 4096), default=16.0,
+              show_default=True, help="Largest JSON part of an infer request; beyond, 413 (send "
+                                      "big tensors as binary data: parsed far faster).")
+@click.option("--header-timeout-s", type=click.FloatRange(0.1, 3600), default=10.0,
+              show_default=True, help="A connection must send its request headers within "
+                                      "this; each body chunk may take 3x as long.")
+@click.option("--max-connections", type=click.IntRange(1, 1_000_000), default=1000,
+              show_default=True, help="Open HTTP connections; beyond, new ones are closed.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Batches in flight at once per model: one decodes while another runs the "
                    "model, each with cores/WORKERS onnxruntime threads.")
@@ -65,7 +94,8 @@ API_KEY_ENV = "UNIREP_API_KEY"
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(model_dirs, repository, probe_specs, index_specs, name, host, port, grpc_port, api_key,
           api_key_file, public_metrics, tls_cert, tls_key, device, max_batch, max_delay_ms,
-          max_queue, timeout_s, max_body_mb, workers, top_k, log_level):
+          max_queue, timeout_s, max_body_mb, max_buffered_mb, max_json_mb, header_timeout_s,
+          max_connections, workers, top_k, log_level):
     """Serve models over HTTP and gRPC: the Open Inference Protocol (KServe v2, what Triton
     and tritonclient speak), with dynamic batching and Prometheus metrics.
 
@@ -92,21 +122,10 @@ def serve(model_dirs, repository, probe_specs, index_specs, name, host, port, gr
           --tls-cert cert.pem --tls-key key.pem
       curl -F image=@photo.jpg http://127.0.0.1:8000/v1/embed
 
-    SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits.
+    SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits
+    within --timeout-s + 5 s.
     """
-    from runtime.service.model import load_probes, model_description
-    from runtime.service.repository import model_specs
-
-    try:
-        specs = model_specs(list(model_dirs), repository, list(probe_specs), name)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    for spec in specs:
-        try:
-            description = model_description(spec.model_dir)
-            load_probes(spec.probes, description)  # refuse a wrong probe now, not after loading
-        except (OSError, ValueError) as e:  # ProbeMismatch is a ValueError
-            raise click.UsageError(str(e)) from None
+    specs = _checked_specs(model_dirs, repository, probe_specs, name)
     if api_key_file:
         with open(api_key_file) as f:
             api_key = f.readline().strip()
@@ -134,11 +153,18 @@ def serve(model_dirs, repository, probe_specs, index_specs, name, host, port, gr
                + (f" and gRPC {host}:{grpc_port}" if grpc_port else "")
                + f" (max batch {max_batch}, max delay {max_delay_ms:g} ms, queue {max_queue}"
                + (", API key required" if api_key else "") + ")", err=True)
+    from runtime.service.limits import Limits
     from runtime.service.runner import run_servers
+    limits = Limits(max_body=int(max_body_mb * 2**20),
+                    max_buffered=int(max(max_buffered_mb, max_body_mb) * 2**20),
+                    max_json=int(max_json_mb * 2**20),
+                    header_timeout_s=header_timeout_s, body_timeout_s=3 * header_timeout_s,
+                    max_connections=max_connections)
     try:
         failure = run_servers(plane, host=host, port=port, grpc_port=grpc_port,
                               max_body_mb=max_body_mb, timeout_s=timeout_s,
-                              log_level=log_level, tls=(tls_cert, tls_key) if tls_cert else None)
+                              log_level=log_level, tls=(tls_cert, tls_key) if tls_cert else None,
+                              limits=limits)
     except OSError as e:  # a port in use, an unreadable certificate
         raise click.ClickException(str(e)) from None
     if failure:

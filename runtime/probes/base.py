@@ -3,6 +3,7 @@ trailing underscore, `fit` returns self) and the registry of probe kinds."""
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -60,10 +61,17 @@ class Probe:
             raise ValueError(f"labels must be 1-D; got shape {y.shape}")
         if y.dtype.kind not in "iuU":
             y = y.astype(str) if y.dtype.kind in "OS" else y.astype(np.int64)
-        self.classes_, codes = np.unique(y, return_inverse=True)
+        self.classes_, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
         if len(self.classes_) < 2:
             raise ValueError("need at least 2 classes to fit a probe; got "
                              f"{self.classes_.tolist()}")
+        single = [str(c) for c, n in zip(self.classes_, counts) if n == 1]
+        if single:  # it fits, but nothing is learnt about the class beyond one point
+            logging.getLogger("unirep.probes").warning(
+                "%s: %d of %d classes have a single image to fit on (%s); the probe will "
+                "generalise poorly: give each class several images", type(self).__name__,
+                len(single), len(self.classes_), ", ".join(single[:5])
+                + (", ..." if len(single) > 5 else ""))
         return codes.astype(np.int64)
 
     def _check_fit_inputs(self, X, y) -> tuple[np.ndarray, np.ndarray]:

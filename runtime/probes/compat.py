@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +33,10 @@ def _description_dict(description) -> dict:
     return description.to_dict()
 
 
-def model_mismatch(probe: Probe, description) -> str | None:
-    """Why a probe cannot be applied to a model's features (None when it can)."""
+def model_mismatch(probe: Probe, description, where: str | None = None) -> str | None:
+    """Why a probe cannot be applied to a model's features (None when it can). A probe that
+    records no fingerprint passes with a warning (naming `where`, its folder), wherever it is
+    checked: nothing proves it was fitted on this model."""
     d = _description_dict(description)
     meta = getattr(probe, "metadata_", {}) or {}
     if int(d["feature_dim"]) != int(probe.n_features_in_):
@@ -41,7 +44,12 @@ def model_mismatch(probe: Probe, description) -> str | None:
                 f"{meta.get('architecture', 'an unknown model')}) but the model "
                 f"({d['architecture']}) gives {d['feature_dim']}-d features")
     expected = meta.get("model_fingerprint")
-    if expected and expected != description_fingerprint(d):
+    if not expected:
+        logging.getLogger("unirep.probes").warning(
+            "%s: the probe records no model fingerprint (saved by an older version, or "
+            "removed); it is used, but nothing proves it was fitted on %s: refit it with "
+            "`probe fit` to record one", where or "probe", d["architecture"])
+    elif expected != description_fingerprint(d):
         return (f"the probe was fitted on model {meta.get('architecture', '?')} with description "
                 f"fingerprint {expected}, but this model ({d['architecture']}) has fingerprint "
                 f"{description_fingerprint(d)}; refit the probe on this model's features")
@@ -69,7 +77,7 @@ def load_probe_for(model: Any, probe_dir: str) -> Probe:
     cannot be read and ProbeMismatchError for a probe fitted on another backbone."""
     probe = load_probe(probe_dir)
     description, name = _model_description(model)
-    problem = model_mismatch(probe, description)
+    problem = model_mismatch(probe, description, where=probe_dir)
     if problem:
         raise ProbeMismatchError(probe_dir, name, problem)
     return probe

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from typing import Any
 from .dataplane import DataPlane
 from .errors import (
     BadRequest,
+    ClientTimeout,
     NotReady,
     Overloaded,
     ServiceError,
@@ -36,13 +38,20 @@ from .errors import (
     Unauthenticated,
     UnknownModel,
 )
-from .protocol import HEADER_LENGTH, ProtocolError, encode_infer_response, parse_infer_request
+from .limits import BodyBudget, Limits
+from .protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    encode_infer_response,
+    load_json,
+    parse_infer_request,
+)
 
 log = logging.getLogger("unirep.serve")
 
 # the one mapping from domain errors to HTTP (most specific class first)
 HTTP_STATUS: list[tuple[type[Exception], int]] = [
-    (TooLarge, 413), (BadRequest, 400), (ProtocolError, 400), (UnknownModel, 404),
+    (TooLarge, 413), (ClientTimeout, 408), (BadRequest, 400), (ProtocolError, 400), (UnknownModel, 404),
     (Unauthenticated, 401), (Overloaded, 503), (NotReady, 503), (TimedOut, 504),
     (ServiceError, 400),
 ]
@@ -63,21 +72,34 @@ def http_failure(e: Exception, path: str) -> tuple[int, str, dict[str, str]]:
     return 500, f"internal error: {type(e).__name__}", {}
 
 
-async def read_limited_body(max_body: int, declared: str | None, receive) -> bytes | None:
+async def read_limited_body(max_body: int, declared: str | None, receive,
+                            budget: BodyBudget | None = None, timeout_s: float | None = None,
+                            held: list[int] | None = None) -> bytes | None:
     """The request body from ASGI `receive`, refused (TooLarge) as soon as it is known to exceed
     --max-body-mb: from Content-Length before reading anything, else while streaming. None if
-    the client disconnected first."""
+    the client disconnected first.
+
+    With a `budget`, the bytes are taken from it (Content-Length up front, else chunk by chunk)
+    and added to held[0], for the caller to give back once the request is answered; Overloaded
+    when all bodies in flight would exceed it. `timeout_s`: the longest wait for a chunk."""
+    size = None
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
-            raise BadRequest(f"Content-Length is not a number: {declared!r}") from None
+            raise BadRequest(f"Content-Length is not a number: {declared[:40]!r}") from None
         if size > max_body:
             raise TooLarge(f"the body has {size} bytes, more than --max-body-mb "
                            f"{max_body / 2**20:g} MiB allows; send fewer or smaller images")
+        _take(budget, max(0, size), held)
     chunks, total = [], 0
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(timeout_s):  # a timer, no task (wait_for makes one)
+                message = await receive()
+        except TimeoutError:
+            raise ClientTimeout(f"the body did not arrive within {timeout_s:g} s of its last "
+                                "part; send it at once") from None
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -85,9 +107,21 @@ async def read_limited_body(max_body: int, declared: str | None, receive) -> byt
         if total > max_body:
             raise TooLarge(f"the body exceeds --max-body-mb {max_body / 2**20:g} MiB; "
                            "send fewer or smaller images")
+        if size is None or total > size:
+            _take(budget, len(chunk), held)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _take(budget: BodyBudget | None, n: int, held: list[int] | None) -> None:
+    if budget is None:
+        return
+    if not budget.reserve(n):
+        raise Overloaded(f"the server holds {budget.used / 2**20:.0f} MiB of request bodies "
+                         f"(--max-buffered-mb {budget.limit / 2**20:g}); retry later")
+    if held is not None:
+        held[0] += n
 
 
 @dataclass
@@ -98,15 +132,28 @@ class Request:
     headers: dict[str, str]
     name: str = ""               # model name (model routes)
     version: str | None = None
-    max_body: int = 0
-    query: dict = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    budget: BodyBudget | None = None
+    held: list[int] = field(default_factory=lambda: [0])  # bytes taken from the budget
+
+    @property
+    def max_body(self) -> int:
+        return self.limits.max_body
 
     async def body(self) -> bytes:
-        body = await read_limited_body(self.max_body, self.headers.get("content-length"),
-                                       self.receive)
+        body = await read_limited_body(self.limits.max_body, self.headers.get("content-length"),
+                                       self.receive, self.budget, self.limits.body_timeout_s,
+                                       self.held)
         if body is None:
             raise _Disconnected()
         return body
+
+
+def _int_or_zero(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0  # parse_infer_request says what is wrong with it
 
 
 class _Disconnected(Exception):
@@ -165,20 +212,33 @@ def routes(plane: DataPlane) -> list[Route]:
         body = await r.body()
         ready_only = False
         if body.strip():
-            try:
-                doc = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BadRequest(f"malformed JSON in the request body: {e}") from None
+            doc = load_json(body)
             ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
         return _json(plane.repository_index(ready_only))
 
     async def infer(r: Request) -> Reply:
         body = await r.body()
-        parsed = parse_infer_request(body, r.headers.get(HEADER_LENGTH.lower()))
-        endpoint, outputs = await plane.infer(r.name, r.version, parsed)
+        declared = r.headers.get(HEADER_LENGTH.lower())
+        json_bytes = len(body) if not declared else min(len(body), _int_or_zero(declared))
+        if json_bytes > r.limits.max_json:
+            raise TooLarge(f"the JSON part of the body has {json_bytes} bytes, more than "
+                           f"--max-json-mb {r.limits.max_json / 2**20:g} MiB allows; send big "
+                           "tensors as binary data (the binary tensor extension)")
+
+        def prepare():
+            request = parse_infer_request(body, declared)
+            return (request, *plane.prepare(r.name, r.version, request))
+        if len(body) > r.limits.offload_bytes:  # parsing must not stall the event loop
+            parsed, endpoint, items = await asyncio.to_thread(prepare)
+        else:
+            parsed, endpoint, items = prepare()
+        outputs = await plane.run(endpoint, items, parsed)
         binary = {n: parsed.outputs.get(n, parsed.binary_outputs) for n in outputs}
-        payload, header_length = encode_infer_response(endpoint.name, parsed.id, outputs,
-                                                       binary, model_version="1")
+        encode = functools.partial(encode_infer_response, endpoint.name, parsed.id, outputs,
+                                   binary, model_version="1")
+        elements = sum(int(v.size) for v in outputs.values())
+        payload, header_length = (await asyncio.to_thread(encode) if elements > 1 << 16
+                                  else encode())  # a big JSON answer, off the event loop
         if header_length is None:
             return 200, payload, {"content-type": "application/json"}
         return 200, payload, {"content-type": "application/octet-stream",
@@ -186,7 +246,8 @@ def routes(plane: DataPlane) -> list[Route]:
 
     async def embed_upload(r: Request) -> Reply:
         from .upload import embed_upload as run
-        return _json(*await run(plane, r.scope, r.headers, await r.body(), r.max_body))
+        return _json(*await run(plane, r.scope, r.headers, await r.body(), r.max_body,
+                                r.limits.offload_bytes))
 
     async def search(r: Request) -> Reply:
         """{"image": [base64 images], "k": 10} -> each image's nearest indexed ids."""
@@ -230,9 +291,13 @@ class HttpApp:
     """The ASGI application: lifespan (start/stop the plane) and the route table."""
 
     def __init__(self, plane: DataPlane, *, max_body_mb: float = 64.0,
-                 manage_plane: bool = True):
+                 manage_plane: bool = True, limits: Limits | None = None,
+                 budget: BodyBudget | None = None):
         self.plane = plane
-        self.max_body = int(max_body_mb * 1024 * 1024)
+        self.limits = limits or Limits(max_body=int(max_body_mb * 1024 * 1024),
+                                       max_buffered=max(4 * int(max_body_mb * 2**20), 256 << 20))
+        self.max_body = self.limits.max_body
+        self.budget = budget or BodyBudget(self.limits.max_buffered)
         self.manage_plane = manage_plane
         self.static: dict[str, dict[str, Route]] = {}
         self.model: dict[str, dict[str, Route]] = {}
@@ -261,15 +326,16 @@ class HttpApp:
         endpoint = route.endpoint if route else "unknown"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope["headers"]}
+        request = Request(scope, receive, headers, name, version, self.limits, self.budget)
         try:
             if route is None:
                 status, payload, extra = self._no_route(scope, by_method)
             else:
                 if not route.public and self.plane.api_key is not None:
                     self.plane.authenticate(headers.get("authorization"))
-                status, payload, extra = await route.handler(Request(
-                    scope, receive, headers, name, version, self.max_body))
+                status, payload, extra = await route.handler(request)
         except _Disconnected:
+            self.budget.release(request.held[0])
             return
         except Exception as e:
             status, message, error_headers = http_failure(e, scope["path"])
@@ -277,9 +343,12 @@ class HttpApp:
             extra = {"content-type": "application/json", **error_headers}
         response_headers = [(b"content-length", str(len(payload)).encode())] + [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": response_headers})
-        await send({"type": "http.response.body", "body": payload})
+        try:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": response_headers})
+            await send({"type": "http.response.body", "body": payload})
+        finally:
+            self.budget.release(request.held[0])
         self.plane.metrics.observe_request(endpoint, status, time.perf_counter() - start)
 
     @staticmethod
@@ -309,7 +378,9 @@ class HttpApp:
 
 
 def build_app(plane: DataPlane, *, max_body_mb: float = 64.0,
-              manage_plane: bool = True) -> HttpApp:
+              manage_plane: bool = True, limits: Limits | None = None,
+              budget: BodyBudget | None = None) -> HttpApp:
     """The HTTP application of `plane` (with manage_plane, it starts loading the models on
     startup and stops them on shutdown; `serve` does that itself, around both transports)."""
-    return HttpApp(plane, max_body_mb=max_body_mb, manage_plane=manage_plane)
+    return HttpApp(plane, max_body_mb=max_body_mb, manage_plane=manage_plane, limits=limits,
+                   budget=budget)

@@ -12,8 +12,9 @@ the next one. When other workers are idle, the waiting requests are shared out b
 rather than taken by the first: on a CPU each worker runs the model with cores / workers
 threads, so one big batch alone would leave the other cores idle (8 clients that resend at
 once used to run as one batch of 8 on one core). A request whose future was cancelled before
-its batch started (a client that timed out) is dropped. `submit` raises QueueFull when
-`max_queue` requests already wait.
+its batch started (a client that timed out), or whose `deadline` has passed, is dropped
+without running. `submit` raises QueueFull when `max_queue` requests already wait. `close(t)`
+finishes the queued requests for up to t seconds, then refuses the rest (Closed).
 """
 from __future__ import annotations
 
@@ -32,11 +33,15 @@ class Closed(RuntimeError):
     """The batcher is shutting down and takes no new requests."""
 
 
-class _Request:
-    __slots__ = ("items", "future", "arrived")
+class Expired(RuntimeError):
+    """The request's deadline passed while it waited in the queue: it was never run."""
 
-    def __init__(self, items: list, future: Future, arrived: float):
-        self.items, self.future, self.arrived = items, future, arrived
+
+class _Request:
+    __slots__ = ("items", "future", "arrived", "deadline")
+
+    def __init__(self, items: list, future: Future, arrived: float, deadline: float | None):
+        self.items, self.future, self.arrived, self.deadline = items, future, arrived, deadline
 
 
 class Batcher:
@@ -63,7 +68,9 @@ class Batcher:
         """Requests waiting for a batch."""
         return len(self._queue)
 
-    def submit(self, items: list) -> Future:
+    def submit(self, items: list, deadline: float | None = None) -> Future:
+        """Queue `items` (one request); `deadline` (time.monotonic()) after which it is
+        dropped unrun if it still waits (its future then fails with Expired)."""
         future: Future = Future()
         with self._cond:
             if self._closed:
@@ -71,7 +78,7 @@ class Batcher:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue "
                                 f"{self.max_queue})")
-            request = _Request(list(items), future, time.monotonic())
+            request = _Request(list(items), future, time.monotonic(), deadline)
             self._queue.append(request)
             self._pending += len(request.items)
             # wake the gathering worker only when it has something to decide: a first request
@@ -81,13 +88,27 @@ class Batcher:
                 self._cond.notify_all()
         return future
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop taking requests, finish the queued ones, join the workers."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop taking requests, finish the queued ones within `timeout` seconds (None: all of
+        them), then fail those still queued with Closed. False when a batch was still running
+        at the deadline (its worker is a daemon thread: it cannot hold up the process exit)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not any(t.is_alive() for t in self._threads):
+            return True
+        with self._cond:
+            while self._queue:
+                request = self._queue.popleft()
+                if request.future.set_running_or_notify_cancel():
+                    request.future.set_exception(Closed("the server stopped before this "
+                                                        "request ran; retry"))
+            self._pending = 0
+            self._cond.notify_all()
+        return False
 
     # -- workers -----------------------------------------------------------------------------
     def _take(self) -> list[_Request] | None:
@@ -108,6 +129,7 @@ class Batcher:
             limit = min(self.max_batch, -(-self._pending // idle))
             taken: list[_Request] = []
             count = 0
+            now = time.monotonic()
             while self._queue:
                 n = len(self._queue[0].items)
                 if taken and count + n > limit:
@@ -116,6 +138,10 @@ class Batcher:
                 self._pending -= n
                 if not request.future.set_running_or_notify_cancel():
                     continue  # its client gave up before the batch started
+                if request.deadline is not None and now > request.deadline:
+                    request.future.set_exception(Expired("the request waited past its "
+                                                         "deadline"))
+                    continue
                 taken.append(request)
                 count += n
             if taken:

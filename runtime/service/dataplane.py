@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .batcher import Batcher, Closed, QueueFull
+from .batcher import Batcher, Closed, Expired, QueueFull
 from .errors import BadRequest, NotReady, Overloaded, TimedOut, Unauthenticated, UnknownModel
+from .limits import return_memory
 from .model import ItemResult, ServedModel
 from .protocol import InferRequest, ProtocolError
 
@@ -34,6 +35,10 @@ MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics",
               "model_repository"]
 RESERVED_NAMES = {"stats"}  # /v2/models/stats is every model's statistics
+# A batch slower than this gave memory back to the system after it (malloc_trim costs ~15 ms
+# on a fragmented heap, so not after every batch; big blocks go back by themselves, see
+# limits.tune_allocator)
+HEAVY_BATCH_S = 0.5
 
 
 class _Stats:
@@ -139,10 +144,16 @@ class ModelEndpoint:
                     on_fatal(self.failure_)
         threading.Thread(target=run, name=f"unirep-load-{self.name}", daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Close the batcher (queued requests are refused once `timeout` s have passed) and
+        the model; False when a batch was still running at the deadline (left to the process
+        exit: onnxruntime cannot be interrupted)."""
+        done = True
         if self.batcher is not None:
-            self.batcher.close()
-        self.model.close()
+            done = self.batcher.close(timeout)
+        if done:
+            self.model.close()
+        return done
 
     def _on_batch(self, size: int, seconds: float) -> None:
         self.stats.batch(size, seconds)
@@ -151,7 +162,11 @@ class ModelEndpoint:
 
     def _run_batch(self, items: list) -> list[ItemResult]:
         start = time.perf_counter()
-        results = self.model.run_batch(items)
+        try:
+            results = self.model.run_batch(items)
+        finally:
+            if time.perf_counter() - start > HEAVY_BATCH_S:  # big decodes: give memory back
+                return_memory()
         seconds = time.perf_counter() - start
         for r in results:
             r.batch_start, r.batch_seconds = start, seconds
@@ -172,8 +187,8 @@ class ModelEndpoint:
         if not items:
             raise BadRequest("the request holds no images")
         start = time.perf_counter()
-        try:
-            future = self.batcher.submit(items)
+        try:  # past its timeout a request is dropped unrun, even if nobody cancels it
+            future = self.batcher.submit(items, deadline=time.monotonic() + self.timeout_s)
         except QueueFull as e:
             self.stats.request(False, len(items), 0.0)
             raise Overloaded(f"the server is overloaded: {e}; retry later") from None
@@ -181,10 +196,14 @@ class ModelEndpoint:
             raise NotReady(str(e)) from None
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, Expired):
+            future.cancel()  # still queued: it never runs (the batcher drops cancelled ones)
             self.stats.request(False, len(items), time.perf_counter() - start)
             raise TimedOut(f"the request took longer than --timeout-s {self.timeout_s:g} s"
                            ) from None
+        except Closed as e:  # the server stopped before this request's batch ran
+            self.stats.request(False, len(items), time.perf_counter() - start)
+            raise NotReady(str(e)) from None
         except Exception:
             self.stats.request(False, len(items), time.perf_counter() - start)
             raise
@@ -256,9 +275,15 @@ class DataPlane:
         for e in self.endpoints.values():
             e.load()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop every endpoint within `timeout` seconds in all; False when some batch was
+        still running then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = True
         for e in self.endpoints.values():
-            e.stop()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done = e.stop(left) and done
+        return done
 
     @property
     def failure_(self) -> str | None:
@@ -348,14 +373,21 @@ class DataPlane:
         return {"model": e.name, "k": int(k), "results": rows}
 
     # -- inference -----------------------------------------------------------------------------
-    async def infer(self, name: str, version: str | None,
-                    request: InferRequest) -> tuple[ModelEndpoint, dict[str, Any]]:
-        """A parsed request -> (its endpoint, the output tensors it asked for, in order)."""
+    def prepare(self, name: str, version: str | None,
+                request: InferRequest) -> tuple[ModelEndpoint, list]:
+        """A parsed request -> (its endpoint, the images it carries); BadRequest when its
+        tensors do not fit the model. Pure CPU work: the transports run it in a worker thread
+        for big requests."""
         e = self.endpoint(name, version)
         try:
-            items = e.model.items_from_request(request)
+            return e, e.model.items_from_request(request)
         except ProtocolError as err:
             raise BadRequest(str(err)) from None
+
+    async def run(self, e: ModelEndpoint, items: list,
+                  request: InferRequest) -> dict[str, Any]:
+        """The prepared images through the endpoint's batcher -> the output tensors the request
+        asked for, in order."""
         results = await e.embed(items)
         failed = [f"item {i}: {r.error}" for i, r in enumerate(results) if r.error]
         if failed and len(failed) == len(results):
@@ -368,4 +400,10 @@ class DataPlane:
                 raise BadRequest(f"unknown output(s) {unknown}; this model gives "
                                  f"{', '.join(outputs)}")
             outputs = {n: outputs[n] for n in request.outputs}
-        return e, outputs
+        return outputs
+
+    async def infer(self, name: str, version: str | None,
+                    request: InferRequest) -> tuple[ModelEndpoint, dict[str, Any]]:
+        """A parsed request -> (its endpoint, the output tensors it asked for, in order)."""
+        e, items = self.prepare(name, version, request)
+        return e, await self.run(e, items, request)

@@ -6,8 +6,10 @@ transport. The data plane raises them; each transport maps them once to its own 
     UnknownModel     no such model or version                     404 / NOT_FOUND
     BadRequest       malformed request, wrong tensor, bad image   400 / INVALID_ARGUMENT
     TooLarge         a body or message over the size limit        413 / RESOURCE_EXHAUSTED
-    Overloaded       the queue is full                            503 + Retry-After / UNAVAILABLE
+    Overloaded       the queue is full, or all bodies in flight    503 + Retry-After / UNAVAILABLE
+                     hold --max-buffered-mb
     TimedOut         past --timeout-s                             504 / DEADLINE_EXCEEDED
+    ClientTimeout    the client sent its body too slowly          408
     Unauthenticated  no API key or a wrong one                    401 / UNAUTHENTICATED
 """
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Overloaded(ServiceError):
 
 
 class TimedOut(ServiceError):
+    pass
+
+
+class ClientTimeout(BadRequest):
     pass
 
 

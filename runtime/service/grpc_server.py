@@ -16,6 +16,7 @@ ServerLive, ServerReady and ModelReady.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -39,7 +40,17 @@ from .errors import (
     Unauthenticated,
     UnknownModel,
 )
-from .protocol import DTYPES, InferRequest, ProtocolError, Tensor, datatype_of, pack_bytes, unpack_bytes
+from .limits import BodyBudget
+from .protocol import (
+    DTYPES,
+    InferRequest,
+    ProtocolError,
+    Tensor,
+    check_shape,
+    datatype_of,
+    pack_bytes,
+    unpack_bytes,
+)
 
 log = logging.getLogger("unirep.serve")
 
@@ -105,12 +116,11 @@ def request_from_proto(request) -> InferRequest:
                          f"{len(request.inputs)} inputs; send one per input, in order")
     tensors = []
     for k, spec in enumerate(request.inputs):
-        name, datatype, shape = spec.name, spec.datatype, tuple(spec.shape)
+        name, datatype = spec.name, spec.datatype
         if datatype not in DTYPES or datatype == "FP16" and not raw:
-            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}; the protocol's "
-                             f"types are {', '.join(DTYPES)}")
-        if any(d < 0 for d in shape):
-            raise BadRequest(f"input {name!r}: shape must be non-negative, got {list(shape)}")
+            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r:.40}; the "
+                             f"protocol's types are {', '.join(DTYPES)}")
+        shape = tuple(check_shape(list(spec.shape), name))  # before anything is allocated
         count = math.prod(shape)
         if raw:
             data = _from_raw(raw[k], datatype, shape, count, name)
@@ -179,8 +189,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     does not override (shared memory, tracing, logging, load/unload, streaming) answer
     UNIMPLEMENTED, as the base class does."""
 
-    def __init__(self, plane: DataPlane):
+    def __init__(self, plane: DataPlane, *, offload_bytes: int = 64 << 10,
+                 budget: BodyBudget | None = None):
         self.plane = plane
+        self.offload_bytes = offload_bytes  # bigger requests are parsed in a worker thread
+        self.budget = budget  # shared with HTTP: request bytes held at once, both transports
 
     @_rpc("live", public=True)
     async def ServerLive(self, request, context):
@@ -221,14 +234,32 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc("infer")
     async def ModelInfer(self, request, context):
-        parsed = request_from_proto(request)
-        endpoint, outputs = await self.plane.infer(request.model_name, request.model_version,
-                                                   parsed)
+        size = request.ByteSize()
+        if self.budget is not None and not self.budget.reserve(size):
+            raise Overloaded(f"the server holds {self.budget.used / 2**20:.0f} MiB of requests "
+                             f"(--max-buffered-mb {self.budget.limit / 2**20:g}); retry later")
+        try:
+            return await self._infer(request, size)
+        finally:
+            if self.budget is not None:
+                self.budget.release(size)
+
+    async def _infer(self, request, size: int):
+        def prepare():
+            parsed = request_from_proto(request)
+            return (parsed, *self.plane.prepare(request.model_name, request.model_version,
+                                                parsed))
+        if size > self.offload_bytes:  # off the event loop that answers liveness
+            parsed, endpoint, items = await asyncio.to_thread(prepare)
+        else:
+            parsed, endpoint, items = prepare()
+        outputs = await self.plane.run(endpoint, items, parsed)
         return response_to_proto(endpoint.name, parsed.id, outputs)
 
 
 def build_grpc_server(plane: DataPlane, *, host: str = "127.0.0.1", port: int = 8001,
-                      max_message_mb: float = 64.0, tls: tuple[bytes, bytes] | None = None):
+                      max_message_mb: float = 64.0, tls: tuple[bytes, bytes] | None = None,
+                      offload_bytes: int = 64 << 10, budget: BodyBudget | None = None):
     """A grpc.aio server for `plane` on host:port (not started); `tls` = (key PEM, cert PEM).
     Messages over max_message_mb are refused by grpcio with RESOURCE_EXHAUSTED."""
     limit = int(max_message_mb * 1024 * 1024)
@@ -237,7 +268,8 @@ def build_grpc_server(plane: DataPlane, *, host: str = "127.0.0.1", port: int = 
         ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024)),
         ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing
     ])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(plane, offload_bytes=offload_bytes, budget=budget), server)
     address = f"{host}:{port}"
     try:
         if tls is None:

@@ -67,7 +67,7 @@ def parse_probe_specs(specs: list[str]) -> dict[str, str]:
 
 def load_probes(specs: dict[str, str], description) -> list[ServedProbe]:
     """Load each probe and check it was fitted on this backbone; ProbeMismatch says why not.
-    A probe saved before fingerprints existed is accepted with a warning."""
+    A probe that records no fingerprint is accepted with a warning (runtime.probes)."""
     from runtime.probes import ProbeMismatchError, load_probe_for
 
     served = []
@@ -78,10 +78,6 @@ def load_probes(specs: dict[str, str], description) -> list[ServedProbe]:
             raise ProbeMismatch(f"--probe {name}={path}: {e.reason}") from e
         except (OSError, ValueError, KeyError) as e:
             raise ProbeMismatch(f"--probe {name}={path}: cannot load it ({e})") from e
-        if not (getattr(probe, "metadata_", {}) or {}).get("model_fingerprint"):
-            log.warning("--probe %s=%s records no model fingerprint (saved by an older "
-                        "version); it is served, but nothing proves it was fitted on this "
-                        "model: refit it with `probe fit` to record one", name, path)
         served.append(ServedProbe(name, probe, [str(c) for c in probe.classes_]))
     return served
 

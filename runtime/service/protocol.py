@@ -26,6 +26,12 @@ import numpy as np
 from common.errors import UserError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Shapes are checked against these before anything is allocated from them: a dimension is a
+# count of elements that arrived in the body, so no real request comes near them, and NumPy
+# refuses more than 64 dimensions or sizes past 2**63 with errors that are not the client's.
+MAX_DIMS = 16
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**48
 
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
@@ -76,10 +82,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
         header, binary = body[:n], memoryview(body)[n:]
     else:
         header, binary = body, memoryview(b"")
-    try:
-        doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"malformed JSON in the request body: {e}") from None
+    doc = load_json(header)
     if not isinstance(doc, dict):
         raise ProtocolError("the request body must be a JSON object with an `inputs` list")
     inputs = doc.get("inputs")
@@ -113,6 +116,38 @@ def parse_infer_request(body: bytes, header_length: int | str | None = None) -> 
                         outputs=outputs, binary_outputs=binary_default, parameters=params)
 
 
+def load_json(text: bytes | memoryview) -> Any:
+    """A JSON document from a request; ProtocolError for anything the client got wrong: bad
+    syntax or encoding, nesting deeper than Python's recursion limit, an integer of more than
+    4,300 digits (Python refuses to convert it)."""
+    try:
+        return json.loads(bytes(text))
+    except RecursionError:
+        raise ProtocolError("malformed JSON in the request body: it nests too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the integer digit limit
+        reason = str(e).split(";")[0][:200]
+        raise ProtocolError(f"malformed JSON in the request body: {reason}") from None
+
+
+def check_shape(shape: Any, name: str) -> list[int]:
+    """A tensor's declared shape as a list of ints, or ProtocolError: non-negative integers,
+    at most MAX_DIMS of them, each at most MAX_DIM (checked before any allocation)."""
+    if (not isinstance(shape, (list, tuple)) or
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, "
+                            f"got {_short(shape)}")
+    if (len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape)
+            or math.prod(d for d in shape if d) > MAX_ELEMENTS):  # NumPy's size, zeros aside
+        raise ProtocolError(f"input {name!r}: shape {_short(shape)} is out of range (at most "
+                            f"{MAX_DIMS} dimensions of at most {MAX_DIM} each, {MAX_ELEMENTS} elements)")
+    return [int(d) for d in shape]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _dict(value, where: str) -> dict:
     if value is None:
         return {}
@@ -129,22 +164,21 @@ def _parse_input(spec, k: int, binary: memoryview) -> tuple[Tensor, int]:
     if not isinstance(name, str) or not name:
         raise ProtocolError(f"inputs[{k}] needs a string `name`")
     datatype = spec.get("datatype")
-    if datatype not in DTYPES:
-        raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}; the protocol's "
+    if not isinstance(datatype, str) or datatype not in DTYPES:
+        raise ProtocolError(f"input {name!r}: unknown datatype {_short(datatype)}; the protocol's "
                             f"types are {', '.join(DTYPES)}")
-    shape = spec.get("shape")
-    if (not isinstance(shape, list) or
-            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if not isinstance(spec.get("shape"), list):
         raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, "
-                            f"got {shape!r}")
+                            f"got {_short(spec.get('shape'))}")
+    shape = check_shape(spec["shape"], name)
     count = math.prod(shape)
     params = _dict(spec.get("parameters"), f"inputs[{name}].parameters")
     size = params.get("binary_data_size")
     if size is not None:
         if "data" in spec:
             raise ProtocolError(f"input {name!r} has both `data` and binary_data_size")
-        if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise ProtocolError(f"input {name!r}: binary_data_size {size!r} does not fit the "
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+            raise ProtocolError(f"input {name!r}: binary_data_size {_short(size)} does not fit the "
                                 f"{len(binary)} binary bytes left in the body")
         raw = binary[:size]
         if datatype == "BYTES":
@@ -171,7 +205,10 @@ def _json_data(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
         if not all(isinstance(x, str) for x in flat):
             raise ProtocolError(f"input {name!r}: BYTES elements in JSON must be strings")
         out = np.empty(len(flat), dtype=object)
-        out[:] = [x.encode() for x in flat]
+        try:
+            out[:] = [x.encode() for x in flat]
+        except UnicodeEncodeError:  # a lone surrogate (\ud800) is valid JSON, not UTF-8
+            raise ProtocolError(f"input {name!r}: a BYTES string is not valid Unicode") from None
         return out.reshape(shape)
     dtype = DTYPES[datatype]
     if datatype == "BOOL":
@@ -183,10 +220,13 @@ def _json_data(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
         if ok and flat:
             info = np.iinfo(dtype)
             ok = info.min <= min(flat) and max(flat) <= info.max
-    if not ok:
-        raise ProtocolError(f"input {name!r}: `data` does not hold {datatype} values "
-                            "(wrong type or out of range)")
-    return np.asarray(flat, dtype=dtype).reshape(shape)
+    if ok:
+        try:  # an integer past float64's range (10**400) overflows on conversion
+            return np.asarray(flat, dtype=dtype).reshape(shape)
+        except (OverflowError, ValueError):
+            pass
+    raise ProtocolError(f"input {name!r}: `data` does not hold {datatype} values "
+                        "(wrong type or out of range)")
 
 
 def _flatten(data: list) -> list:
@@ -206,6 +246,9 @@ def _flatten(data: list) -> list:
 def unpack_bytes(raw, count: int, name: str = "input") -> np.ndarray:
     """Binary BYTES: `count` elements, each a 4-byte little-endian length and its bytes."""
     raw = memoryview(raw)
+    if count > len(raw) // 4:  # every element needs its 4-byte length: check before allocating
+        raise ProtocolError(f"input {name!r}: the shape says {count} BYTES elements but the "
+                            f"{len(raw)} bytes of data hold at most {len(raw) // 4}")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):

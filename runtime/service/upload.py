@@ -9,6 +9,7 @@ server serves several).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -16,12 +17,29 @@ from .dataplane import DataPlane
 from .errors import BadRequest
 
 
-async def embed_upload(plane: DataPlane, scope: dict, headers: dict[str, str], body: bytes,
-                       max_body: int) -> tuple[dict, int]:
-    """(JSON document, HTTP status) of one upload; 400 when every image failed."""
+async def _read_form(scope: dict, body: bytes, max_body: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every file part of a multipart body; BadRequest when malformed."""
     from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartParser
 
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers(raw=scope["headers"]), stream(), max_files=1024,
+                                     max_fields=16, max_part_size=max_body).parse()
+    except Exception as e:
+        raise BadRequest(f"malformed multipart body: {e}") from None
+    files = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    out = [(f.filename or key, await f.read()) for key, f in files]
+    await form.close()
+    return out
+
+
+async def embed_upload(plane: DataPlane, scope: dict, headers: dict[str, str], body: bytes,
+                       max_body: int, offload_bytes: int = 64 << 10) -> tuple[dict, int]:
+    """(JSON document, HTTP status) of one upload; 400 when every image failed. A body over
+    `offload_bytes` is parsed in a worker thread (its own event loop), off the server's."""
     if "multipart/form-data" not in headers.get("content-type", ""):
         raise BadRequest("send images as multipart/form-data, e.g. "
                          "curl -F image=@photo.jpg URL/v1/embed")
@@ -34,20 +52,14 @@ async def embed_upload(plane: DataPlane, scope: dict, headers: dict[str, str], b
     else:
         raise BadRequest(f"this server serves several models ({', '.join(names)}); "
                          "say which with ?model=NAME")
-
-    async def stream():
-        yield body
-
-    try:
-        form = await MultiPartParser(Headers(raw=scope["headers"]), stream(), max_files=1024,
-                                     max_fields=16, max_part_size=max_body).parse()
-    except Exception as e:
-        raise BadRequest(f"malformed multipart body: {e}") from None
-    files = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
-    if not files:
+    if len(body) > offload_bytes:
+        parts = await asyncio.to_thread(asyncio.run, _read_form(scope, body, max_body))
+    else:
+        parts = await _read_form(scope, body, max_body)
+    if not parts:
         raise BadRequest("no file in the upload; use curl -F image=@photo.jpg")
-    file_names = [f.filename or key for key, f in files]
-    items = [await f.read() for _, f in files]
+    file_names = [name for name, _ in parts]
+    items = [data for _, data in parts]
     results = await endpoint.embed(items)
     model = endpoint.model
     outputs = model.outputs(results)
