@@ -244,6 +244,9 @@ def describe_model_dir(model_dir: str) -> str:
                    f"method {desc.method}")
         if desc.source_runs:
             out.append(f"source run: {desc.source_runs[0]}")
+    if desc.extra.get("taps"):
+        out.append("taps: " + ", ".join(f"{t['tap']} ({t['dim']}-d)" for t in desc.extra["taps"])
+                   + " (pooled stages, each L-infinity normalised, concatenated)")
     if desc.levels:
         out.append("levels: " + " > ".join(f"{lv.name} ({len(lv.classes)} classes)"
                                            for lv in desc.levels))

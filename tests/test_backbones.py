@@ -126,6 +126,7 @@ def test_plain_pretrained_model_folder_in_one_command(tmp_path, fmnist_small):
     assert cos.min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_export_arch_needs_weights_and_says_so(tmp_path):
     r = cli("export", "--arch", "efficientnet_lite1", "--out", tmp_path / "m")
     assert r.returncode != 0 and "give --pretrained or --weights FILE" in r.stderr
@@ -177,3 +178,70 @@ def test_taps_refused_where_no_stage_list():
     from train.taps import TapError, TappedBackbone
     with pytest.raises(TapError, match="no stage list"):
         TappedBackbone(create_backbone("small_cnn", width=4, feature_dim=8), ["1"], "small_cnn")
+
+
+# --------------------------------------------------------------------------- timm weights on disk
+
+def _random_timm_file(tmp_path, name: str, seed: int = 0, **kwargs) -> str:
+    """timm's model `name` with seeded random weights (BatchNorm statistics made non-trivial),
+    saved whole (classifier included) to a safetensors file, as a user's file would be."""
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = str(tmp_path / f"{name}.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_timm_taps_are_feature_info_stages(tmp_path):
+    """Taps of a timm ConvNeXt and ViT are their feature_info stages, pooled (ViT: patch tokens
+    over the grid), checked against forward hooks on the stage modules."""
+    from train.models import create_backbone
+    from train.pretrained import load_starting_weights
+    from train.taps import TappedBackbone, linf_normalise
+    for name, modules in (("convnext_atto", "stages"), ("vit_tiny_patch16_224", "blocks")):
+        backbone = create_backbone(f"timm:{name}").eval()
+        if name.startswith("vit"):
+            load_starting_weights(backbone, f"timm:{name}",
+                                  weights_file=_random_timm_file(tmp_path, name))
+        taps = ["1", "final", "-1"]
+        tapped = TappedBackbone(backbone, taps, name)
+        stage = getattr(backbone.model, modules)
+        last = len(backbone.model.feature_info) - 1
+        seen = {}
+        hooks = [stage[i].register_forward_hook(
+            lambda m, a, out, i=i, seen=seen: seen.__setitem__(i, out)) for i in (1, last)]
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            got = tapped(x)
+            final = backbone(x)
+        for h in hooks:
+            h.remove()
+        prefix = getattr(backbone.model, "num_prefix_tokens", 0)
+
+        def pool(t, vit=name.startswith("vit"), prefix=prefix):
+            return t[:, prefix:].mean(dim=1) if vit else t.mean(dim=(2, 3))
+        want = torch.cat([linf_normalise(pool(seen[1])), linf_normalise(final),
+                          linf_normalise(pool(seen[last]))], dim=1)
+        assert got.shape == (2, tapped.feature_dim) and torch.allclose(got, want, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_export_with_taps_of_a_timm_model_proves_parity(tmp_path, fmnist_small):
+    weights = _random_timm_file(tmp_path, "convnext_atto")
+    out = tmp_path / "cx-taps"
+    r = cli("export", "--arch", "timm:convnext_atto", "--weights", weights, "--taps", "1,2,final",
+            "--out", out, "--parity-images", 4, "--check-data", fmnist_small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    desc = ModelDescription.load(str(out))
+    assert [t["dim"] for t in desc.extra["taps"]] == [80, 160, 320] and desc.feature_dim == 560
+    report = json.load(open(out / "export.json"))
+    assert report["parity"]["onnxruntime"]["outputs"]["embedding"]["min_cosine"] >= 0.99999
+    assert "taps: 1 (80-d), 2 (160-d), final (320-d)" in cli("inspect", out).stdout
