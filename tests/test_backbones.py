@@ -245,3 +245,209 @@ def test_export_with_taps_of_a_timm_model_proves_parity(tmp_path, fmnist_small):
     report = json.load(open(out / "export.json"))
     assert report["parity"]["onnxruntime"]["outputs"]["embedding"]["min_cosine"] >= 0.99999
     assert "taps: 1 (80-d), 2 (160-d), final (320-d)" in cli("inspect", out).stdout
+
+
+# --------------------------------------------------------------------------- C: timm, torchvision
+
+def _photo_pngs(tmp_path) -> list[str]:
+    """Real photos (matplotlib's and scikit-learn's sample JPEGs) at several sizes and aspect
+    ratios, saved as PNG: the 574x470 case is where rounding and truncating differ."""
+    import matplotlib.cbook
+    import sklearn.datasets
+    from PIL import Image
+    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    sources = [matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False),
+               os.path.join(folder, "china.jpg"), os.path.join(folder, "flower.jpg")]
+    out = []
+    for k, src in enumerate(sources):
+        base = Image.open(src).convert("RGB")
+        for size in (None, (574, 470), (470, 574), (300, 451), (256, 256), (225, 300)):
+            img = base if size is None else base.resize(size, Image.Resampling.BICUBIC)
+            path = str(tmp_path / f"photo{k}_{img.width}x{img.height}.png")
+            img.save(path)
+            out.append(path)
+    return out
+
+
+def _library_transform(arch: str):
+    library, name = arch.split(":")
+    if library == "timm":
+        import timm
+        from timm.data import create_transform, resolve_data_config
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        return create_transform(**resolve_data_config(pretrained_cfg=cfg))
+    import torchvision
+    return torchvision.models.get_model_weights(name).DEFAULT.transforms()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["timm:convnext_atto", "timm:vit_tiny_patch16_224",
+                                  "torchvision:resnet50", "torchvision:efficientnet_b0"])
+def test_runtime_transform_equals_the_library_eval_transform(arch, tmp_path):
+    """The runtime's preprocessing, from the description export writes, gives the tensors of
+    timm's create_transform / torchvision's weights.transforms() on real photos of several sizes
+    (bicubic included): the same pixels, so the only difference is float rounding of /255
+    (measured max 7.2e-7; bound 2e-6). Rounding instead of truncating shifts the 574x470 crop."""
+    from PIL import Image
+
+    from common.description import Preprocessing
+    from runtime.decode import preprocess as runtime_preprocess
+    from train.models import default_preprocessing
+    pre = default_preprocessing(arch)
+    assert pre.resize_rounding == "truncate"
+    transform = _library_transform(arch)
+    for path in _photo_pngs(tmp_path):
+        want = transform(Image.open(path).convert("RGB")).numpy()
+        got = runtime_preprocess(path, pre)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 2e-6, path
+        if path.endswith("574x470.png") and pre.resize_size == 256:  # 312 vs 313 columns
+            rounded = Preprocessing.from_dict(dict(vars(pre), resize_rounding="round"))
+            assert np.abs(runtime_preprocess(path, rounded) - want).max() > 1e-3
+
+
+def test_truncating_resize_matches_torchvision_geometry():
+    from common.description import Preprocessing
+    pre = Preprocessing(resize_size=256, input_size=224)
+    assert pre.resized(574, 470) == (313, 256)                    # ours: rounds
+    truncated = Preprocessing(resize_size=256, input_size=224, resize_rounding="truncate")
+    assert truncated.resized(574, 470) == (312, 256)              # torchvision: truncates
+    assert truncated.resized(470, 574) == (256, 312) and truncated.resized(256, 300) == (256, 300)
+    with pytest.raises(ValueError, match="resize_rounding"):
+        Preprocessing.from_dict({"resize_rounding": "ceil"})
+
+
+def _random_torchvision_file(tmp_path, name: str) -> str:
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = str(tmp_path / f"{name}.pth")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _framework_features(arch: str, weights: str, paths: list[str]) -> np.ndarray:
+    """The library's own model and evaluation transform, with the same file: the reference."""
+    from PIL import Image
+    library, name = arch.split(":")
+    if library == "timm":
+        import timm
+        from safetensors.torch import load_file
+        model = timm.create_model(name, pretrained=False)
+        model.load_state_dict(load_file(weights))
+        forward = lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
+    else:
+        import torchvision
+        model = torchvision.models.get_model(name, weights=None)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.fc = torch.nn.Identity()
+        forward = model
+    model.eval()
+    transform = _library_transform(arch)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        return forward(x).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["timm:resnet18", "timm:convnext_atto",
+                                  "timm:vit_tiny_patch16_224", "timm:efficientnet_b0",
+                                  "torchvision:resnet18"])
+def test_external_backbone_export_embed_probe_with_parity(arch, tmp_path, fmnist_small):
+    """A user's weights file -> a model folder in one command -> runtime embeddings of real
+    photos equal the framework's own forward on its own transform -> a probe fits on them."""
+    name = arch.split(":")[1]
+    weights = (_random_timm_file(tmp_path, name) if arch.startswith("timm:")
+               else _random_torchvision_file(tmp_path, name))
+    out = tmp_path / "model"
+    r = cli("export", "--arch", arch, "--weights", weights, "--out", out, "--parity-images", 4,
+            "--check-data", fmnist_small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    desc = ModelDescription.load(str(out))
+    assert desc.architecture == arch and desc.preprocessing.resize_rounding == "truncate"
+    assert desc.method_args["weights"]["sha256"] and desc.method_args["weights"][
+        "classifier_keys_dropped"] == 2
+    report = json.load(open(out / "export.json"))
+    assert report["parity"]["onnxruntime"]["outputs"]["embedding"]["min_cosine"] >= 0.99999
+
+    from runtime.pipeline import FeaturePipeline
+    from runtime.probes import make_probe
+    photos = _photo_pngs(tmp_path)
+    want = _framework_features(arch, weights, photos)
+    with FeaturePipeline(str(out), device="cpu") as pipe:
+        got = pipe.embed(photos).vectors
+        train_p, train_y = _images(fmnist_small, "train", 3)
+        test_p, test_y = _images(fmnist_small, "test", 3)
+        train_x, test_x = pipe.embed(train_p).vectors, pipe.embed(test_p).vectors
+    cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert got.shape == want.shape and cos.min() >= 0.99999, cos.min()
+    probe = make_probe("ncm").fit(train_x, train_y)
+    assert 0.0 <= probe.score(test_x, test_y) <= 1.0 and probe.predict(test_x).shape == (30,)
+
+
+class _NotATensor:  # pickled into a .pth file: weights_only must refuse it (no code runs)
+    pass
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, \
+        result.stderr[-1500:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_bad_weights_and_unknown_names_end_in_one_line_and_write_nothing(tmp_path, fmnist_small):
+    good = _random_timm_file(tmp_path, "convnext_atto")
+    femto = _random_timm_file(tmp_path, "convnext_femto")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    pickled = tmp_path / "object.pth"
+    torch.save({"model": _NotATensor()}, pickled)
+    text = tmp_path / "weights.txt"
+    text.write_text("hello")
+    resnet = _random_timm_file(tmp_path, "resnet18")
+    out = tmp_path / "m"
+    cases = [
+        (("--arch", "timm:no_such_net", "--weights", good), "timm has no model 'no_such_net'"),
+        (("--arch", "torchvision:no_such_net", "--weights", good), "torchvision has no model"),
+        (("--arch", "timm:convnext_atto", "--weights", garbage), "not a readable safetensors"),
+        (("--arch", "timm:convnext_atto", "--weights", pickled), "weights_only=True"),
+        (("--arch", "timm:convnext_atto", "--weights", text), "unknown file type"),
+        (("--arch", "timm:convnext_atto", "--weights", femto),
+         "tensor stem.0.weight has shape [48, 3, 4, 4] in the file but [40, 3, 4, 4]"),
+        (("--arch", "timm:resnet34", "--weights", resnet), "missing (layer1.2.bn1.bias"),
+        (("--arch", "timm:convnext_atto", "--weights", good, "--pretrained"), "not both"),
+    ]
+    for args, message in cases:
+        r = cli("export", *args, "--out", out, "--check-data", fmnist_small)
+        assert message in _error_line(r), (args, r.stderr[-800:])
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".m")]
+    r = cli("train", "--data", fmnist_small, "--arch", "timm:no_such_net", "--out", tmp_path / "r")
+    assert "timm has no model" in _error_line(r) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_timm_pretrained_reads_only_the_local_hub_cache(tmp_path, fmnist_small):
+    """--pretrained for timm finds model.safetensors in the local Hugging Face cache (offline);
+    when it is not there one line says which file to put where."""
+    cache = tmp_path / "hub"
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *map(str, a)],
+                                    capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    args = ("export", "--arch", "timm:convnext_atto", "--pretrained", "--out", tmp_path / "m",
+            "--parity-images", 2, "--check-data", fmnist_small)
+    line = _error_line(run(*args))
+    folder = cache / "models--timm--convnext_atto.d2_in1k"
+    assert f"put it at {folder}/snapshots/main/model.safetensors" in line
+    snapshot = folder / "snapshots" / "main"
+    snapshot.mkdir(parents=True)
+    os.replace(_random_timm_file(tmp_path, "convnext_atto"), snapshot / "model.safetensors")
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-1500:]
+    weights = ModelDescription.load(str(tmp_path / "m")).method_args["weights"]
+    assert weights["pretrained"] == "local cache" and weights["file"].startswith(str(snapshot))

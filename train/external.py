@@ -224,9 +224,9 @@ def _timm_cached_file(arch: str, name: str) -> str:
     folder = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
     raise ArchitectureError(
         f"--arch {arch} --pretrained: no local copy of {repo}/model.safetensors (nothing downloads "
-        f"here); put it at {folder}/snapshots/main/model.safetensors with refs/main holding "
-        "'main' (e.g. `huggingface-cli download " + repo + "` where the hub is reachable, then "
-        "copy the folder), or pass --weights FILE")
+        f"here); put it at {folder}/snapshots/main/model.safetensors (or copy the cache folder "
+        f"`huggingface-cli download {repo}` made where the hub is reachable), or pass "
+        "--weights FILE")
 
 
 def _torchvision_cached_file(arch: str, name: str) -> str:

@@ -84,12 +84,14 @@ def fit_state_dict(module: nn.Module, state: dict[str, torch.Tensor],
     dropped = sorted(k for k in state if k.startswith(classifier_prefixes))
     state = {k: v for k, v in state.items() if k not in set(dropped)}
     own = module.state_dict()
-    for name, tensor in state.items():
-        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
-            raise WeightsError(
-                f"{source}: tensor {name} has shape {list(tensor.shape)} in the file but "
-                f"{list(own[name].shape)} in the model; the file is for another architecture or "
-                "configuration")
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if wrong:  # the first in the model's order: usually the layer where the two part ways
+        name = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise WeightsError(
+            f"{source}: tensor {name} has shape {list(state[name].shape)} in the file but "
+            f"{list(own[name].shape)} in the model{more}; the file is for another architecture "
+            "or configuration")
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
