@@ -35,7 +35,7 @@ from .onnx_files import (  # ExportError is also imported from here by callers
     graph_io,
     set_description_metadata,
 )
-from .sources import load_members, load_runs  # noqa: F401  (load_runs: imported from here too)
+from .sources import Member, load_members, load_runs  # noqa: F401  (load_runs: imported from here too)
 
 LINF_EPS = 1e-12
 # Preprocessing fields that must agree for runs to share one input tensor.
@@ -368,7 +368,6 @@ def export_runs(sources: list, out_dir: str, formats=("onnx",), logits: bool = F
     if len(descs) > 1:
         check_shared_preprocessing(descs, labels)
     if any(m.is_onnx for m in members):
-        from .compose import export_composed
         return export_composed(members, out_dir, formats=formats, fp16=fp16,
                                int8_calib=int8_calib, opset=opset, parity_images=parity_images,
                                check_data=check_data, overwrite=overwrite, folders=folders,
@@ -384,15 +383,34 @@ def export_runs(sources: list, out_dir: str, formats=("onnx",), logits: bool = F
         feature_dim = int(module(torch.from_numpy(images[:1]))[0].shape[1])
     desc = combined_description(descs, labels, feature_dim, logits_heads)
 
+    # batch 2: an example batch of 1 would let the exporter specialise the batch dimension
+    example = torch.from_numpy(np.concatenate([images, images])[:2])
+    return write_model_dir(
+        out_dir, desc, descs, images, image_source,
+        make_graph=lambda path: write_onnx(module, example, path, output_names, opset),
+        reference=lambda: parity_mod.torch_outputs(module, images, output_names),
+        folders=folders, overwrite=overwrite, formats=formats, opset=opset, fp16=fp16,
+        int8_calib=int8_calib, check_data=check_data, variant_images=variant_images,
+        calib_images=calib_images, started=started)
+
+
+def write_model_dir(out_dir: str, desc: ModelDescription, descs: list[ModelDescription],
+                    images: np.ndarray, image_source: dict, *, make_graph, reference, folders,
+                    overwrite: bool, formats, opset: int, fp16: bool, int8_calib: str | None,
+                    check_data: str | None, variant_images: int, calib_images: int,
+                    started: float) -> dict:
+    """Long because it is the one sequence every export goes through, in a temporary folder
+    renamed into place at the end: the graph (`make_graph(path)` -> its report), the description,
+    parity against `reference()` (the outputs the graph must reproduce), the variants, Caffe2,
+    export.json. Nothing is left behind when any step fails."""
+    feature_dim = desc.feature_dim
     parent, base = os.path.split(os.path.abspath(out_dir))
     tmp_dir = make_temp_dir(parent, tag=base)
     try:
         model_path = os.path.join(tmp_dir, MODEL_FILE)
         log(f"export: {desc.architecture} -> ONNX (opset {opset})")
         t0 = time.perf_counter()
-        # batch 2: an example batch of 1 would let the exporter specialise the batch dimension
-        example = torch.from_numpy(np.concatenate([images, images])[:2])
-        graph_report = write_onnx(module, example, model_path, output_names, opset)
+        graph_report = make_graph(model_path)
         export_seconds = time.perf_counter() - t0
         desc.versions = dict(desc.versions, export=export_versions(opset, graph_report["exporter"]))
         desc_dict = desc.to_dict()
@@ -404,9 +422,8 @@ def export_runs(sources: list, out_dir: str, formats=("onnx",), logits: bool = F
         save_json_atomic(os.path.join(tmp_dir, DESCRIPTION_FILE), desc_dict)
 
         log("export: parity onnxruntime vs PyTorch")
-        reference = parity_mod.torch_outputs(module, images, output_names)
         parity = {"images": len(images), "image_source": image_source,
-                  "onnxruntime": parity_mod.check_parity(model_path, reference, images)}
+                  "onnxruntime": parity_mod.check_parity(model_path, reference(), images)}
 
         variants = {}
         if fp16 or int8_calib:
@@ -447,6 +464,58 @@ def export_runs(sources: list, out_dir: str, formats=("onnx",), logits: bool = F
         raise
     log(f"export: wrote {out_dir} ({report['timings_s']['total']:.1f} s)")
     return report
+
+
+def export_composed(members: list[Member], out_dir: str, *, formats, fp16: bool,
+                    int8_calib: str | None, opset: int, parity_images: int,
+                    check_data: str | None, overwrite: bool, folders, variant_images: int,
+                    calib_images: int, logits: bool, started: float) -> dict:
+    """export_runs for sources that include model folders (see the module docstring)."""
+    import tempfile
+
+    import torch
+    from torch import nn
+
+    from .compose import compose_graph, composed_reference
+    if logits:
+        raise ExportError("--logits is not available when a model folder is a member (its "
+                          "graph exposes only its embedding)")
+    descs = [m.desc for m in members]
+    torch_members = [m for m in members if not m.is_onnx]
+    torch_outputs = [f"member{k}" for k in range(len(torch_members))]
+
+    class Members(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.networks = nn.ModuleList(m.network for m in torch_members)
+
+        def forward(self, image):
+            return tuple(net.forward_features(image) for net in self.networks)
+
+    module = Members().eval()
+    check_data = check_data or parity_mod.default_check_data(descs)
+    log(f"export: loading real images to check parity ({parity_images})")
+    images, image_source = parity_mod.load_check_images(descs, check_data, parity_images)
+    reference = composed_reference(members, module, torch_outputs, images)
+    desc = combined_description(descs, [m.label for m in members],
+                                int(reference["embedding"].shape[1]), [])
+
+    def make_graph(path: str) -> dict:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
+            torch_path = None
+            report: dict = {}
+            if torch_members:
+                torch_path = os.path.join(scratch, "members.onnx")
+                example = torch.from_numpy(np.concatenate([images, images])[:2])
+                report = write_onnx(module, example, torch_path, torch_outputs, opset)
+            composed = compose_graph(members, torch_path, torch_outputs, path, opset)
+            return dict(composed, torch_members=report)
+
+    return write_model_dir(
+        out_dir, desc, descs, images, image_source, make_graph=make_graph,
+        reference=lambda: reference, folders=folders, overwrite=overwrite, formats=formats,
+        opset=opset, fp16=fp16, int8_calib=int8_calib, check_data=check_data,
+        variant_images=variant_images, calib_images=calib_images, started=started)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -451,3 +451,96 @@ def test_timm_pretrained_reads_only_the_local_hub_cache(tmp_path, fmnist_small):
     assert r.returncode == 0, r.stderr[-1500:]
     weights = ModelDescription.load(str(tmp_path / "m")).method_args["weights"]
     assert weights["pretrained"] == "local cache" and weights["file"].startswith(str(snapshot))
+
+
+# --------------------------------------------------------------------------- D: methods, members
+
+@pytest.mark.parametrize("arch,n_blocks", [("timm:convnext_atto", 6), ("timm:vit_tiny_patch16_224", 13),
+                                           ("torchvision:resnet18", 5),
+                                           ("torchvision:mobilenet_v3_small", 13)])
+def test_fsft_blocks_of_external_backbones_cover_every_parameter_once(arch, n_blocks):
+    from train import fsft
+    from train.models import create_backbone
+    backbone = create_backbone(arch)
+    blocks = fsft.backbone_blocks(backbone)
+    assert len(blocks) == n_blocks
+    ids = [id(p) for b in blocks for p in b.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in backbone.parameters())
+
+
+def test_fsft_refuses_a_backbone_without_blocks():
+    from train import fsft
+    from train.models import create_backbone
+    with pytest.raises(ValueError, match="the blocks of torchvision:vit_b_16 are not defined"):
+        fsft.backbone_blocks(create_backbone("torchvision:vit_b_16"))
+
+
+@pytest.mark.slow
+def test_methods_train_a_timm_backbone_and_combine_with_external_members(tmp_path, fmnist_small):
+    """specific (from a user's weights file), generic, multilevel, finer and FSFT on
+    timm:resnet18; then one export of a named architecture, the FSFT run and a model folder."""
+    from export.onnx_export import export_runs
+    from export.sources import ArchSource
+    from train.config import TrainConfig
+    from train.loop import train
+    torch.set_num_threads(1)
+    weights = _random_timm_file(tmp_path, "resnet18")
+    common = dict(data=fmnist_small, arch="timm:resnet18", epochs=1, input_size=32,
+                  batch_size=32, warmup_epochs=0.0, lr=0.01)
+    run = lambda name, **kw: train(TrainConfig(out=str(tmp_path / name), **{**common, **kw}))
+    spe = run("spe", weights=weights)
+    start = torch.load(os.path.join(spe, "model.pt"), weights_only=True)
+    assert ModelDescription.load(spe).method_args["weights"] == os.path.abspath(weights)
+    for method, kw in (("generic", {"level": 0}), ("multilevel", {}),
+                       ("finer", {"from_run": spe, "finer_k": 2, "finer_min_size": 5}),
+                       ("fsft", {"from_run": spe, "reinit": 2, "alpha": 0.0})):
+        out = run(method, method=method, **kw)
+        desc = ModelDescription.load(out)
+        assert desc.architecture == "timm:resnet18" and desc.method == method
+    after = torch.load(os.path.join(tmp_path / "fsft", "model.pt"), weights_only=True)
+    # alpha 0 freezes the kept stages (stem, layer1, layer2); layer3 and layer4 re-initialised
+    assert torch.equal(after["backbone.model.layer1.0.conv1.weight"],
+                       start["backbone.model.layer1.0.conv1.weight"])
+    assert not torch.allclose(after["backbone.model.layer4.0.conv1.weight"],
+                              start["backbone.model.layer4.0.conv1.weight"])
+
+    folder = tmp_path / "spe-model"
+    export_runs([spe], str(folder), parity_images=4)
+    report = export_runs([ArchSource("timm:resnet18", weights=weights, input_size=32),
+                          str(tmp_path / "fsft"), str(folder)], str(tmp_path / "combo"),
+                         parity_images=4, fp16=True)
+    assert report["feature_dim"] == 3 * 512 and report["exporter"] == "compose"
+    assert report["parity"]["onnxruntime"]["outputs"]["embedding"]["min_cosine"] >= 0.99999
+    desc = ModelDescription.load(str(tmp_path / "combo"))
+    assert desc.combination == "concat-linf" and len(desc.components) == 3
+    assert desc.source_runs[0].startswith("timm:resnet18@")
+    from runtime.pipeline import FeaturePipeline
+    paths, _ = _images(fmnist_small, "test", 1)
+    with FeaturePipeline(str(tmp_path / "combo"), device="cpu") as pipe:
+        got = pipe.embed(paths).vectors
+    for k in range(3):  # each member's part is L-infinity normalised
+        assert np.allclose(np.abs(got[:, 512 * k:512 * (k + 1)]).max(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchvision_backbone_trains_specific_and_fsft(tmp_path, fmnist_small):
+    from train.config import TrainConfig
+    from train.loop import train
+    torch.set_num_threads(1)
+    weights = _random_torchvision_file(tmp_path, "mobilenet_v3_small")
+    common = dict(data=fmnist_small, arch="torchvision:mobilenet_v3_small", epochs=1,
+                  input_size=32, batch_size=32, warmup_epochs=0.0, lr=0.01)
+    spe = train(TrainConfig(out=str(tmp_path / "spe"), weights=weights, **common))
+    fs = train(TrainConfig(out=str(tmp_path / "fs"), method="fsft", from_run=spe, reinit=3,
+                           **common))
+    assert ModelDescription.load(fs).method_args["reinit"] == 3
+    assert ModelDescription.load(spe).preprocessing.resize_rounding == "truncate"
+
+
+def test_sources_are_folders_or_named_architectures(tmp_path):
+    from export.sources import ArchSource, parse_source
+    assert parse_source(str(tmp_path)) == str(tmp_path)
+    assert parse_source("efficientnet_lite0@pretrained") == ArchSource("efficientnet_lite0",
+                                                                        pretrained=True)
+    assert parse_source("timm:convnext_atto@w.safetensors") == ArchSource(
+        "timm:convnext_atto", weights="w.safetensors")

@@ -237,3 +237,63 @@ def _torchvision_cached_file(arch: str, name: str) -> str:
     raise ArchitectureError(f"--arch {arch} --pretrained: no local copy of {weights} (nothing "
                             f"downloads here); put {os.path.basename(weights.url)} (from "
                             f"{weights.url}) at {path}, or pass --weights FILE")
+
+
+# ---------------------------------------------------------------------------------------------
+# FSFT's blocks
+
+def external_blocks(backbone: ExternalBackbone) -> list[nn.Module]:
+    """The blocks FSFT keeps or re-initialises, in forward order, covering every parameter.
+
+    timm: its own coarse parameter groups (`group_matcher(coarse=True)`, the stage structure
+    its layer-wise learning-rate decay uses): the stem, then one group per stage (per block for
+    ViTs), the final norm with the last. torchvision: ResNets' stem and layer1..4; models with a
+    `features` sequence (MobileNet, EfficientNet, ConvNeXt, VGG...) its children, then what
+    follows. Each block is an `nn.ModuleList` referencing the model's own modules (parameters
+    held by the model itself, like a ViT's class token, by a holder module: they keep their
+    values when their block is re-initialised). ValueError where no structure is defined."""
+    model = backbone.model
+    if backbone.library == "timm":
+        try:
+            from timm.models import group_parameters
+            groups = group_parameters(model, model.group_matcher(coarse=True))
+        except (AttributeError, NotImplementedError) as e:
+            raise ValueError(f"FSFT: {backbone.arch} defines no stage structure in timm "
+                             "(group_matcher), so its last blocks are not defined; use another "
+                             "method or architecture") from e
+        names = [groups[k] for k in sorted(groups)]
+    else:
+        names = _torchvision_groups(backbone)
+    return [_modules_of(model, group) for group in names if group]
+
+
+def _torchvision_groups(backbone: ExternalBackbone) -> list[list[str]]:
+    model = backbone.model
+    params = [n for n, _ in model.named_parameters()]
+    if hasattr(model, "layer4") and hasattr(model, "conv1"):  # ResNet family
+        prefixes = [("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",)]
+    elif isinstance(getattr(model, "features", None), nn.Sequential):
+        prefixes = [(f"features.{i}.",) for i in range(len(model.features))]
+    else:
+        raise ValueError(f"FSFT: the blocks of {backbone.arch} are not defined here (ResNets and "
+                         "models with a `features` sequence are); use another method")
+    groups = [[n for n in params if n.startswith(p)] for p in prefixes]
+    placed = {n for g in groups for n in g}
+    rest = [n for n in params if n not in placed]
+    return groups[:-1] + [groups[-1] + rest]  # what follows the last stage goes with it
+
+
+def _modules_of(model: nn.Module, param_names: list[str]) -> nn.ModuleList:
+    """The modules owning these parameters (each once), as one block."""
+    owners: list[nn.Module] = []
+    holder = nn.Module()
+    for name in param_names:
+        path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(path) if path else None
+        if owner is None:  # a parameter of the model itself (class token, position embedding)
+            holder.register_parameter(leaf, model.get_parameter(name))
+        elif not any(owner is o for o in owners):
+            owners.append(owner)
+    if list(holder.parameters()):
+        owners.append(holder)
+    return nn.ModuleList(owners)

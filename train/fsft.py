@@ -18,8 +18,10 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
 
     small_cnn: its four conv blocks, then the 1x1 projection. ResNets: the stem (conv1, bn1),
     layer1..layer4. MobileNetV3: each child of `features`, then the hidden classifier layer.
-    EfficientNet-Lite0/1/2: the stem, each MBConv block, the head. Grouped layers are returned as an
-    `nn.ModuleList` that references (does not copy) the network's own modules.
+    EfficientNet-Lite0/1/2: the stem, each MBConv block, the head. timm:NAME: timm's own stage
+    groups; torchvision:NAME: ResNet layers or the `features` children (train.external).
+    Grouped layers are returned as an `nn.ModuleList` that references (does not copy) the
+    network's own modules.
     """
     from .efficientnet import EfficientNetLite
 
@@ -42,6 +44,9 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
                     trunk.layer3, trunk.layer4]
         if isinstance(trunk, torchvision.models.MobileNetV3):
             return list(trunk.features) + [trunk.classifier[0]]
+    from .external import ExternalBackbone, external_blocks
+    if isinstance(backbone, ExternalBackbone):
+        return external_blocks(backbone)
     raise ValueError(f"FSFT does not know the blocks of {type(backbone).__name__}; "
                      "add it to train.fsft.backbone_blocks")
 
