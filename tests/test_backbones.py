@@ -544,3 +544,16 @@ def test_sources_are_folders_or_named_architectures(tmp_path):
                                                                         pretrained=True)
     assert parse_source("timm:convnext_atto@w.safetensors") == ArchSource(
         "timm:convnext_atto", weights="w.safetensors")
+
+
+def test_torchvision_pretrained_reads_only_the_local_hub_cache(tmp_path, monkeypatch):
+    from train.external import ArchitectureError, pretrained_file
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ArchitectureError, match=r"put resnet18-f37072fd\.pth .* at "
+                       + str(tmp_path / "checkpoints")):
+        pretrained_file("torchvision:resnet18")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"x")
+    assert pretrained_file("torchvision:resnet18.IMAGENET1K_V1").endswith("resnet18-f37072fd.pth")
+    with pytest.raises(ArchitectureError, match="has no weights 'V9'; choose from IMAGENET1K_V1"):
+        pretrained_file("torchvision:resnet18.V9")
