@@ -429,6 +429,9 @@ def test_bad_weights_and_unknown_names_end_in_one_line_and_write_nothing(tmp_pat
         assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".m")]
     r = cli("train", "--data", fmnist_small, "--arch", "timm:no_such_net", "--out", tmp_path / "r")
     assert "timm has no model" in _error_line(r) and not (tmp_path / "r").exists()
+    r = cli("train", "--data", fmnist_small, "--arch", "timm:convnext_atto", "--weights", femto,
+            "--input-size", 32, "--out", tmp_path / "r")
+    assert "tensor stem.0.weight has shape" in _error_line(r) and not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

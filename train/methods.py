@@ -318,6 +318,9 @@ class FSFT(_FromRun):
         return source.desc.preprocessing  # so that it combines with its --from run (MulDiP+FSFT)
 
     def init_weights(self, cfg, model, arch, source):
+        if cfg.pretrained or cfg.weights:
+            raise ValueError("--method fsft starts from the --from run's weights; drop "
+                             "--pretrained / --weights")
         model.load_state_dict(torch.load(source.weights, map_location="cpu", weights_only=True))
 
     def param_groups(self, cfg, model, lr):
