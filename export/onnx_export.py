@@ -367,6 +367,9 @@ def export_runs(sources: list, out_dir: str, formats=("onnx",), logits: bool = F
     descs, labels = [m.desc for m in members], [m.label for m in members]
     if len(descs) > 1:
         check_shared_preprocessing(descs, labels)
+    if len(members) == 1 and members[0].is_onnx:
+        raise ExportError(f"{labels[0]} is a model folder already; give it with other sources to "
+                          "combine them, or use --format triton to write its Triton repository")
     if any(m.is_onnx for m in members):
         return export_composed(members, out_dir, formats=formats, fp16=fp16,
                                int8_calib=int8_calib, opset=opset, parity_images=parity_images,

@@ -560,3 +560,11 @@ def test_torchvision_pretrained_reads_only_the_local_hub_cache(tmp_path, monkeyp
     assert pretrained_file("torchvision:resnet18.IMAGENET1K_V1").endswith("resnet18-f37072fd.pth")
     with pytest.raises(ArchitectureError, match="has no weights 'V9'; choose from IMAGENET1K_V1"):
         pretrained_file("torchvision:resnet18.V9")
+
+
+@pytest.mark.slow
+def test_a_model_folder_alone_is_not_re_exported(exported_model, fmnist_small, tmp_path):
+    from export.onnx_export import ExportError, export_runs
+    with pytest.raises(ExportError, match="is a model folder already"):
+        export_runs([exported_model(fmnist_small)], str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
