@@ -93,6 +93,28 @@ def decode_images(paths: list[str], pre: Preprocessing, desc: str = "decode"
     return np.stack(arrays).astype(np.float32), kept
 
 
+# Real images for models that have no training data (plain pretrained architectures, imported
+# graphs): the first of these built-ins that loads here. A run without a data spec still needs
+# --check-data: images like its own data.
+DEFAULT_CHECK_DATA = ("fashion-mnist:per_class=20", "digits")
+UNTRAINED_METHODS = ("pretrained", "imported")
+
+
+def default_check_data(descs: list[ModelDescription]) -> str | None:
+    """The first DEFAULT_CHECK_DATA that loads when no description names data and none is a
+    trained run; else None."""
+    if data_specs(descs) or any(d.method not in UNTRAINED_METHODS for d in descs):
+        return None
+    from common.data import load_dataset
+    for spec in DEFAULT_CHECK_DATA:
+        try:
+            load_dataset(spec)
+            return spec
+        except Exception:  # DataError, missing data package: try the next
+            continue
+    return None
+
+
 def load_check_images(descs: list[ModelDescription], check_data: str | None, n: int
                       ) -> tuple[np.ndarray, dict]:
     """n preprocessed real images for parity, from the runs' data (or `check_data`)."""

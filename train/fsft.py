@@ -18,10 +18,12 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
 
     small_cnn: its four conv blocks, then the 1x1 projection. ResNets: the stem (conv1, bn1),
     layer1..layer4. MobileNetV3: each child of `features`, then the hidden classifier layer.
-    EfficientNet-Lite0: the stem, each MBConv block, the head. Grouped layers are returned as an
-    `nn.ModuleList` that references (does not copy) the network's own modules.
+    EfficientNet-Lite0/1/2: the stem, each MBConv block, the head. timm:NAME: timm's own stage
+    groups; torchvision:NAME: ResNet layers or the `features` children (train.external).
+    Grouped layers are returned as an `nn.ModuleList` that references (does not copy) the
+    network's own modules.
     """
-    from .efficientnet import EfficientNetLite0
+    from .efficientnet import EfficientNetLite
 
     if isinstance(backbone, SmallCNN):
         blocks, current = [], []
@@ -31,7 +33,7 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
                 current = []
             current.append(layer)
         return blocks + [nn.ModuleList(current), backbone.project]
-    if isinstance(backbone, EfficientNetLite0):
+    if isinstance(backbone, EfficientNetLite):
         return ([nn.ModuleList([backbone._conv_stem, backbone._bn0])] + list(backbone._blocks)
                 + [nn.ModuleList([backbone._conv_head, backbone._bn1])])
     if isinstance(backbone, _TorchvisionTrunk):
@@ -42,6 +44,9 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
                     trunk.layer3, trunk.layer4]
         if isinstance(trunk, torchvision.models.MobileNetV3):
             return list(trunk.features) + [trunk.classifier[0]]
+    from .external import ExternalBackbone, external_blocks
+    if isinstance(backbone, ExternalBackbone):
+        return external_blocks(backbone)
     raise ValueError(f"FSFT does not know the blocks of {type(backbone).__name__}; "
                      "add it to train.fsft.backbone_blocks")
 
