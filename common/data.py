@@ -208,6 +208,14 @@ def _positive_int(value: str) -> bool:
     return value.isdigit() and int(value) >= 1
 
 
+# Icon themes from Debian packages: theme -> (package, folder under usr/share/icons, licence).
+ICON_THEMES = {
+    "gnome": ("gnome-icon-theme", "gnome", "CC-BY-SA-3.0 or LGPL-3"),
+    "tango": ("tango-icon-theme", "Tango", "public domain"),
+    "mate": ("mate-icon-theme", "mate", "CC-BY-SA-3.0 or LGPL-3"),
+}
+
+
 # The options each built-in understands, and a check of each value (what it must be, if not).
 BUILTIN_OPTIONS: dict[str, dict[str, tuple]] = {
     "fashion-mnist": {"per_class": (_positive_int, "a positive integer")},
@@ -443,12 +451,6 @@ def _build_emoji(out: str, opts: dict) -> dict:
             "licence": "google: Apache-2.0; twitter (Twemoji): CC-BY-4.0"}
 
 
-# Icon themes from Debian packages: theme -> (package, folder under usr/share/icons, licence).
-ICON_THEMES = {
-    "gnome": ("gnome-icon-theme", "gnome", "CC-BY-SA-3.0 or LGPL-3"),
-    "tango": ("tango-icon-theme", "Tango", "public domain"),
-    "mate": ("mate-icon-theme", "mate", "CC-BY-SA-3.0 or LGPL-3"),
-}
 ICON_SIZE = 48                              # every icon is resampled to this size
 # the sizes an icon is taken from, most preferred first: one size per icon
 ICON_SIZE_ORDER = ("48x48", "32x32", "256x256", "24x24", "22x22", "16x16")
