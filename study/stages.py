@@ -49,7 +49,7 @@ def _child_env() -> dict:
     return env
 
 
-def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
+def train_run(step: TrainStep, run_dir: str, threads: int, device: str | None = None) -> bool:
     """Train one run with the CLI in a child process; False if model.pt was already there.
 
     The options are kept in RUN_DIR/study_args.json, so a run made with other options (an
@@ -66,6 +66,8 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
         return False
     args = [sys.executable, CLI, "train", "--data", step.data,
             "--out", run_dir, "--threads", str(threads)] + step.args
+    if device:
+        args += ["--device", device]
     if step.after:
         args += ["--from", os.path.join(os.path.dirname(run_dir), step.after[0])]
     os.makedirs(run_dir, exist_ok=True)
