@@ -132,11 +132,20 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
     return record
 
 
+# The order models are made in: the untrained ones first (no training: minutes each), then
+# the cheaper source (Fashion-MNIST) before the emoji one, so a partial run says the most.
+RUN_ORDER = ["s-lite0", "s-lite1", "s-lite2", "s-random-twin", "s-fsft-fashion",
+             "s-plus-fashion", "s-fsft-emoji", "s-plus-emoji", "s-plus-both"]
+
+
 def members_in_order(seeds: int) -> list[tuple[StrongRow, int]]:
     """Every model of the arm: replicate 0 of every row first (a partial run then covers every
-    row once), then the other replicates of the seeded rows."""
-    out = [(row, 0) for row in ROWS.values()]
-    out += [(row, r) for r in range(1, seeds) for row in ROWS.values() if row.seeded]
+    row once), then the other replicates of the seeded rows; rows in RUN_ORDER, then any
+    other."""
+    rows = [ROWS[i] for i in RUN_ORDER if i in ROWS] + [
+        r for i, r in ROWS.items() if i not in RUN_ORDER]
+    out = [(row, 0) for row in rows]
+    out += [(row, r) for r in range(1, seeds) for row in rows if row.seeded]
     return out
 
 
