@@ -1,5 +1,5 @@
-"""Inference cost of an exported model, read from its ONNX graph: floating-point operations per
-image (one multiply-add = 2 FLOPs) of its convolutions and matrix products, the layers that
+"""Inference cost of an exported model, read from its ONNX graph: its weights, and floating-point
+operations per image (one multiply-add = 2 FLOPs) of its convolutions and matrix products, the layers that
 carry almost all of a CNN's work (activations, additions and pooling are left out)."""
 from __future__ import annotations
 
@@ -50,3 +50,13 @@ def model_flops(model_dir: str) -> int:
     model = onnx.load(os.path.join(model_dir, MODEL_FILE))
     shapes = _shapes(model)
     return sum(_node_flops(node, shapes) for node in model.graph.node)
+
+
+def model_parameters(model_dir: str) -> int:
+    """Weights in MODEL_DIR/model.onnx (its floating-point initialisers; batch norms are folded
+    into the convolutions, so a little under the PyTorch count)."""
+    import onnx
+    from onnx import TensorProto
+    model = onnx.load(os.path.join(model_dir, MODEL_FILE))
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats)

@@ -129,6 +129,18 @@ def export_model(run_dirs: list[str], model_dir: str) -> bool:
     return True
 
 
+def export_architecture(args: list[str], model_dir: str) -> bool:
+    """Export a model straight from an architecture's weights (`cli.py export --arch ...`, e.g.
+    multi-depth taps) in a child process; False if model.onnx was already there."""
+    if os.path.exists(os.path.join(model_dir, MODEL_FILE)):
+        return False
+    cmd = [sys.executable, CLI, "export", *args, "--out", model_dir, "--overwrite"]
+    log("export " + " ".join(cmd[2:]))
+    if subprocess.run(cmd, cwd=ROOT, env=_child_env()).returncode != 0:
+        raise click.ClickException(f"export of {model_dir} failed (its output is above)")
+    return True
+
+
 def resolve_target(spec: str, work: str) -> str:
     """A target as evaluate takes it. A cross-style emoji target is the built-in dataset it
     names (STYLE_TARGETS), reached through WORK/targets/NAME so that the reports and the page

@@ -65,16 +65,24 @@ class StrongRow:
     label: str
     runs: tuple[str, ...]
     kind: str
+    tap_of: str | None = None        # a taps row: exported from this Lite's ImageNet weights
 
     @property
     def seeded(self) -> bool:
         return any(r not in SEEDLESS_RUNS for r in self.runs)
 
 
+# The taps of the plain backbones: the pooled outputs of two MBConv stages (of seven) and the
+# final features, each L-inf normalised, concatenated (training-free; `export --taps`).
+TAPS = "3,5,final"
+
+
 ROWS: dict[str, StrongRow] = {r.id: r for r in [
     StrongRow("s-lite0", "S: Lite0 plain", ("s-lite0",), "plain"),
     StrongRow("s-lite1", "S: Lite1 plain", ("s-lite1",), "plain"),
     StrongRow("s-lite2", "S: Lite2 plain", ("s-lite2",), "plain"),
+    *[StrongRow(f"s-{k}-taps", f"S: {k.capitalize()} taps {TAPS}", (), "plain", tap_of=k)
+      for k in LITES],
     StrongRow("s-fsft-emoji", "S: Lite0 FSFT emoji levels", ("s-fsft-emoji",), "recipe"),
     StrongRow("s-fsft-fashion", "S: Lite0 FSFT fashion levels", ("s-fsft-fashion",), "recipe"),
     StrongRow("s-plus-emoji", "S: Lite0 + FSFT emoji", ("s-lite0", "s-fsft-emoji"), "recipe"),
@@ -94,7 +102,17 @@ COMBINED_RECIPES = ["s-plus-emoji", "s-plus-fashion", "s-plus-both"]
 PAIR_IDS: list[tuple[str, str]] = [
     *[(r, c) for r in COMBINED_RECIPES for c in (BIG, TWIN)],
     ("s-fsft-emoji", PLAIN), ("s-fsft-fashion", PLAIN),
+    *[(f"s-{k}-taps", f"s-{k}") for k in LITES], ("s-lite0-taps", BIG),
     ("s-lite1", PLAIN), ("s-lite2", PLAIN), (TWIN, PLAIN), (TWIN, BIG)]
+
+
+def export_args(row: StrongRow, scale: str) -> list[str]:
+    """`cli.py export` options of a row made from an architecture's weights (a taps row)."""
+    if row.tap_of is None:
+        return []
+    size = STRONG_SCALES[scale]["sizes"][row.tap_of]
+    return ["--arch", f"efficientnet_{row.tap_of}", "--pretrained", "--input-size", str(size),
+            "--taps", TAPS]
 
 
 def member_name(row: StrongRow, replicate: int) -> str:
@@ -163,6 +181,7 @@ def strong_plan(scale: str, seed: int = 0, seeds: int = 1) -> dict:
         for step in strong_steps(scale, seed, r).values():
             train[step.name] = {"data": step.data, "args": step.args, "after": step.after}
     return {"arm": "strong", "scale": scale, "seeds": seeds, "settings": STRONG_SCALES[scale],
-            "train": train, "rows": {r.label: list(r.runs) for r in ROWS.values()},
+            "train": train, "rows": {r.label: list(r.runs) or export_args(r, scale)
+                                     for r in ROWS.values()},
             "pairs": [[ROWS[a].label, ROWS[c].label] for a, c in PAIR_IDS],
             "counted": counted, "source_domain": shown}

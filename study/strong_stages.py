@@ -17,7 +17,16 @@ from common.description import save_json_atomic
 
 from . import stages
 from .stages import log
-from .strong import ROWS, STRONG_SCALES, StrongRow, member_name, run_name, strong_steps, targets
+from .strong import (
+    ROWS,
+    STRONG_SCALES,
+    StrongRow,
+    export_args,
+    member_name,
+    run_name,
+    strong_steps,
+    targets,
+)
 
 
 def _hits_to_text(hits: np.ndarray) -> dict:
@@ -53,6 +62,7 @@ def plan_key(row: StrongRow, scale: str, seed: int, replicate: int) -> dict:
     s = STRONG_SCALES[scale]
     counted, shown = targets(scale)
     return {"runs": {st.name: st.record() for st in needed_steps(row, scale, seed, replicate)},
+            "export": export_args(row, scale),
             "members": [run_name(r, replicate) for r in row.runs],
             "targets": counted + shown, "max_per_class": s["max_per_class"],
             "probe_params": s["probe_params"], "seed": seed}
@@ -112,9 +122,12 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
     run_dirs = [os.path.join(work, "runs", run_name(r, replicate)) for r in row.runs]
     t0 = time.perf_counter()
     model_dir = os.path.join(work, "models", stages.slug(name))
-    stages.export_model(run_dirs, model_dir)
+    if row.tap_of is None:
+        stages.export_model(run_dirs, model_dir)
+    else:
+        stages.export_architecture(export_args(row, scale), model_dir)
     times["export"] = round(time.perf_counter() - t0, 1)
-    from .cost import model_flops
+    from .cost import model_flops, model_parameters
     counted, shown = targets(scale)
     target_dirs = [stages.resolve_target(t, work) for t in counted + shown]
     t0 = time.perf_counter()
@@ -125,7 +138,7 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
     record = {"key": key, "row": row.label, "row_id": row.id, "replicate": replicate,
               "result": entry, "hits": hits, "flops": model_flops(model_dir),
               "input_size": _input_size(model_dir),
-              "params": stages.count_parameters(run_dirs), "seconds": times,
+              "params": model_parameters(model_dir), "seconds": times,
               "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "evaluated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     save_json_atomic(record_path(records, name), record)
@@ -134,7 +147,8 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
 
 # The order models are made in: the untrained ones first (no training: minutes each), then
 # the cheaper source (Fashion-MNIST) before the emoji one, so a partial run says the most.
-RUN_ORDER = ["s-lite0", "s-lite1", "s-lite2", "s-random-twin", "s-fsft-fashion",
+RUN_ORDER = ["s-lite0", "s-lite1", "s-lite2", "s-lite0-taps", "s-lite1-taps", "s-lite2-taps",
+             "s-random-twin", "s-fsft-fashion",
              "s-plus-fashion", "s-fsft-emoji", "s-plus-emoji", "s-plus-both"]
 
 

@@ -71,6 +71,15 @@ def test_plan_only_lists_the_strong_arm():
     assert all(t.split(":")[0] != "fashion-mnist" for t in plan["counted"])
 
 
+def test_taps_rows_export_from_the_imagenet_weights_at_native_sizes():
+    row = strong.ROWS["s-lite2-taps"]
+    assert row.runs == () and not row.seeded
+    args = strong.export_args(row, "small")
+    assert args[:3] == ["--arch", "efficientnet_lite2", "--pretrained"]
+    assert _opt(args, "--input-size") == "260" and _opt(args, "--taps") == strong.TAPS
+    assert ("s-lite2-taps", "s-lite2") in strong.PAIR_IDS
+
+
 def test_needed_steps_put_dependencies_first():
     steps = strong_stages.needed_steps(strong.ROWS["s-plus-both"], "small", 0, 1)
     names = [s.name for s in steps]
@@ -96,7 +105,7 @@ def _record(row_id: str, replicate: int, top1: dict[str, float], n_test: int = 2
         h[:k] = True
         targets[t] = {"top1": k / n_test, "mean_per_class": k / n_test}
         hits[t] = strong_stages._hits_to_text(h)
-    n = len(row.runs)
+    n = max(len(row.runs), 1)
     return {"key": {}, "row": row.label, "row_id": row_id, "replicate": replicate,
             "result": {"targets": targets, "embedding_dim": 1280 * n, "images_per_s": 50.0 / n},
             "hits": hits, "flops": int(0.77e9 * n), "params": 3_370_000 * n, "input_size": 224,
@@ -119,7 +128,8 @@ def _records(seeds: int, recipe_gain: float) -> dict:
 def test_view_from_records_compares_recipes_with_both_size_controls():
     view = strong_page.arm_view(_records(3, 0.06), seeds=3, seed=0, n_counted=2)
     assert view["counted"] == COUNTED and view["shown"] == SHOWN
-    assert view["done"] == view["total"] == 3 + 2 * 3 + 3 * 3 + 3
+    # 3 plain backbones and their taps (one model each), 6 seeded rows with 3 replicates
+    assert view["done"] == view["total"] == 3 + 3 + 6 * 3
     row = view["rows"]["S: Lite0 + FSFT emoji"]
     assert row["members"] == [f"S: Lite0 + FSFT emoji [r{r}]" for r in range(3)]
     assert row["mean"] == pytest.approx(0.70 + 0.06 + 0.005)
