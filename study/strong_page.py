@@ -49,7 +49,7 @@ def _row_entry(records: dict, members: list[str], counted: list[str], shown: lis
             "mean": float(np.mean(member_means)), "interval": interval,
             "dim": first["result"]["embedding_dim"], "params": first["params"],
             "input_size": first.get("input_size"),
-            "gflops": first["flops"] / 1e9,
+            "gflops": first["flops"] / 1e9 if first.get("flops") else float("nan"),
             "images_per_s": float(np.mean([r.get("images_per_s") or 0 for r in results]))}
 
 

@@ -93,10 +93,23 @@ def _evaluate_one(name: str, model_dir: str, target_dirs: list[str], scale: str,
                           max_per_class=s["max_per_class"],
                           probe_params=s["probe_params"] or None, threads=threads, seed=seed,
                           device=device, cache_dir=os.path.join(work, "embeddings"))
-    report = run_plan(plan, hits=hits).to_dict()
+    try:
+        report = run_plan(plan, hits=hits).to_dict()
+    except ValueError as e:   # EvaluationError, DataError: the message says what and why
+        import click
+        raise click.ClickException(f"evaluation of {name} failed: {e}") from e
     entry = report["models"][name]
     return ({**entry, "target_info": report["targets"], "versions": report.get("versions")},
             {t: _hits_to_text(h) for (_, t, _), h in hits.items()})
+
+
+def _flops(model_dir: str) -> int | None:
+    from .cost import model_flops
+    try:
+        return model_flops(model_dir)
+    except ValueError as e:             # a graph whose shapes are not static
+        log(f"FLOPs of {model_dir} not counted: {e}")
+        return None
 
 
 def _input_size(model_dir: str) -> int:
@@ -127,7 +140,7 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
     else:
         stages.export_architecture(export_args(row, scale), model_dir)
     times["export"] = round(time.perf_counter() - t0, 1)
-    from .cost import model_flops, model_parameters
+    from .cost import model_parameters
     counted, shown = targets(scale)
     target_dirs = [stages.resolve_target(t, work) for t in counted + shown]
     t0 = time.perf_counter()
@@ -136,7 +149,7 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
     entry, hits = _evaluate_one(name, model_dir, target_dirs, scale, threads, seed, device, work)
     times["evaluate"] = round(time.perf_counter() - t0, 1)
     record = {"key": key, "row": row.label, "row_id": row.id, "replicate": replicate,
-              "result": entry, "hits": hits, "flops": model_flops(model_dir),
+              "result": entry, "hits": hits, "flops": _flops(model_dir),
               "input_size": _input_size(model_dir),
               "params": model_parameters(model_dir), "seconds": times,
               "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -167,14 +180,26 @@ def run_strong(scale: str, seed: int, seeds: int, work: str, records: str, threa
                device: str, after_each=None) -> dict[str, dict]:
     """Every model of the arm (finished ones reused from their records): {model name: record};
     `after_each()` is called after each model newly evaluated (the page is rewritten there)."""
+    import click
     os.makedirs(os.path.join(records, "models"), exist_ok=True)
-    done = {}
+    done, failed = {}, []
     for row, r in members_in_order(seeds):
         name = member_name(row, r)
         fresh = load_record(records, name, plan_key(row, scale, seed, r)) is None
-        done[name] = run_member(row, r, scale, seed, work, records, threads, device)
+        try:
+            done[name] = run_member(row, r, scale, seed, work, records, threads, device)
+        except click.ClickException as e:
+            # an unattended run carries on with the other models; running again retries it
+            log(f"{name} failed, going on with the others: {e.message}")
+            failed.append(name)
+            continue
         if fresh and after_each is not None:
             after_each()
+    if failed:
+        if after_each is not None:
+            after_each()
+        raise click.ClickException(f"{len(failed)} model(s) failed ({', '.join(failed)}); their "
+                                   "errors are above; run the same command again to retry them")
     return done
 
 
