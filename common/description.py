@@ -22,6 +22,10 @@ ONNX_METADATA_KEY = "unirep.description"
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# How the long side's length is made an integer when the shorter side is resized: "round" (this
+# project's own models) or "truncate" (torchvision's Resize, hence timm's and torchvision's
+# evaluation transforms: a 574x470 photo resized to 256 gets 313 columns rounded, 312 truncated).
+RESIZE_ROUNDINGS = ("round", "truncate")
 
 
 class DescriptionError(UserError, ValueError):
@@ -31,8 +35,8 @@ class DescriptionError(UserError, ValueError):
 @dataclass
 class Preprocessing:
     """Deterministic evaluation transform: decode -> RGB (alpha over `background`) ->
-    resize shorter side to `resize_size` -> centre crop `input_size` -> scale to [0,1] ->
-    (x - mean) / std, channels first."""
+    resize shorter side to `resize_size` (the long side rounded or truncated: `resize_rounding`)
+    -> centre crop `input_size` -> scale to [0,1] -> (x - mean) / std, channels first."""
 
     input_size: int = 32
     resize_size: int = 32
@@ -40,6 +44,21 @@ class Preprocessing:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     interpolation: str = "bilinear"
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    resize_rounding: str = "round"
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """Size of a width x height image after 'resize the shorter side to resize_size, aspect
+        kept'; the one definition every decode path uses."""
+        target = self.resize_size
+        if min(width, height) == target:
+            return width, height
+        short, long = (width, height) if width <= height else (height, width)
+        if self.resize_rounding == "truncate":  # torchvision: int(size * long / short)
+            new_long = int(target * long / short)
+        else:
+            new_long = int(round(long * target / short))
+        new_long = max(1, new_long)
+        return (target, new_long) if width <= height else (new_long, target)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
@@ -69,6 +88,9 @@ class Preprocessing:
             return f"std must be positive for every channel, not {list(self.std)!r}"
         if self.interpolation not in INTERPOLATIONS:
             return f"interpolation must be one of {INTERPOLATIONS}, not {self.interpolation!r}"
+        if self.resize_rounding not in RESIZE_ROUNDINGS:
+            return (f"resize_rounding must be one of {RESIZE_ROUNDINGS}, not "
+                    f"{self.resize_rounding!r}")
         b = self.background
         if (not isinstance(b, (list, tuple)) or len(b) != 3 or not all(
                 isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in b)):

@@ -212,13 +212,10 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
              "nearest": Image.Resampling.NEAREST}
 
 
-def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
-    """Size after 'resize the shorter side to resize_size, aspect kept'."""
-    if min(width, height) == resize_size:
-        return width, height
-    if width <= height:
-        return resize_size, max(1, int(round(height * resize_size / width)))
-    return max(1, int(round(width * resize_size / height))), resize_size
+def resized_size(width: int, height: int, resize_size: int, rounding: str = "round"
+                 ) -> tuple[int, int]:
+    """Size after 'resize the shorter side to resize_size, aspect kept' (Preprocessing.resized)."""
+    return Preprocessing(resize_size=resize_size, resize_rounding=rounding).resized(width, height)
 
 
 def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
@@ -229,7 +226,7 @@ def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
     WHOLE_RESIZE_FACTOR times the crop's area, only the crop window is resampled (PIL's `box`;
     the same sample positions and filter, within one grey level of rounding). Below that the
     whole image is resized then cropped, exactly as always."""
-    nw, nh = resized_size(img.width, img.height, pre.resize_size)
+    nw, nh = pre.resized(img.width, img.height)
     s = pre.input_size
     if nw * nh > WHOLE_RESIZE_FACTOR * s * s:
         return resize_crop_window(img, (nw, nh), pre)

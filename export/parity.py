@@ -93,6 +93,25 @@ def decode_images(paths: list[str], pre: Preprocessing, desc: str = "decode"
     return np.stack(arrays).astype(np.float32), kept
 
 
+# Real images for models that name no training data (plain pretrained architectures): the first
+# of these built-ins that loads here.
+DEFAULT_CHECK_DATA = ("fashion-mnist:per_class=20", "digits")
+
+
+def default_check_data(descs: list[ModelDescription]) -> str | None:
+    """None when a description names its data; else the first DEFAULT_CHECK_DATA that loads."""
+    if data_specs(descs):
+        return None
+    from common.data import load_dataset
+    for spec in DEFAULT_CHECK_DATA:
+        try:
+            load_dataset(spec)
+            return spec
+        except Exception:  # DataError, missing data package: try the next
+            continue
+    return None
+
+
 def load_check_images(descs: list[ModelDescription], check_data: str | None, n: int
                       ) -> tuple[np.ndarray, dict]:
     """n preprocessed real images for parity, from the runs' data (or `check_data`)."""

@@ -54,12 +54,7 @@ DCT_MARGIN = 2
 
 def resize_target(width: int, height: int, pre: Preprocessing) -> tuple[int, int]:
     """Size after 'resize the shorter side to resize_size', computed as common.images does."""
-    target = pre.resize_size
-    if min(width, height) == target:
-        return width, height
-    if width <= height:
-        return target, max(1, int(round(height * target / width)))
-    return max(1, int(round(width * target / height))), target
+    return pre.resized(width, height)
 
 
 def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -154,7 +154,7 @@ def test_the_walker_sees_every_package_and_lazy_imports(graph):
     # cli.py imports its subcommands lazily by name strings; its own imports are still seen
     assert "click" in {_top(n) for n in raw["cli"]}
     # an import inside a function is a dependency: the exporter loads runs with train.models
-    assert "train.models" in edges["export.onnx_export"]
+    assert "train.models" in edges["export.sources"]
 
 
 def test_the_checks_can_fail(tmp_path):

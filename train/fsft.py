@@ -18,10 +18,10 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
 
     small_cnn: its four conv blocks, then the 1x1 projection. ResNets: the stem (conv1, bn1),
     layer1..layer4. MobileNetV3: each child of `features`, then the hidden classifier layer.
-    EfficientNet-Lite0: the stem, each MBConv block, the head. Grouped layers are returned as an
+    EfficientNet-Lite0/1/2: the stem, each MBConv block, the head. Grouped layers are returned as an
     `nn.ModuleList` that references (does not copy) the network's own modules.
     """
-    from .efficientnet import EfficientNetLite0
+    from .efficientnet import EfficientNetLite
 
     if isinstance(backbone, SmallCNN):
         blocks, current = [], []
@@ -31,7 +31,7 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
                 current = []
             current.append(layer)
         return blocks + [nn.ModuleList(current), backbone.project]
-    if isinstance(backbone, EfficientNetLite0):
+    if isinstance(backbone, EfficientNetLite):
         return ([nn.ModuleList([backbone._conv_stem, backbone._bn0])] + list(backbone._blocks)
                 + [nn.ModuleList([backbone._conv_head, backbone._bn1])])
     if isinstance(backbone, _TorchvisionTrunk):

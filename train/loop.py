@@ -38,7 +38,7 @@ from .distributed import Dist, all_reduce_sum, barrier, cleanup, setup
 from .imagesets import ImageSet, collate_skipping, make_image_sets
 from .methods import absolute, get_method, load_source, log
 from .metrics import format_record, plot_curves, read_metrics, truncate_metrics
-from .models import ARCHITECTURES, Network, create_model
+from .models import Network, check_arch, create_model
 from .optim import make_optimizer, make_schedule
 from .problem import Problem, load_problem
 from .reproducible import rng_state, seed_epoch, set_rng_state
@@ -84,8 +84,7 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
 
     source = load_source(cfg) if method.needs_source else None  # the --from run, read once here
     arch = cfg.arch or (source.desc.architecture if source else "small_cnn")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    check_arch(arch)
     if source and source.desc.architecture != arch:
         raise ValueError(f"--from {cfg.from_run} is a {source.desc.architecture} run but this run "
                          f"is {arch}; use --arch {source.desc.architecture} (or leave --arch out)")
@@ -125,7 +124,7 @@ def prepare(cfg: TrainConfig, dist: Dist | None = None) -> Plan:
 
 
 # Options naming files or folders: `./run`, `run/` and `/abs/run` are the same run folder.
-PATH_OPTIONS = {"out", "data", "from_run", "mapping", "group_by_clustering"}
+PATH_OPTIONS = {"out", "data", "from_run", "mapping", "group_by_clustering", "weights"}
 
 
 def _same_option(key: str, saved, now) -> bool:

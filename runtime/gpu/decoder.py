@@ -85,7 +85,8 @@ class GpuDecoder:
         from nvidia import nvimgcodec
         self.pre, self.device_id = pre, device_id
         self.cupy, self.nvimgcodec = cupy, nvimgcodec
-        self.gpu_resample = pre.interpolation in SUPPORTS
+        # the GPU plan rounds the resized long side; truncating models resample on the CPU
+        self.gpu_resample = pre.interpolation in SUPPORTS and pre.resize_rounding == "round"
         with cupy.cuda.Device(device_id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
             try:  # hardware decoder first where there is one, then CUDA, then hybrid
