@@ -29,8 +29,8 @@ ICONS = [f"icons:theme={t},label=context" for t in ("gnome", "tango", "mate")]
 # `counted` (held out) and `source_domain` (shown only); max_per_class caps probe images per
 # class and side.
 STRONG_SCALES: dict[str, dict] = {
-    # a dry run at 64 px: proves every stage end to end; figures mean nothing
-    "smoke": dict(sizes={k: 64 for k in LITES}, emoji_per_class=1, fashion_per_class=5,
+    # a dry run at 32 px: proves every stage end to end; figures mean nothing
+    "smoke": dict(sizes={k: 32 for k in LITES}, emoji_per_class=1, fashion_per_class=5,
                   epochs=1, alpha=0.1, reinit=1,
                   counted=["digits:per_class=8", "icons:theme=tango,label=context"],
                   source_domain=["fashion-mnist:per_class=8"], max_per_class=8,
