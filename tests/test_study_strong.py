@@ -213,3 +213,26 @@ def test_flops_count_convolutions_and_matrix_products(tmp_path):
     onnx.save(model, str(tmp_path / "model.onnx"))
     expected = 2 * (4 * 8 * 8 * 3 * 3 * 3) + 2 * (4 * 8 * 8 * 1 * 3 * 3) + 2 * (5 * 4)
     assert model_flops(str(tmp_path)) == expected
+
+
+def test_page_only_writes_the_section_from_committed_records(tmp_path):
+    """A later session with the records alone (no models, no work folder) rewrites the page."""
+    records = tmp_path / "records"
+    for name, record in _records(3, 0.06).items():
+        path = strong_stages.record_path(str(records), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f)
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Reproduction study\n")
+    subprocess.run([sys.executable, "-m", "study", "--arm", "strong", "--scale", "small",
+                    "--seeds", "3", "--page-only", "--records", str(records), "--page",
+                    str(page), "--work", str(tmp_path / "work")],
+                   cwd=ROOT, check=True, timeout=300, capture_output=True)
+    text = page.read_text()
+    assert text.startswith("# Reproduction study\n") and "Partial results" not in text
+    assert "| S: Lite0 + FSFT emoji | 3/3 | 224 | 2560 |" in text
+    assert "Met by: S: Lite0 + FSFT emoji" in text
+    assert (tmp_path / "docs" / "results-strong.png").stat().st_size > 1000
+    assert not (tmp_path / "work" / "models").exists()
