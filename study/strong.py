@@ -40,7 +40,7 @@ STRONG_SCALES: dict[str, dict] = {
                   source_domain=["fashion-mnist:per_class=10"], max_per_class=10,
                   probe_params={"Cs": [1e-3, 1e-1, 1e1, 1e3], "refine": 0}),
     # sized for 3 seeds in about 2-3 hours on 2 idle cores (the page gives the measured time)
-    "small": dict(sizes=dict(LITES), emoji_per_class=2, fashion_per_class=100, epochs=2,
+    "small": dict(sizes=dict(LITES), emoji_per_class=1, fashion_per_class=100, epochs=2,
                   alpha=0.1, reinit=1,
                   counted=["mnist:per_class=40", "digits:per_class=40", *ICONS],
                   source_domain=["fashion-mnist:per_class=40", "emoji-twitter-category"],
