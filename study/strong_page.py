@@ -106,10 +106,19 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
 
 
+def short_name(target: str) -> str:
+    """A target's column header: 'icons:theme=gnome,label=context' -> 'icons gnome',
+    'mnist:per_class=40' -> 'mnist'."""
+    name, _, options = target.partition(":")
+    theme = dict(o.split("=", 1) for o in options.split(",") if "=" in o).get("theme")
+    return f"{name} {theme}" if theme else name
+
+
 def table(view: dict) -> list[str]:
     counted, shown = view["counted"], view["shown"]
-    cols = (["network", "replicates", "px", "dim", "params", "GFLOPs", "images/s"] + counted
-            + ["held-out mean [95%]", "mNRG vs Lite0"] + [f"{t} (shown)" for t in shown])
+    cols = (["network", "replicates", "px", "dim", "params", "GFLOPs", "images/s"]
+            + [short_name(t) for t in counted] + ["held-out mean [95%]", "mNRG vs Lite0"]
+            + [f"{short_name(t)} (shown)" for t in shown])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in view["rows"].items():
         iv = r["interval"]
