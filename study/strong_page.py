@@ -178,7 +178,7 @@ def reading(view: dict) -> list[str]:
         if verdict == "both":
             met.append(label)
         else:
-            why.append(f"{label}: {_said(vs_big)} vs Lite2")
+            why.append(f"{label}: {_said(vs_big)} vs Lite2, {_said(vs_twin)} vs the twin")
         out.append(prose.RECIPE.format(label=label, gflops=view["rows"][label]["gflops"],
                                        vs_big=_said(vs_big), vs_twin=_said(vs_twin),
                                        verdict=prose.RECIPE_VERDICT[verdict]))
