@@ -198,15 +198,17 @@ def _strong_meta(scale: str, seeds: int, records: dict, records_dir: str) -> dic
             "max_per_class": s["max_per_class"]}
 
 
-def write_strong_page(scale: str, seed: int, seeds: int, records_dir: str, page: str) -> None:
+def write_strong_page(scale: str, seed: int, seeds: int, records_dir: str, page: str,
+                      threads: int) -> None:
     """The strong section of `page` (and its figure) from the records found so far."""
     from .strong_page import arm_view, insert_section, plot, section
-    from .strong_stages import load_records
+    from .strong_stages import load_records, load_speeds
     records = load_records(records_dir)
+    speeds = load_speeds(records_dir)
     if not records:
         log(f"no records under {records_dir} yet: page left as it is")
         return
-    view = arm_view(records, seeds, seed, len(STRONG_SCALES[scale]["counted"]))
+    view = arm_view(records, seeds, seed, len(STRONG_SCALES[scale]["counted"]), speeds)
     base = os.path.splitext(page)[0]
     png = base + "-strong.png"
     reading = None
@@ -214,20 +216,25 @@ def write_strong_page(scale: str, seed: int, seeds: int, records_dir: str, page:
         with open(base + "-strong-reading.md") as f:
             reading = f.read()
     plot(view, png)
-    insert_section(page, section(view, _strong_meta(scale, seeds, records, records_dir),
-                                 os.path.basename(png), reading))
+    meta = {**_strong_meta(scale, seeds, records, records_dir), "speeds": speeds,
+            "threads": threads}
+    insert_section(page, section(view, meta, os.path.basename(png), reading))
     log(f"wrote the strong section of {page} ({view['done']}/{view['total']} models)")
 
 
 def run_strong_arm(scale: str, work: str, page: str, records_dir: str, threads: int, seed: int,
-                   seeds: int, device: str, page_only: bool) -> None:
+                   seeds: int, device: str, page_only: bool, speed_only: bool = False) -> None:
     """Every model of the strong arm, each resumable from its record; the page section is
     rewritten after each model, so a partial run always has a page."""
     from .strong_stages import run_strong
-    if not page_only:
+    if not (page_only or speed_only):
         run_strong(scale, seed, seeds, work, records_dir, threads, device,
-                   after_each=lambda: write_strong_page(scale, seed, seeds, records_dir, page))
-    write_strong_page(scale, seed, seeds, records_dir, page)
+                   after_each=lambda: write_strong_page(scale, seed, seeds, records_dir, page,
+                                                        threads))
+    elif speed_only:
+        from .strong_stages import measure_row_speeds
+        measure_row_speeds(work, records_dir, threads, device)
+    write_strong_page(scale, seed, seeds, records_dir, page, threads)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -256,7 +263,10 @@ def run_strong_arm(scale: str, work: str, page: str, records_dir: str, threads: 
                    "--scale full).")
 @click.option("--page-only", is_flag=True, help="strong: write the page section from the "
               "records found, run nothing.")
-def main(scale, work, page, threads, seed, seeds, plan_only, arm, records, device, page_only):
+@click.option("--speed-only", is_flag=True, help="strong: measure the throughput of the models "
+              "found under WORK/models (interleaved), then write the page section.")
+def main(scale, work, page, threads, seed, seeds, plan_only, arm, records, device, page_only,
+         speed_only):
     """Run the whole reproduction study and write the results page.
 
     \b
@@ -282,7 +292,8 @@ def main(scale, work, page, threads, seed, seeds, plan_only, arm, records, devic
         records = os.path.abspath(records or (os.path.join(work, "records") if dry else
                                               os.path.join(ROOT, "docs", "study-records",
                                                            f"strong-{scale}")))
-        run_strong_arm(scale, work, page, records, threads, seed, seeds, device, page_only)
+        run_strong_arm(scale, work, page, records, threads, seed, seeds, device, page_only,
+                       speed_only)
         return
     run_study(scale, work, page, threads, seed, seeds)
 

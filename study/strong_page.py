@@ -78,8 +78,10 @@ def _comparisons(records: dict, members: dict[str, list[str]], rows: dict, count
     return out
 
 
-def arm_view(records: dict[str, dict], seeds: int, seed: int, n_counted: int) -> dict:
-    """Rows, comparisons and targets of the arm from its records."""
+def arm_view(records: dict[str, dict], seeds: int, seed: int, n_counted: int,
+             speeds: dict | None = None) -> dict:
+    """Rows, comparisons and targets of the arm from its records; `speeds` (the speed stage's
+    figures by row) replace the throughput measured while evaluating where given."""
     counted, shown = _target_names(records, n_counted)
     members = _row_members(records, seeds)
     rows = {}
@@ -88,6 +90,10 @@ def arm_view(records: dict[str, dict], seeds: int, seed: int, n_counted: int) ->
             planned = seeds if row.seeded else 1
             rows[row.label] = {**_row_entry(records, members[row.label], counted, shown,
                                             planned), "id": row.id, "kind": row.kind}
+            speed = (speeds or {}).get(row.label)
+            rows[row.label]["speed_stage"] = speed is not None
+            if speed is not None:
+                rows[row.label]["images_per_s"] = speed["images_per_s"]
     from runtime.universality import aggregate_models
     plain = ROWS[PLAIN].label
     if plain in rows:
@@ -126,7 +132,8 @@ def table(view: dict) -> list[str]:
         mnrg = r.get("mnrg")
         cells = [name, f"{len(r['members'])}/{r['planned']}", str(r["input_size"]),
                  str(r["dim"]),
-                 f"{r['params'] / 1e6:.2f}M", f"{r['gflops']:.2f}", f"{r['images_per_s']:.0f}"]
+                 f"{r['params'] / 1e6:.2f}M", f"{r['gflops']:.2f}",
+                 f"{r['images_per_s']:.0f}" + ("" if r.get("speed_stage") else "*")]
         cells += [_pct(r["targets"][t]) for t in counted] + [mean]
         cells += ["n/a" if mnrg is None else f"{mnrg:+.1f}"]
         cells += [_pct(r["targets"][t]) for t in shown]
@@ -227,6 +234,15 @@ def plot(view: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _speed_how(speeds: dict) -> str:
+    if not speeds:
+        return prose.SPEED_EVAL
+    first = next(iter(speeds.values()))
+    loads = [x for v in speeds.values() for x in v["load_average"]]
+    return prose.SPEED_STAGE.format(n_images=first["n_images"], rounds=len(first["rounds"]),
+                                    low=min(loads), high=max(loads))
+
+
 def section(view: dict, meta: dict, png_name: str, hand_reading: str | None) -> str:
     """The whole section, between its markers."""
     lines = [prose.BEGIN, prose.TITLE, ""]
@@ -235,7 +251,9 @@ def section(view: dict, meta: dict, png_name: str, hand_reading: str | None) -> 
                                        missing=f"{view['total'] - view['done']} to go",
                                        records=meta["records"]), ""]
     lines += [prose.GENERATED.format(**meta), "", *[s.format(**meta) for s in prose.SETUP], "",
-              prose.FIGURE.format(png=png_name), "", *table(view), "", prose.COST,
+              prose.FIGURE.format(png=png_name), "", *table(view), "",
+              prose.COST.format(threads=meta.get("threads", "?"),
+                                speed_how=_speed_how(meta.get("speeds") or {})),
               prose.TABLE_NOTE, "", *pairs_table(view), ""]
     if hand_reading:
         lines += [hand_reading.rstrip(), ""]

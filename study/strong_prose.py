@@ -37,9 +37,15 @@ SETUP = [
     "models is a paired bootstrap over test images.",
 ]
 COST = ("Cost: `GFLOPs` per image counts the convolutions and matrix products of the exported "
-        "graph (2 per multiply-add; a combination runs every member), `images/s` the measured "
-        "end-to-end embedding throughput (decode and resize included, onnxruntime on this CPU, "
-        "while evaluating), `params` the backbone parameters summed over the members.")
+        "graph (2 per multiply-add; a combination runs every member), `params` the weights of "
+        "the exported graph, `images/s` the measured end-to-end throughput on this CPU "
+        "(onnxruntime, {threads} thread(s), decode and resize included): {speed_how}")
+SPEED_STAGE = ("the speed stage: the same {n_images} JPEG photos (500x375, quality 90) through "
+               "every model, models interleaved over {rounds} rounds, the best round kept (load "
+               "average {low:.1f} to {high:.1f}); a figure marked * is the throughput while "
+               "evaluating, on a shared machine.")
+SPEED_EVAL = ("measured while evaluating, on a shared machine (marked *); the speed stage runs "
+              "when every model is done.")
 TABLE_NOTE = ("`held-out mean` is the top-1 mean over the counted targets with its 95% "
               "interval over trained replicates (single models have none); mNRG (x100) is "
               "relative to plain Lite0 over the counted targets.")

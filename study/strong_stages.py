@@ -195,12 +195,35 @@ def run_strong(scale: str, seed: int, seeds: int, work: str, records: str, threa
             continue
         if fresh and after_each is not None:
             after_each()
+    measure_row_speeds(work, records, threads, device)
+    if after_each is not None:
+        after_each()
     if failed:
-        if after_each is not None:
-            after_each()
         raise click.ClickException(f"{len(failed)} model(s) failed ({', '.join(failed)}); their "
                                    "errors are above; run the same command again to retry them")
     return done
+
+
+def measure_row_speeds(work: str, records: str, threads: int, device: str) -> dict:
+    """The speed stage (study.strong_speed) for the first model of every row that exists under
+    WORK/models."""
+    from .strong_speed import measure_speeds
+    models = {}
+    for row in ROWS.values():
+        name = member_name(row, 0)
+        model_dir = os.path.join(work, "models", stages.slug(name))
+        if os.path.exists(os.path.join(model_dir, "model.onnx")):
+            models[row.label] = model_dir
+    log(f"speed: {len(models)} models, interleaved")
+    return measure_speeds(models, records, threads, "cuda" if device == "cuda" else "cpu")
+
+
+def load_speeds(records: str) -> dict:
+    path = os.path.join(records, "speed.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_records(records: str) -> dict[str, dict]:

@@ -236,3 +236,14 @@ def test_page_only_writes_the_section_from_committed_records(tmp_path):
     assert "Met by: S: Lite0 + FSFT emoji" in text
     assert (tmp_path / "docs" / "results-strong.png").stat().st_size > 1000
     assert not (tmp_path / "work" / "models").exists()
+
+
+def test_speed_stage_photos_are_real_jpegs_of_imagenet_size():
+    from PIL import Image
+
+    from study.strong_speed import photo_corpus
+    photos = photo_corpus(4)
+    assert len(photos) == 4 and len(set(photos)) == 4
+    for data in photos:
+        img = Image.open(__import__("io").BytesIO(data))
+        assert img.format == "JPEG" and img.size == (500, 375)
