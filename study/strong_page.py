@@ -165,7 +165,7 @@ def _find(view: dict, a: str, c: str) -> dict | None:
 def _said(c: dict | None) -> str:
     if c is None:
         return prose.NO_COMPARISON
-    return f"{100 * c['diff']:+.1f} {_interval(c)} points"
+    return f"{100 * c['diff']:+.1f} {_interval(c)} points ({c['method']})"
 
 
 def reading(view: dict) -> list[str]:
