@@ -72,9 +72,13 @@ def _comparisons(records: dict, members: dict[str, list[str]], rows: dict, count
     out = []
     for a, c in PAIR_IDS:
         la, lc = ROWS[a].label, ROWS[c].label
-        if all(x in rows and len(rows[x]["members"]) == rows[x]["planned"] for x in (la, lc)):
-            c_ = compare_units(la, lc, cells, groups, correct, counted, [seed], CONFIDENCE, seed)
-            out.append({"model": la, "control": lc, **c_["mean"]})
+        if la not in rows or lc not in rows:
+            continue
+        c_ = compare_units(la, lc, cells, groups, correct, counted, [seed], CONFIDENCE, seed)
+        complete = all(len(rows[x]["members"]) == rows[x]["planned"] for x in (la, lc))
+        out.append({"model": la, "control": lc, **c_["mean"], "complete": complete,
+                    "replicates": f"{len(rows[la]['members'])}/{rows[la]['planned']} vs "
+                                  f"{len(rows[lc]['members'])}/{rows[lc]['planned']}"})
     return out
 
 
@@ -147,13 +151,15 @@ def _interval(c: dict) -> str:
 
 
 def pairs_table(view: dict) -> list[str]:
-    lines = [prose.PAIRS_TITLE, "", "| model | control | difference | 95% interval | method | "
-             "verdict |", "|---|---|---|---|---|---|"]
+    lines = [prose.PAIRS_TITLE, "", prose.PAIRS_NOTE, "",
+             "| model | control | replicates | difference | 95% interval | method | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for c in view["comparisons"]:
-        lines.append(prose.PAIR_LINE.format(model=c["model"], control=c["control"],
-                                            diff=100 * c["diff"], interval=_interval(c),
-                                            method=c["method"],
-                                            verdict=prose.VERDICT[bool(c["significant"])]))
+        verdict = prose.VERDICT[bool(c["significant"])]
+        lines.append(prose.PAIR_LINE.format(
+            model=c["model"], control=c["control"], replicates=c["replicates"],
+            diff=100 * c["diff"], interval=_interval(c), method=c["method"],
+            verdict=verdict if c["complete"] else prose.PROVISIONAL.format(verdict=verdict)))
     return lines
 
 
@@ -178,6 +184,12 @@ def reading(view: dict) -> list[str]:
         if label not in view["rows"] or vs_big is None or vs_twin is None:
             pending = True
             continue
+        if not (vs_big["complete"] and vs_twin["complete"]):
+            pending = True
+            out.append(prose.RECIPE_PROVISIONAL.format(
+                label=label, gflops=view["rows"][label]["gflops"], vs_big=_said(vs_big),
+                vs_twin=_said(vs_twin), replicates=vs_big["replicates"].split(" vs ")[0]))
+            continue
         up_big = bool(vs_big["significant"]) and vs_big["diff"] > 0
         up_twin = bool(vs_twin["significant"]) and vs_twin["diff"] > 0
         verdict = "both" if up_big and up_twin else "big" if up_big else (
@@ -191,20 +203,26 @@ def reading(view: dict) -> list[str]:
                                        verdict=prose.RECIPE_VERDICT[verdict]))
     outcome = (prose.FLOOR_MET.format(rows=", ".join(met)) if met else prose.FLOOR_PENDING
                if pending else prose.FLOOR_NOT_MET.format(why="; ".join(why)))
+    if met and pending:
+        outcome += " " + prose.FLOOR_PENDING
     out.insert(0, prose.FLOOR.format(outcome=outcome))
     for rid in ("s-fsft-emoji", "s-fsft-fashion"):
         c = _find(view, rid, PLAIN)
         if c is not None:
             kind = ("same" if not c["significant"] else "up" if c["diff"] > 0 else "down")
+            verdict = prose.ALONE_VERDICT[kind]
+            if not c["complete"]:
+                verdict = prose.PROVISIONAL.format(verdict=verdict)
             out.append(prose.ALONE.format(label=ROWS[rid].label, diff=_said(c),
-                                          verdict=prose.ALONE_VERDICT[kind]))
+                                          verdict=verdict))
     base = view["rows"].get(ROWS[PLAIN].label)
     for rid in ("s-lite1", "s-lite2", TWIN):
         c = _find(view, rid, PLAIN)
         if c is not None and base is not None:
             out.append(prose.BIGGER.format(label=ROWS[rid].label, diff=_said(c),
                                            gflops=view["rows"][ROWS[rid].label]["gflops"],
-                                           base=base["gflops"]))
+                                           base=base["gflops"],
+                                           note="" if c["complete"] else ", provisional"))
     return out
 
 

@@ -50,7 +50,15 @@ TABLE_NOTE = ("`held-out mean` is the top-1 mean over the counted targets with i
               "interval over trained replicates (single models have none); mNRG (x100) is "
               "relative to plain Lite0 over the counted targets.")
 PAIRS_TITLE = "### Paired comparisons on the held-out mean (points of top-1)"
-PAIR_LINE = "| {model} | {control} | {diff:+.1f} | {interval} | {method} | {verdict} |"
+PAIR_LINE = ("| {model} | {control} | {replicates} | {diff:+.1f} | {interval} | {method} | "
+             "{verdict} |")
+PAIRS_NOTE = ("`replicates`: trained replicates evaluated on each side, of those planned. A "
+              "comparison with a side still incomplete is provisional: it is computed from the "
+              "replicates there are (one replicate a side: a paired bootstrap over test images, "
+              "which covers the test-set noise but not the training-seed noise).")
+PROVISIONAL = "provisional: {verdict}"
+RECIPE_PROVISIONAL = ("{label} ({gflops:.2f} GFLOPs), provisional on {replicates} replicate(s): "
+                      "{vs_big} against plain Lite2 and {vs_twin} against the random twin.")
 VERDICT = {True: "larger than the noise", False: "within the noise"}
 FIGURE = "![strong backbones: held-out accuracy against cost]({png})"
 READING_TITLE = "### Reading (generated from the intervals)"
@@ -66,9 +74,9 @@ RECIPE_VERDICT = {"both": "beats both size controls.",
                   "twin": "beats the same-size twin, but not the bigger backbone.",
                   "big": "beats the bigger backbone, but not the same-size twin.",
                   "none": "beats neither size control beyond the noise."}
-ALONE = ("{label} alone against plain Lite0: {diff}; tuning at a low rate for the kept layers "
-         "{verdict}.")
-ALONE_VERDICT = {"up": "gains beyond the noise", "down": "loses beyond the noise (forgetting)",
-                 "same": "leaves the held-out level within the noise"}
-BIGGER = "{label} against plain Lite0 ({gflops:.2f} against {base:.2f} GFLOPs): {diff}."
+ALONE = "{label} alone against plain Lite0: {diff}: {verdict}."
+ALONE_VERDICT = {"up": "the tuning gains beyond the noise",
+                 "down": "it loses beyond the noise (forgetting)",
+                 "same": "within the noise"}
+BIGGER = "{label} against plain Lite0 ({gflops:.2f} against {base:.2f} GFLOPs): {diff}{note}."
 NO_COMPARISON = "not compared yet"

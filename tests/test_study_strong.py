@@ -152,15 +152,17 @@ def test_a_recipe_within_the_noise_does_not_meet_the_floor():
     assert "Not met" in text and "Met by" not in text
 
 
-def test_a_partial_run_shows_rows_and_only_complete_comparisons(tmp_path):
+def test_a_partial_run_marks_its_comparisons_provisional(tmp_path):
     records = {n: r for n, r in _records(3, 0.06).items() if "[r2]" not in n}
     view = strong_page.arm_view(records, seeds=3, seed=0, n_counted=2)
     assert view["done"] < view["total"]
     assert view["rows"]["S: Lite0 + FSFT emoji"]["members"] == [
         "S: Lite0 + FSFT emoji [r0]", "S: Lite0 + FSFT emoji [r1]"]
-    compared = {(c["model"], c["control"]) for c in view["comparisons"]}
-    assert ("S: Lite2 plain", "S: Lite0 plain") in compared
-    assert not any(m == "S: Lite0 + FSFT emoji" for m, _ in compared)
+    compared = {(c["model"], c["control"]): c for c in view["comparisons"]}
+    assert compared["S: Lite2 plain", "S: Lite0 plain"]["complete"]
+    provisional = compared["S: Lite0 + FSFT emoji", "S: Lite2 plain"]
+    assert not provisional["complete"] and provisional["replicates"] == "2/3 vs 1/1"
+    assert "provisional on 2/3 replicate(s)" in "\n".join(strong_page.reading(view))
     meta = dict(command="python -m study --arm strong", date="d", machine="m", scale="small",
                 seeds=3, records="docs/study-records/strong-small", minutes=1.0, train=0.0,
                 export=0.0, evaluate=1.0, load_low=2.0, load_high=3.0, cores=2, sizes="s",
