@@ -68,22 +68,21 @@ def measure_speeds(models: dict[str, str], records: str, threads: int, device: s
     if not todo:
         return known
     images = photo_corpus(n_images)
-    pipes = {n: FeaturePipeline(d, device=device, threads=threads) for n, d in todo.items()}
     speeds: dict[str, list[float]] = {n: [] for n in todo}
     loads = []
-    try:
-        for p in pipes.values():
-            p.embed(images[:8])                      # warm-up: sessions, allocations
-        for r in range(rounds):
-            for n, p in pipes.items():
+    for r in range(rounds):
+        for n, d in todo.items():
+            # one pipeline open at a time: a dozen sessions at once do not fit a small machine
+            pipe = FeaturePipeline(d, device=device, threads=threads)
+            try:
+                pipe.embed(images[:8])                # warm-up: session, allocations
                 t0 = time.perf_counter()
-                p.embed(images)
+                pipe.embed(images)
                 speeds[n].append(len(images) / (time.perf_counter() - t0))
-            loads.append(os.getloadavg()[0])
-            log(f"speed round {r + 1}/{rounds} done")
-    finally:
-        for p in pipes.values():
-            p.close()
+            finally:
+                pipe.close()
+        loads.append(os.getloadavg()[0])
+        log(f"speed round {r + 1}/{rounds} done")
     for n in todo:
         known[n] = {"images_per_s": round(max(speeds[n]), 1),
                     "rounds": [round(v, 1) for v in speeds[n]], "stamp": stamp(todo[n]),
