@@ -42,10 +42,14 @@ def _row_entry(records: dict, members: list[str], counted: list[str], shown: lis
     per_target = {t: float(np.mean([r["targets"][t]["top1"] for r in results]))
                   for t in counted + shown}
     member_means = [float(np.mean([r["targets"][t]["top1"] for t in counted])) for r in results]
+    # mean per-class accuracy: the icon themes are unbalanced (actions and status dominate)
+    per_class = float(np.mean([r["targets"][t]["mean_per_class"] for r in results
+                               for t in counted]))
     interval = (mean_interval(member_means, CONFIDENCE, bounds=(0.0, 1.0))
                 if len(members) > 1 else None)
     first = records[members[0]]
     return {"members": members, "planned": planned, "targets": per_target,
+            "mean_per_class": per_class,
             "mean": float(np.mean(member_means)), "interval": interval,
             "dim": first["result"]["embedding_dim"], "params": first["params"],
             "input_size": first.get("input_size"),
@@ -127,7 +131,8 @@ def short_name(target: str) -> str:
 def table(view: dict) -> list[str]:
     counted, shown = view["counted"], view["shown"]
     cols = (["network", "replicates", "px", "dim", "params", "GFLOPs", "images/s"]
-            + [short_name(t) for t in counted] + ["held-out mean [95%]", "mNRG vs Lite0"]
+            + [short_name(t) for t in counted] + ["held-out mean [95%]", "per-class mean",
+                                                  "mNRG vs Lite0"]
             + [f"{short_name(t)} (shown)" for t in shown])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in view["rows"].items():
@@ -138,7 +143,7 @@ def table(view: dict) -> list[str]:
                  str(r["dim"]),
                  f"{r['params'] / 1e6:.2f}M", f"{r['gflops']:.2f}",
                  f"{r['images_per_s']:.0f}" + ("" if r.get("speed_stage") else "*")]
-        cells += [_pct(r["targets"][t]) for t in counted] + [mean]
+        cells += [_pct(r["targets"][t]) for t in counted] + [mean, _pct(r["mean_per_class"])]
         cells += ["n/a" if mnrg is None else f"{mnrg:+.1f}"]
         cells += [_pct(r["targets"][t]) for t in shown]
         lines.append("| " + " | ".join(cells) + " |")

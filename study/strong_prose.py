@@ -47,8 +47,9 @@ SPEED_STAGE = ("the speed stage: the same {n_images} JPEG photos (500x375, quali
 SPEED_EVAL = ("measured while evaluating, on a shared machine (marked *); the speed stage runs "
               "when every model is done.")
 TABLE_NOTE = ("`held-out mean` is the top-1 mean over the counted targets with its 95% "
-              "interval over trained replicates (single models have none); mNRG (x100) is "
-              "relative to plain Lite0 over the counted targets.")
+              "interval over trained replicates (single models have none); `per-class mean` "
+              "the mean per-class accuracy over the same targets (the icon themes are "
+              "unbalanced); mNRG (x100) is relative to plain Lite0 over the counted targets.")
 PAIRS_TITLE = "### Paired comparisons on the held-out mean (points of top-1)"
 PAIR_LINE = ("| {model} | {control} | {replicates} | {diff:+.1f} | {interval} | {method} | "
              "{verdict} |")

@@ -235,6 +235,7 @@ def test_page_only_writes_the_section_from_committed_records(tmp_path):
     text = page.read_text()
     assert text.startswith("# Reproduction study\n") and "Partial results" not in text
     assert "| S: Lite0 + FSFT emoji | 3/3 | 224 | 2560 |" in text
+    assert "| 76.5 [" in text                     # held-out mean 0.70 + 0.06 + 0.005
     assert "Met by: S: Lite0 + FSFT emoji" in text
     assert (tmp_path / "docs" / "results-strong.png").stat().st_size > 1000
     assert not (tmp_path / "work" / "models").exists()
