@@ -1,5 +1,5 @@
 # Quick start: `make demo` (train -> export -> probes; README gives its measured times) and `make test`.
-.PHONY: setup caffe2-env demo test test-fast lint bench study clean
+.PHONY: setup caffe2-env demo test test-fast lint bench study study-strong clean
 PY := .venv/bin/python
 
 setup:
@@ -29,6 +29,11 @@ bench: setup
 
 study: setup
 	$(PY) -m study --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),1)
+
+# issue 21's arm: resumable from its records (docs/study-records/strong-SCALE)
+study-strong: setup
+	$(PY) -m study --arm strong --scale $(or $(SCALE),small) --seeds $(or $(SEEDS),3) \
+		$(if $(WORK),--work $(WORK)) --device $(or $(DEVICE),cpu)
 
 clean:
 	rm -rf out/demo bench-out

@@ -4,7 +4,9 @@ A dataset is a directory (`root/animals/birds/x.png`: level 0 `animals`, level 1
 the leaf folder is the specific class; `train/` and `test/` subfolders are the splits) or a
 built-in name, optionally with options: `fashion-mnist`, `mnist`, `digits`,
 `emoji:styles=google+twitter,skin=2` (`label=subcategory`: one level, flat classes named
-`category--subcategory`), any with `per_class=N`. Built-ins are materialised once as
+`category--subcategory`), `icons:theme=gnome|tango|mate` (a Debian icon theme labelled by
+freedesktop context: actions, apps, devices, mimetypes, places, status...), any with
+`per_class=N`. Built-ins are materialised once as
 ImageFolders (PNG files plus `manifest.json`) under the cache folder (`$UNIREP_CACHE`, default
 `~/.cache/unirep`), so every consumer reads images the same way.
 
@@ -206,6 +208,14 @@ def _positive_int(value: str) -> bool:
     return value.isdigit() and int(value) >= 1
 
 
+# Icon themes from Debian packages: theme -> (package, folder under usr/share/icons, licence).
+ICON_THEMES = {
+    "gnome": ("gnome-icon-theme", "gnome", "CC-BY-SA-3.0 or LGPL-3"),
+    "tango": ("tango-icon-theme", "Tango", "public domain"),
+    "mate": ("mate-icon-theme", "mate", "CC-BY-SA-3.0 or LGPL-3"),
+}
+
+
 # The options each built-in understands, and a check of each value (what it must be, if not).
 BUILTIN_OPTIONS: dict[str, dict[str, tuple]] = {
     "fashion-mnist": {"per_class": (_positive_int, "a positive integer")},
@@ -220,6 +230,11 @@ BUILTIN_OPTIONS: dict[str, dict[str, tuple]] = {
                         "google, twitter or google+twitter"),
         # a flat dataset labelled by one level (a probe target with several images per class)
         "label": (lambda v: v in EMOJI_LEVELS, "category, subcategory or emoji"),
+    },
+    "icons": {
+        "per_class": (_positive_int, "a positive integer"),
+        "theme": (lambda v: v in ICON_THEMES, "gnome, tango or mate"),
+        "label": (lambda v: v == "context", "context"),
     },
 }
 
@@ -335,9 +350,10 @@ def _build_fashion_mnist(out: str, opts: dict) -> dict:
             "licence": "MIT"}
 
 
-def _split_and_write(out: str, x: np.ndarray, y: np.ndarray, paths: list[str], opts: dict) -> None:
+def _split_and_write(out: str, x: np.ndarray, y: np.ndarray, paths: list[str], opts: dict,
+                     test_fraction: float = 0.2) -> None:
     per_class = int(opts.get("per_class", 0)) or None
-    train, test = stratified_split(y, 0.2, seed=0)
+    train, test = stratified_split(y, test_fraction, seed=0)
     split_of = np.empty(len(y), dtype=object)
     split_of[train], split_of[test] = "train", "test"
     keep = np.sort(np.concatenate([_cap(train, y, per_class, 0), _cap(test, y, per_class, 1)]))
@@ -435,11 +451,87 @@ def _build_emoji(out: str, opts: dict) -> dict:
             "licence": "google: Apache-2.0; twitter (Twemoji): CC-BY-4.0"}
 
 
+ICON_SIZE = 48                              # every icon is resampled to this size
+# the sizes an icon is taken from, most preferred first: one size per icon
+ICON_SIZE_ORDER = ("48x48", "32x32", "256x256", "24x24", "22x22", "16x16")
+ICON_MIN_PER_CONTEXT = 5                    # smaller contexts (e.g. 'animations') are left out
+
+
+def icon_theme_dir(theme: str) -> str:
+    """The unpacked theme folder (holding SIZE/CONTEXT/NAME.png); DataError naming the install
+    command when the package is absent."""
+    package, folder, _ = ICON_THEMES[theme]
+    candidates = [os.path.join(os.environ.get("UNIREP_ICONS_DIR", ""), folder),
+                  os.path.join(cache_dir(), "packages", f"icons-{theme}", "usr", "share",
+                               "icons", folder),
+                  os.path.join("/usr/share/icons", folder)]
+    for c in candidates:
+        if os.path.isdir(os.path.join(c, "16x16")):
+            return c
+    raise DataError(
+        f"icon theme {theme!r} is not installed. Unpack the Debian package into the cache: "
+        f"`apt-get download {package} && dpkg -x {package}_*.deb "
+        f"{os.path.join(cache_dir(), 'packages', f'icons-{theme}')}` (or run `make setup`)")
+
+
+def _theme_icons(root: str) -> dict[tuple[str, str], str]:
+    """(context, icon name) -> the file of its preferred size. Links (aliases of another icon)
+    are skipped: the icon they point to is counted once, under its own name."""
+    chosen: dict[tuple[str, str], str] = {}
+    for size in ICON_SIZE_ORDER:
+        size_dir = os.path.join(root, size)
+        if not os.path.isdir(size_dir):
+            continue
+        for context in sorted(os.listdir(size_dir)):
+            folder = os.path.join(size_dir, context)
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                path = os.path.join(folder, name)
+                if name.endswith(".png") and not os.path.islink(path):
+                    chosen.setdefault((context, name[:-4]), path)
+    return chosen
+
+
+def _build_icons(out: str, opts: dict) -> dict:
+    """A theme's icons labelled by their freedesktop context (actions, apps, devices, ...): one
+    size per icon, resampled to ICON_SIZE px, transparency composited on white, identical
+    images kept once; a seeded stratified 50/50 split (a theme holds a few hundred icons: half
+    of them for testing keeps the test noise down)."""
+    from PIL import Image
+
+    from .images import to_rgb
+    theme = opts.get("theme", "gnome")
+    root = icon_theme_dir(theme)
+    images, contexts, seen = [], [], set()
+    for (context, _), path in sorted(_theme_icons(root).items()):
+        with Image.open(path) as img:
+            rgb = to_rgb(img).resize((ICON_SIZE, ICON_SIZE), Image.Resampling.LANCZOS)
+        arr = np.asarray(rgb, dtype=np.uint8)
+        digest = hashlib.sha256(arr.tobytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            images.append(arr)
+            contexts.append(context)
+    counts = {c: contexts.count(c) for c in set(contexts)}
+    kept = sorted(c for c, n in counts.items() if n >= ICON_MIN_PER_CONTEXT)
+    index = {c: i for i, c in enumerate(kept)}
+    keep = [i for i, c in enumerate(contexts) if c in index]
+    if not keep:
+        raise DataError(f"icon theme {theme!r} at {root}: no context with "
+                        f"{ICON_MIN_PER_CONTEXT} or more icons")
+    y = np.array([index[contexts[i]] for i in keep], dtype=np.int64)
+    _split_and_write(out, np.stack([images[i] for i in keep]), y, kept, opts, test_fraction=0.5)
+    package, _, licence = ICON_THEMES[theme]
+    return {"level_names": ["context"], "theme": theme, "images": len(keep),
+            "left_out_contexts": sorted(set(counts) - set(kept)),
+            "source": f"Debian {package} ({root}; seeded 50/50 split)", "licence": licence}
+
+
 BUILTINS = {
     "fashion-mnist": _build_fashion_mnist,
     "mnist": _build_mnist,
     "digits": _build_digits,
     "emoji": _build_emoji,
+    "icons": _build_icons,
 }
 
 

@@ -33,4 +33,19 @@ for style in google twitter; do
     rm -rf "$tmp"
   fi
 done
+# Icon themes, labelled by freedesktop context (the `icons:theme=...` built-ins): held-out probe
+# targets, no source trains on them. Unpacked into the cache (no root needed).
+for theme in gnome:gnome tango:Tango mate:mate; do
+  name=${theme%%:*}; folder=${theme#*:}; pkg=$name-icon-theme; dest="$CACHE/packages/icons-$name"
+  if [ ! -d "/usr/share/icons/$folder/16x16" ] && [ ! -d "$dest/usr/share/icons/$folder/16x16" ]; then
+    echo "[data] unpacking $pkg into $dest"
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1); then
+      dpkg -x "$tmp"/"$pkg"_*.deb "$dest"
+    else
+      echo "[data] could not download $pkg: run \`apt-get update\` once (or install it: apt-get install -y $pkg)" >&2
+    fi
+    rm -rf "$tmp"
+  fi
+done
 echo "[data] ready under $CACHE"

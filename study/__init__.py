@@ -25,8 +25,21 @@ Resumable: a run with model.pt, an exported model with model.onnx and cached emb
 reused; an interrupted training resumes from its checkpoint. Per-stage wall times go to
 WORK/timings.json and the page. Run it on a quiet machine: the page reports measured images/s.
 
+The strong-backbones arm (issue 21; `--arm strong`, its own section of the page): plain ImageNet
+EfficientNet-Lite0/1/2 at their native sizes, their multi-depth taps, FSFT of ImageNet Lite0 on
+the emoji and Fashion-MNIST levels alone and combined with plain Lite0, against both size
+controls (plain Lite0 + a random twin; plain Lite2), on held-out targets (MNIST, digits, three
+icon themes), with FLOPs and measured images/s. It runs one model at a time and keeps a JSON
+record per model (docs/study-records/strong-SCALE/): the records are its resumable state.
+
+    python -m study --arm strong --scale small --seeds 3 --work /work/study-work/strong-small
+    python -m study --arm strong --scale small --seeds 3 --page-only   # page from the records
+
 Modules: `plan` (arms, runs, replicates, seeds, scales and page rows, as data), `stages`
 (training, export and evaluation in child processes or calls, resumable), `views` (reports
 shaped into page rows), `prose` (the page's sentences, templates without numbers), `page`
-(the page from the records), `plots` (its figure), `__main__` (the command).
+(the page from the records), `plots` (its figure), `__main__` (the command); the strong arm:
+`strong` (its plan), `strong_stages` (one model at a time, records), `strong_page` and
+`strong_prose` (its section), `strong_speed` (the speed stage), `cost` (FLOPs and weights from
+the ONNX graph).
 """

@@ -20,6 +20,7 @@ from .plan import (
     ROWS,
     SCALES,
     SEEDLESS,
+    SOURCE,
     fashion_data,
     in_fashion_arm,
     is_fashion_source_domain,
@@ -29,6 +30,7 @@ from .plan import (
 )
 from .plots import plot_results
 from .stages import ROOT, Timings, log
+from .strong import STRONG_SCALES, strong_plan
 
 
 def train_all(scale: str, seed: int, seeds: int, work: str, threads: int,
@@ -170,6 +172,71 @@ def run_study(scale: str, work: str, page: str, threads: int, seed: int, seeds: 
     log(f"wrote {page} and {png} ({total_min:.1f} min)")
 
 
+def _strong_meta(scale: str, seeds: int, records: dict, records_dir: str) -> dict:
+    """What the strong section says about how it was made (from the records' own timings)."""
+    s = STRONG_SCALES[scale]
+    seconds = [r.get("seconds", {}) for r in records.values()]
+
+    def total(kind: str) -> float:
+        return sum(v for t in seconds for k, v in t.items() if k.startswith(kind)) / 60
+
+    loads = [x for r in records.values() for x in r.get("load_average", [])] or [0.0]
+    from .strong import FASHION
+    return {"command": "python -m study " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine_summary(), "scale": scale, "seeds": seeds,
+            "records": os.path.relpath(records_dir, ROOT), "minutes": sum(
+                total(k) for k in ("train", "export", "evaluate")), "train": total("train"),
+            "export": total("export"), "evaluate": total("evaluate"),
+            "load_low": min(loads), "load_high": max(loads), "cores": os.cpu_count(),
+            "sizes": ", ".join(f"{k} {v} px" for k, v in s["sizes"].items()),
+            "reinit": s["reinit"], "alpha": s["alpha"], "epochs": s["epochs"],
+            "emoji": SOURCE, "emoji_per_class": s["emoji_per_class"],
+            "fashion": FASHION.format(s["fashion_per_class"]),
+            "counted": ", ".join(f"`{t}`" for t in s["counted"]),
+            "shown": ", ".join(f"`{t}`" for t in s["source_domain"]),
+            "max_per_class": s["max_per_class"]}
+
+
+def write_strong_page(scale: str, seed: int, seeds: int, records_dir: str, page: str,
+                      threads: int) -> None:
+    """The strong section of `page` (and its figure) from the records found so far."""
+    from .strong_page import arm_view, insert_section, plot, section
+    from .strong_stages import load_records, load_speeds
+    records = load_records(records_dir)
+    speeds = load_speeds(records_dir)
+    if not records:
+        log(f"no records under {records_dir} yet: page left as it is")
+        return
+    view = arm_view(records, seeds, seed, len(STRONG_SCALES[scale]["counted"]), speeds)
+    base = os.path.splitext(page)[0]
+    png = base + "-strong.png"
+    reading = None
+    if os.path.exists(base + "-strong-reading.md"):
+        with open(base + "-strong-reading.md") as f:
+            reading = f.read()
+    plot(view, png)
+    meta = {**_strong_meta(scale, seeds, records, records_dir), "speeds": speeds,
+            "threads": threads}
+    insert_section(page, section(view, meta, os.path.basename(png), reading))
+    log(f"wrote the strong section of {page} ({view['done']}/{view['total']} models)")
+
+
+def run_strong_arm(scale: str, work: str, page: str, records_dir: str, threads: int, seed: int,
+                   seeds: int, device: str, page_only: bool, speed_only: bool = False) -> None:
+    """Every model of the strong arm, each resumable from its record; the page section is
+    rewritten after each model, so a partial run always has a page."""
+    from .strong_stages import run_strong
+    if not (page_only or speed_only):
+        run_strong(scale, seed, seeds, work, records_dir, threads, device,
+                   after_each=lambda: write_strong_page(scale, seed, seeds, records_dir, page,
+                                                        threads))
+    elif speed_only:
+        from .strong_stages import measure_row_speeds
+        measure_row_speeds(work, records_dir, threads, device)
+    write_strong_page(scale, seed, seeds, records_dir, page, threads)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True,
               help="smoke (a dry run, minutes), pilot (~10 min), small (~60 min on 2 cores), "
@@ -184,7 +251,22 @@ def run_study(scale: str, work: str, page: str, threads: int, seed: int, seeds: 
                    "intervals over them and paired comparisons member by member (2-3 are "
                    "enough to see seed noise; time grows N-fold).")
 @click.option("--plan-only", is_flag=True, help="Print the plan as JSON and stop.")
-def main(scale, work, page, threads, seed, seeds, plan_only):
+@click.option("--arm", type=click.Choice(["reproduction", "strong"]), default="reproduction",
+              show_default=True, help="reproduction: the papers' recipes on small networks (the "
+              "page's main part); strong: ImageNet Lite0/1/2, their tuning and the size "
+              "controls (issue 21; its own section of the page).")
+@click.option("--records", default=None, help="strong: the per-model records, the arm's "
+              "resumable state (commit them) [docs/study-records/strong-SCALE; smoke/pilot: "
+              "WORK/records].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="strong: where training and embedding run (a GPU machine: --device cuda "
+                   "--scale full).")
+@click.option("--page-only", is_flag=True, help="strong: write the page section from the "
+              "records found, run nothing.")
+@click.option("--speed-only", is_flag=True, help="strong: measure the throughput of the models "
+              "found under WORK/models (interleaved), then write the page section.")
+def main(scale, work, page, threads, seed, seeds, plan_only, arm, records, device, page_only,
+         speed_only):
     """Run the whole reproduction study and write the results page.
 
     \b
@@ -192,13 +274,27 @@ def main(scale, work, page, threads, seed, seeds, plan_only):
       python -m study --scale small --seeds 2     # docs/results.md (~100 min on 2 cores)
       python -m study --scale smoke               # a dry run of every stage (minutes)
       python -m study --scale full --plan-only    # print the plan, run nothing
+      python -m study --arm strong --scale small --seeds 3 --work /work/study-work/strong
+                                                  # issue 21's arm (resumable from its records)
+      python -m study --arm strong --scale full --seeds 3 --device cuda   # the same, on a GPU
     """
     if plan_only:
-        click.echo(json.dumps(study_plan(scale, seed, seeds), indent=1))
+        plan = strong_plan(scale, seed, seeds) if arm == "strong" else study_plan(scale, seed,
+                                                                                  seeds)
+        click.echo(json.dumps(plan, indent=1))
         return
-    work = os.path.abspath(work or os.path.join(ROOT, "runs", f"study-{scale}"))
-    page = os.path.abspath(page or (os.path.join(work, "results.md") if scale in ("smoke", "pilot")
+    dry = scale in ("smoke", "pilot")
+    work = os.path.abspath(work or os.path.join(
+        ROOT, "runs", f"study-{scale}" if arm == "reproduction" else f"study-strong-{scale}"))
+    page = os.path.abspath(page or (os.path.join(work, "results.md") if dry
                                     else os.path.join(ROOT, "docs", "results.md")))
+    if arm == "strong":
+        records = os.path.abspath(records or (os.path.join(work, "records") if dry else
+                                              os.path.join(ROOT, "docs", "study-records",
+                                                           f"strong-{scale}")))
+        run_strong_arm(scale, work, page, records, threads, seed, seeds, device, page_only,
+                       speed_only)
+        return
     run_study(scale, work, page, threads, seed, seeds)
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _child_env() -> dict:
     return env
 
 
-def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
+def train_run(step: TrainStep, run_dir: str, threads: int, device: str | None = None) -> bool:
     """Train one run with the CLI in a child process; False if model.pt was already there.
 
     The options are kept in RUN_DIR/study_args.json, so a run made with other options (an
@@ -66,6 +66,8 @@ def train_run(step: TrainStep, run_dir: str, threads: int) -> bool:
         return False
     args = [sys.executable, CLI, "train", "--data", step.data,
             "--out", run_dir, "--threads", str(threads)] + step.args
+    if device:
+        args += ["--device", device]
     if step.after:
         args += ["--from", os.path.join(os.path.dirname(run_dir), step.after[0])]
     os.makedirs(run_dir, exist_ok=True)
@@ -124,6 +126,18 @@ def export_model(run_dirs: list[str], model_dir: str) -> bool:
     from export.onnx_export import export_runs
     log(f"export {os.path.basename(model_dir)} <- {[os.path.basename(d) for d in run_dirs]}")
     export_runs(run_dirs, model_dir, overwrite=True)
+    return True
+
+
+def export_architecture(args: list[str], model_dir: str) -> bool:
+    """Export a model straight from an architecture's weights (`cli.py export --arch ...`, e.g.
+    multi-depth taps) in a child process; False if model.onnx was already there."""
+    if os.path.exists(os.path.join(model_dir, MODEL_FILE)):
+        return False
+    cmd = [sys.executable, CLI, "export", *args, "--out", model_dir, "--overwrite"]
+    log("export " + " ".join(cmd[2:]))
+    if subprocess.run(cmd, cwd=ROOT, env=_child_env()).returncode != 0:
+        raise click.ClickException(f"export of {model_dir} failed (its output is above)")
     return True
 
 

@@ -148,3 +148,41 @@ def test_description_round_trip_and_levels(tmp_path):
         back.level_index("nope")
     with pytest.raises(ValueError, match="newer"):
         ModelDescription.from_dict({**desc.to_dict(), "format_version": 99})
+
+
+ICON_CONTEXTS = ["actions", "apps", "categories", "devices", "emblems", "emotes", "mimetypes",
+                 "places", "status"]
+
+
+@pytest.mark.parametrize("theme,n_images", [("gnome", 365), ("tango", 214), ("mate", 451)])
+def test_icon_themes_load_labelled_by_context(theme, n_images):
+    """The held-out icon targets: one image per icon (sizes and identical copies deduplicated),
+    48 px RGB on white, the freedesktop contexts as classes, a stratified 50/50 split."""
+    ds = load_dataset(f"icons:theme={theme},label=context")
+    assert [lv.name for lv in ds.levels] == ["context"]
+    assert ds.levels[0].classes == ICON_CONTEXTS          # 'animations' (1-2 icons) left out
+    assert ds.manifest["left_out_contexts"] == ["animations"]
+    train, test = ds.labels("train"), ds.labels("test")
+    assert len(train) + len(test) == n_images
+    assert abs(len(train) - len(test)) <= len(ICON_CONTEXTS)
+    assert set(train.tolist()) == set(test.tolist()) == set(range(len(ICON_CONTEXTS)))
+    img = Image.open(ds.paths("test")[0])
+    assert img.mode == "RGB" and img.size == (48, 48)
+    pixels = {Image.open(p).tobytes() for p in ds.paths("train") + ds.paths("test")}
+    assert len(pixels) == n_images                         # no icon twice
+
+
+def test_icon_theme_options_checked():
+    with pytest.raises(DataError, match="theme=.oxygen. must be gnome, tango or mate"):
+        load_dataset("icons:theme=oxygen")
+    with pytest.raises(DataError, match="label=.size. must be context"):
+        load_dataset("icons:theme=gnome,label=size")
+
+
+def test_missing_icon_theme_names_the_install_command(tmp_path, monkeypatch):
+    if os.path.isdir("/usr/share/icons/Tango/16x16"):
+        pytest.skip("tango-icon-theme is installed system-wide here")
+    monkeypatch.setenv("UNIREP_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNIREP_ICONS_DIR", raising=False)
+    with pytest.raises(DataError, match=r"apt-get download tango-icon-theme && dpkg -x"):
+        load_dataset("icons:theme=tango")

@@ -48,8 +48,10 @@ def evaluate_models(model_dirs: list[str], targets: list[str], out_dir: str | No
     return run_plan(EvaluationPlan(list(model_dirs), list(targets), out_dir, **settings)).to_dict()
 
 
-def run_plan(plan: EvaluationPlan) -> EvaluationReport:
-    """The typed report of `plan` (its files written when `plan.out_dir` is set)."""
+def run_plan(plan: EvaluationPlan, hits: dict | None = None) -> EvaluationReport:
+    """The typed report of `plan` (its files written when `plan.out_dir` is set). `hits`, when
+    given, receives the per-test-image hits {(model, target, seed): bool array} that the paired
+    bootstrap uses (a caller that keeps per-model records compares them later)."""
     rows = plan.resolve()
     # Check everything before the long work (and before the cache), so a typo fails in a second.
     descriptions = {name: check_model_dir(d, plan.variant)
@@ -57,7 +59,7 @@ def run_plan(plan: EvaluationPlan) -> EvaluationReport:
     splits = _split_targets(plan, rows)
     cache_dir = plan.cache_dir or os.path.join(unirep_cache_dir(), "embeddings")
     counters = {"hits": 0, "misses": 0}
-    correct: dict[tuple[str, str, int], np.ndarray] = {}   # per-image hits, for the bootstrap
+    correct: dict[tuple[str, str, int], np.ndarray] = {} if hits is None else hits  # per image
     from tqdm import tqdm
     bar = tqdm(total=len(rows.model_names) * len(rows.target_names) * len(rows.seeds),
                desc="evaluate", unit="pair", disable=not plan.progress, leave=False)
