@@ -3,11 +3,22 @@ real exported models built once per session."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, check=True):
+    """`python cli.py ARGS` in a subprocess (a real process, as a user runs it), with a time
+    limit; `check` asserts it succeeded and shows its output when it did not."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
 sys.path.insert(0, ROOT)
 
 

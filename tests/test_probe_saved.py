@@ -4,8 +4,6 @@ prints the accuracy and writes the per-class report and the confusion matrix, an
 as the README's library example does is labelled with class names by `serve`."""
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -13,15 +11,9 @@ import pytest
 
 from runtime.probes.diagnostics import classification_report, confusion_matrix, write_report
 from runtime.probes.labels import LabelError, folder_class, read_label_csv
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
-
-def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr + proc.stdout
-    return proc
+_cli = run_cli
 
 
 def test_confusion_matrix_and_report_of_a_known_case(tmp_path):

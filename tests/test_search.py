@@ -4,8 +4,6 @@ output, and the service's search endpoint answering like the CLI."""
 import base64
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from runtime.search import (
     recall_at_k,
     save_index,
 )
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
 
 def _fashion_mnist(split: str) -> np.ndarray:
@@ -143,12 +141,7 @@ def test_near_duplicates_find_the_copies_and_nothing_else():
 # the commands and the service, on a real exported model
 
 
-def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr + proc.stdout
-    return proc
+_cli = run_cli
 
 
 @pytest.fixture(scope="module")
