@@ -42,7 +42,7 @@ from .onnx_export import (
     check_out_dir,
     fold_batchnorm,
     log,
-    ort_basic_optimise,
+    optimise_in_place,
 )
 from .onnx_files import count_ops, file_info, graph_io, set_description_metadata
 
@@ -293,28 +293,10 @@ def optimise(model_path: str) -> dict:
     """The portable clean-up our export applies: BatchNorm folded into Convs, onnxruntime's
     BASIC optimisation kept when it stays plain ONNX. The parity run judges the result."""
     import onnx
-    import onnxruntime as ort
     model = onnx.load(model_path)
     report = {"batchnorm_folded": fold_batchnorm(model), "nodes_imported": len(model.graph.node)}
     onnx.save(model, model_path)
-    optimised = model_path + ".opt"
-    ort.set_default_logger_severity(3)  # foreign graphs make it list every unused constant
-    try:
-        report["ort_basic_optimisation"] = ort_basic_optimise(model_path, optimised)
-    finally:
-        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
-    if report["ort_basic_optimisation"]["applied"]:
-        os.replace(optimised, model_path)
-    elif os.path.exists(optimised):
-        os.unlink(optimised)
-    model = onnx.load(model_path)
-    used = {n.domain for n in model.graph.node} | {""}
-    keep = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-    for k, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{k}"
+    report["ort_basic_optimisation"], model = optimise_in_place(model_path, quiet=True)
     onnx.checker.check_model(model)
     onnx.save(model, model_path)
     report["nodes"], report["ops"] = len(model.graph.node), count_ops(model)

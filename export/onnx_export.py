@@ -276,18 +276,22 @@ def ort_basic_optimise(src: str, dst: str) -> dict:
             os.unlink(dst)
 
 
-def write_onnx(module, example, path: str, output_names: list[str], opset: int) -> dict:
-    """Export, fold BatchNorm, check, optimise (portable), name every node. Returns a report."""
+def optimise_in_place(path: str, *, quiet: bool = False):
+    """onnxruntime's BASIC optimisation of the file at `path`, kept when it stays plain ONNX;
+    then only the opset domains the nodes use, and a name for every node. Returns (the
+    optimisation's report, the loaded model); the caller checks and saves the model. `quiet`
+    silences onnxruntime's notes (foreign graphs make it list every unused constant)."""
     import onnx
-    report = torch_to_onnx(module, example, path, output_names, opset)
-    model = onnx.load(path)
-    onnx.checker.check_model(model, full_check=True)
-    report["batchnorm_folded_after_export"] = fold_batchnorm(model)
-    report["nodes_exported"] = len(model.graph.node)
-    onnx.save(model, path)
+    import onnxruntime as ort
     optimised = path + ".opt"
-    report["ort_basic_optimisation"] = ort_basic_optimise(path, optimised)
-    if report["ort_basic_optimisation"]["applied"]:
+    if quiet:
+        ort.set_default_logger_severity(3)
+    try:
+        applied = ort_basic_optimise(path, optimised)
+    finally:
+        if quiet:
+            ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+    if applied["applied"]:
         os.replace(optimised, path)
     elif os.path.exists(optimised):
         os.unlink(optimised)
@@ -300,6 +304,19 @@ def write_onnx(module, example, path: str, output_names: list[str], opset: int) 
     for k, node in enumerate(model.graph.node):  # fp16 block lists and error messages use names
         if not node.name:
             node.name = f"{node.op_type}_{k}"
+    return applied, model
+
+
+def write_onnx(module, example, path: str, output_names: list[str], opset: int) -> dict:
+    """Export, fold BatchNorm, check, optimise (portable), name every node. Returns a report."""
+    import onnx
+    report = torch_to_onnx(module, example, path, output_names, opset)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    report["batchnorm_folded_after_export"] = fold_batchnorm(model)
+    report["nodes_exported"] = len(model.graph.node)
+    onnx.save(model, path)
+    report["ort_basic_optimisation"], model = optimise_in_place(path)
     left = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
     if left:
         raise ExportError(f"BatchNormalization left unfolded in the graph: {left[:5]}")
