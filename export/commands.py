@@ -212,27 +212,9 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def describe_model_dir(model_dir: str) -> str:
-    """The text `inspect` prints (onnx only; no torch, no onnxruntime)."""
-    from common.model_dir import ModelDir, ModelError
-
-    try:
-        md = ModelDir(model_dir)
-        if md.model_file_ is not None:
-            raise ModelError(f"{model_dir}: is a file, not a model folder; give the folder "
-                             "written by `export`")
-        # every variant must load and match the description before any figure is printed
-        ios = {v: md.check_model(v) for v in md.variants()}
-        if "fp32" not in ios:
-            md.model_path("fp32")  # raises: names the missing model.onnx
-        desc = md.description
-        report = md.export_report()
-    except ModelError as e:
-        error = click.ClickException(str(e))  # one line, no usage text
-        error.exit_code = 2  # as for the other bad arguments of this command
-        raise error from e
-
-    out = [f"model: {os.path.abspath(model_dir)}"]
+def _describe_network(desc) -> list[str]:
+    """The lines on what the network is: members, taps, levels, heads, data, preprocessing."""
+    out: list[str] = []
     if desc.components:
         out.append(f"combination: {desc.combination} of {len(desc.components)} networks, "
                    f"{desc.feature_dim}-d")
@@ -260,6 +242,68 @@ def describe_model_dir(model_dir: str) -> str:
     out.append(f"preprocessing: RGB (alpha over {tuple(p.background)}), resize shorter side to "
                f"{p.resize_size} ({p.interpolation}), centre crop {p.input_size}, "
                f"/255, mean {p.mean}, std {p.std}")
+    return out
+
+
+def _describe_report(report: dict) -> list[str]:
+    """The lines on how the export went: versions, parity per engine, variants' drift."""
+    out: list[str] = []
+    out.append(f"exported {report.get('created')} with {report.get('exporter')} exporter, "
+               f"opset {report.get('opset')}; versions "
+               + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()
+                           if k not in ("opset", "exporter")))
+    parity = report.get("parity", {})
+    for engine, ref in (("onnxruntime", "PyTorch"), ("caffe2", "onnxruntime")):
+        if engine not in parity:
+            continue
+        res = parity[engine]
+        ref = res.get("reference", ref)  # an imported model: the original ONNX file
+        for name, fig in res["outputs"].items():
+            label = "caffe2 reference executor" if engine == "caffe2" else engine
+            out.append(f"parity {label} vs {ref}, {name} (batch {res['batch_sizes']}): "
+                       f"max abs diff {fig['max_abs_diff']:.2e} (allowed "
+                       f"{fig['tolerance_abs']:.1e}), min cosine {fig['min_cosine']:.7f}")
+    real = parity.get("caffe2", {}).get("real_runtime")
+    if real and real.get("available"):
+        for name, fig in real["outputs"].items():
+            out.append(f"parity {real['runtime']} vs onnxruntime, {name} (batch {real['batch_sizes']}): "
+                       f"max abs diff {fig['max_abs_diff']:.2e} (allowed {fig['tolerance_abs']:.1e}), "
+                       f"min cosine {fig['min_cosine']:.7f}")
+    elif real:
+        out.append(f"caffe2: proven by the reference executor only ({real.get('reason')})")
+    if parity.get("image_source"):
+        src = parity["image_source"]
+        out.append(f"  on {src['count']} real images of {src['data']}")
+    for variant, v in report.get("variants", {}).items():
+        emb = v["drift_vs_fp32"]["outputs"]["embedding"]
+        pr = v["probe"]
+        out.append(f"{variant}: cosine to fp32 min {emb['min_cosine']:.5f} mean "
+                   f"{emb['mean_cosine']:.5f}; probe accuracy {pr['accuracy_fp32']:.3f} -> "
+                   f"{pr['accuracy']:.3f} ({pr['change']:+.3f}, {pr['test']} held-out images)")
+    return out
+
+
+def describe_model_dir(model_dir: str) -> str:
+    """The text `inspect` prints (onnx only; no torch, no onnxruntime)."""
+    from common.model_dir import ModelDir, ModelError
+
+    try:
+        md = ModelDir(model_dir)
+        if md.model_file_ is not None:
+            raise ModelError(f"{model_dir}: is a file, not a model folder; give the folder "
+                             "written by `export`")
+        # every variant must load and match the description before any figure is printed
+        ios = {v: md.check_model(v) for v in md.variants()}
+        if "fp32" not in ios:
+            md.model_path("fp32")  # raises: names the missing model.onnx
+        desc = md.description
+        report = md.export_report()
+    except ModelError as e:
+        error = click.ClickException(str(e))  # one line, no usage text
+        error.exit_code = 2  # as for the other bad arguments of this command
+        raise error from e
+
+    out = [f"model: {os.path.abspath(model_dir)}", *_describe_network(desc)]
     for variant, io in ios.items():
         out.append(f"{os.path.basename(md.model_path(variant))} ({variant}):")
         for kind in ("inputs", "outputs"):
@@ -270,38 +314,7 @@ def describe_model_dir(model_dir: str) -> str:
     out.append(f"formats: {', '.join(formats)}; variants: "
                + ", ".join(v for v in ios))
     if report:
-        out.append(f"exported {report.get('created')} with {report.get('exporter')} exporter, "
-                   f"opset {report.get('opset')}; versions "
-                   + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()
-                               if k not in ("opset", "exporter")))
-        parity = report.get("parity", {})
-        for engine, ref in (("onnxruntime", "PyTorch"), ("caffe2", "onnxruntime")):
-            if engine not in parity:
-                continue
-            res = parity[engine]
-            ref = res.get("reference", ref)  # an imported model: the original ONNX file
-            for name, fig in res["outputs"].items():
-                label = "caffe2 reference executor" if engine == "caffe2" else engine
-                out.append(f"parity {label} vs {ref}, {name} (batch {res['batch_sizes']}): "
-                           f"max abs diff {fig['max_abs_diff']:.2e} (allowed "
-                           f"{fig['tolerance_abs']:.1e}), min cosine {fig['min_cosine']:.7f}")
-        real = parity.get("caffe2", {}).get("real_runtime")
-        if real and real.get("available"):
-            for name, fig in real["outputs"].items():
-                out.append(f"parity {real['runtime']} vs onnxruntime, {name} (batch {real['batch_sizes']}): "
-                           f"max abs diff {fig['max_abs_diff']:.2e} (allowed {fig['tolerance_abs']:.1e}), "
-                           f"min cosine {fig['min_cosine']:.7f}")
-        elif real:
-            out.append(f"caffe2: proven by the reference executor only ({real.get('reason')})")
-        if parity.get("image_source"):
-            src = parity["image_source"]
-            out.append(f"  on {src['count']} real images of {src['data']}")
-        for variant, v in report.get("variants", {}).items():
-            emb = v["drift_vs_fp32"]["outputs"]["embedding"]
-            pr = v["probe"]
-            out.append(f"{variant}: cosine to fp32 min {emb['min_cosine']:.5f} mean "
-                       f"{emb['mean_cosine']:.5f}; probe accuracy {pr['accuracy_fp32']:.3f} -> "
-                       f"{pr['accuracy']:.3f} ({pr['change']:+.3f}, {pr['test']} held-out images)")
+        out += _describe_report(report)
     out.append("files:")
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)

@@ -179,6 +179,51 @@ class Route:
     model: bool = False   # under /v2/models/NAME[/versions/V]
 
 
+async def _infer(plane: DataPlane, r: Request) -> Reply:
+    """KServe v2 inference: parse (off the event loop when big), run, encode."""
+    body = await r.body()
+    declared = r.headers.get(HEADER_LENGTH.lower())
+    json_bytes = len(body) if not declared else min(len(body), _int_or_zero(declared))
+    if json_bytes > r.limits.max_json:
+        raise TooLarge(f"the JSON part of the body has {json_bytes} bytes, more than "
+                       f"--max-json-mb {r.limits.max_json / 2**20:g} MiB allows; send big "
+                       "tensors as binary data (the binary tensor extension)")
+
+    def prepare():
+        request = parse_infer_request(body, declared)
+        return (request, *plane.prepare(r.name, r.version, request))
+    if len(body) > r.limits.offload_bytes:  # parsing must not stall the event loop
+        parsed, endpoint, items = await asyncio.to_thread(prepare)
+    else:
+        parsed, endpoint, items = prepare()
+    outputs = await plane.run(endpoint, items, parsed)
+    binary = {n: parsed.outputs.get(n, parsed.binary_outputs) for n in outputs}
+    encode = functools.partial(encode_infer_response, endpoint.name, parsed.id, outputs,
+                               binary, model_version="1")
+    elements = sum(int(v.size) for v in outputs.values())
+    payload, header_length = (await asyncio.to_thread(encode) if elements > 1 << 16
+                              else encode())  # a big JSON answer, off the event loop
+    if header_length is None:
+        return 200, payload, {"content-type": "application/json"}
+    return 200, payload, {"content-type": "application/octet-stream",
+                          HEADER_LENGTH.lower(): str(header_length)}
+
+
+async def _search(plane: DataPlane, r: Request) -> Reply:
+    """{"image": [base64 images], "k": 10} -> each image's nearest indexed ids."""
+    from .protocol import decode_base64
+    try:
+        doc = json.loads(await r.body())
+        images, k = doc["image"], int(doc.get("k", 10))
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        raise BadRequest('send JSON {"image": [base64 images], "k": 10}') from None
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images) \
+            or not 1 <= k <= 10_000:
+        raise BadRequest('"image" must be a list of base64 strings and "k" in 1..10000')
+    items = [decode_base64(x.encode(), f"image[{i}]") for i, x in enumerate(images)]
+    return _json(await plane.search(r.name, r.version, items, k))
+
+
 def routes(plane: DataPlane) -> list[Route]:
     """The route table: every endpoint of the HTTP API, in one place."""
 
@@ -217,32 +262,7 @@ def routes(plane: DataPlane) -> list[Route]:
         return _json(plane.repository_index(ready_only))
 
     async def infer(r: Request) -> Reply:
-        body = await r.body()
-        declared = r.headers.get(HEADER_LENGTH.lower())
-        json_bytes = len(body) if not declared else min(len(body), _int_or_zero(declared))
-        if json_bytes > r.limits.max_json:
-            raise TooLarge(f"the JSON part of the body has {json_bytes} bytes, more than "
-                           f"--max-json-mb {r.limits.max_json / 2**20:g} MiB allows; send big "
-                           "tensors as binary data (the binary tensor extension)")
-
-        def prepare():
-            request = parse_infer_request(body, declared)
-            return (request, *plane.prepare(r.name, r.version, request))
-        if len(body) > r.limits.offload_bytes:  # parsing must not stall the event loop
-            parsed, endpoint, items = await asyncio.to_thread(prepare)
-        else:
-            parsed, endpoint, items = prepare()
-        outputs = await plane.run(endpoint, items, parsed)
-        binary = {n: parsed.outputs.get(n, parsed.binary_outputs) for n in outputs}
-        encode = functools.partial(encode_infer_response, endpoint.name, parsed.id, outputs,
-                                   binary, model_version="1")
-        elements = sum(int(v.size) for v in outputs.values())
-        payload, header_length = (await asyncio.to_thread(encode) if elements > 1 << 16
-                                  else encode())  # a big JSON answer, off the event loop
-        if header_length is None:
-            return 200, payload, {"content-type": "application/json"}
-        return 200, payload, {"content-type": "application/octet-stream",
-                              HEADER_LENGTH.lower(): str(header_length)}
+        return await _infer(plane, r)
 
     async def embed_upload(r: Request) -> Reply:
         from .upload import embed_upload as run
@@ -250,18 +270,7 @@ def routes(plane: DataPlane) -> list[Route]:
                                 r.limits.offload_bytes))
 
     async def search(r: Request) -> Reply:
-        """{"image": [base64 images], "k": 10} -> each image's nearest indexed ids."""
-        from .protocol import decode_base64
-        try:
-            doc = json.loads(await r.body())
-            images, k = doc["image"], int(doc.get("k", 10))
-        except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
-            raise BadRequest('send JSON {"image": [base64 images], "k": 10}') from None
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images) \
-                or not 1 <= k <= 10_000:
-            raise BadRequest('"image" must be a list of base64 strings and "k" in 1..10000')
-        items = [decode_base64(x.encode(), f"image[{i}]") for i, x in enumerate(images)]
-        return _json(await plane.search(r.name, r.version, items, k))
+        return await _search(plane, r)
 
     async def metrics(r: Request) -> Reply:
         payload, content_type = plane.metrics.render()
