@@ -10,24 +10,16 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-import cli
-from common.files import iter_image_files
 from runtime.bulk.output import MANIFEST, read_output
 from runtime.bulk.sources import BadItem, TableSource, TarSource
+from tests.bulk.common import embed, wait_for_shards
 from tests.conftest import ROOT
 
 pytest.importorskip("pyarrow")
-
-
-@pytest.fixture(scope="module")
-def digit_paths(digits_small):
-    return list(iter_image_files(digits_small))
 
 
 def _tar(paths, keys=None):
@@ -91,16 +83,6 @@ def test_a_csv_path_through_a_link_out_of_the_folder_is_refused(digit_paths, tmp
         assert isinstance(item, BadItem) and "symbolic link; refused" in item.message
 
 
-@pytest.fixture(scope="module")
-def model_dir(exported_model, fmnist_small):
-    return exported_model(fmnist_small, heads=[("specific", [f"c{i}" for i in range(10)])])
-
-
-def _embed(model_dir, *args):
-    return CliRunner().invoke(cli.main, ["embed", model_dir, *args, "--device", "cpu",
-                                         "--batch-size", "8"])
-
-
 def test_repeated_ids_keep_their_first_occurrence(model_dir, digit_paths, tmp_path):
     """The rule (README, Bulk jobs): ids are unique in an output; a later input with an id seen
     before is skipped with a warning, whether a path repeated in a list file or a key repeated
@@ -109,7 +91,7 @@ def test_repeated_ids_keep_their_first_occurrence(model_dir, digit_paths, tmp_pa
     paths = digit_paths[:5]
     (tmp_path / "list.txt").write_text("\n".join(paths + [paths[1], paths[3], paths[1]]) + "\n")
     out = str(tmp_path / "out")
-    result = _embed(model_dir, str(tmp_path / "list.txt"), "--out", out)
+    result = embed(model_dir, str(tmp_path / "list.txt"), "--out", out)
     assert result.exit_code == 0, result.output
     assert f"warning: duplicate id {paths[1]!r} (input 6): only its first occurrence" \
         in result.output
@@ -120,7 +102,7 @@ def test_repeated_ids_keep_their_first_occurrence(model_dir, digit_paths, tmp_pa
     data, _ = _tar(digit_paths[10:14], keys=["a", "b", "a", "c"])  # 'a' again, not adjacent
     (tmp_path / "dup.tar").write_bytes(data)
     out = str(tmp_path / "out-tar")
-    result = _embed(model_dir, str(tmp_path / "dup.tar"), "--out", out)
+    result = embed(model_dir, str(tmp_path / "dup.tar"), "--out", out)
     assert result.exit_code == 0, result.output
     assert "duplicate id 'dup.tar/a' (input 3)" in result.output
     ids, vectors, errors, _ = read_output(out)
@@ -155,15 +137,7 @@ def test_ctrl_c_says_how_to_resume(model_dir, digit_paths, tmp_path):
     writer.start()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        shards = 0
-        while time.monotonic() < deadline and proc.poll() is None and shards < 2:
-            time.sleep(0.05)
-            try:
-                shards = len(json.load(open(os.path.join(out, MANIFEST)))["shards"])
-            except (OSError, ValueError):
-                shards = 0
-        assert proc.poll() is None and shards >= 2
+        wait_for_shards(proc, out, 2)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=100)  # the writer holds the pipe open for 120 s
     finally:
@@ -198,12 +172,12 @@ def test_a_tar_cut_then_whole_again_ends_like_a_clean_run(model_dir, digit_paths
     path = tmp_path / "t.tar"
     path.write_bytes(data[:ends[3] + 512 + 60])
     out = str(tmp_path / "out")
-    assert _embed(model_dir, str(path), "--out", out).exit_code == 0
+    assert embed(model_dir, str(path), "--out", out).exit_code == 0
     ids, _, errors, _ = read_output(out)
     assert ids == ["t.tar/0000", "t.tar/0001", "t.tar/0002", "t.tar/#corrupt"]
     assert sorted(errors) == [2, 3]
     path.write_bytes(data)
-    again = _embed(model_dir, str(path), "--out", out)
+    again = embed(model_dir, str(path), "--out", out)
     assert again.exit_code == 0, again.output
     assert "(3 new, 1 changed)" in again.output and "have no input any more" not in again.output
     ids, _, errors, _ = read_output(out)
@@ -214,9 +188,9 @@ def test_an_old_format_folder_is_refused_with_the_way_out(model_dir, digit_paths
     out = tmp_path / "old"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"format": "unirep-bulk/1", "shards": {}}))
-    refused = _embed(model_dir, digit_paths[0], "--out", str(out))
+    refused = embed(model_dir, digit_paths[0], "--out", str(out))
     assert refused.exit_code == 1
     assert "written by an older version (manifest.json); pass --overwrite" in refused.output
-    replaced = _embed(model_dir, digit_paths[0], "--out", str(out), "--overwrite")
+    replaced = embed(model_dir, digit_paths[0], "--out", str(out), "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert not (out / "manifest.json").exists() and read_output(str(out))[0] == [digit_paths[0]]

@@ -12,35 +12,12 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-import cli
 from common.files import iter_image_files
 from runtime.bulk.output import MANIFEST, read_output
+from tests.bulk.common import embed
 
 pytest.importorskip("pyarrow")
-
-
-@pytest.fixture(scope="module")
-def model_dir(exported_model, fmnist_small):
-    return exported_model(fmnist_small, heads=[("specific", [f"c{i}" for i in range(10)])])
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    from runtime import FeaturePipeline
-    with FeaturePipeline(model_dir, device="cpu", batch_size=8) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def digit_paths(digits_small):
-    return list(iter_image_files(digits_small))
-
-
-def _embed(model_dir, *args):
-    return CliRunner().invoke(cli.main, ["embed", model_dir, *args, "--device", "cpu",
-                                         "--batch-size", "8"])
 
 
 def _folder(path, sources, names):
@@ -129,12 +106,12 @@ def test_changed_content_under_the_same_name_is_embedded_again(kind, model_dir, 
         (tmp_path / "list.csv").write_text("path\n" + "".join(f"imgs/{i:04d}.png\n"
                                                                 for i in range(20)))
     out = str(tmp_path / "out")
-    assert _embed(model_dir, arg, "--out", out, "--shard-size", "8").exit_code == 0
+    assert embed(model_dir, arg, "--out", out, "--shard-size", "8").exit_code == 0
     target = folder / "0005.png"
     before = os.stat(target)
     shutil.copy(digit_paths[200], target)  # other content, same name
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
-    again = _embed(model_dir, arg, "--out", out, "--shard-size", "8")
+    again = embed(model_dir, arg, "--out", out, "--shard-size", "8")
     assert again.exit_code == 0, again.output
     assert "embedded 1/1 images (0 new, 1 changed)" in again.output
     assert "kept 19 unchanged rows" in again.output
@@ -152,7 +129,7 @@ def test_damaged_shards_are_redone_and_manifest_names_cannot_escape(model_dir, d
     folder = str(_folder(tmp_path / "imgs", digit_paths[:40], [f"{i:04d}.png" for i in range(40)]))
     out, clean = tmp_path / "out", tmp_path / "clean"
     for target in (out, clean):
-        assert _embed(model_dir, folder, "--out", str(target), "--shard-size", "10").exit_code == 0
+        assert embed(model_dir, folder, "--out", str(target), "--shard-size", "10").exit_code == 0
     manifest = json.load(open(out / MANIFEST))
     files = [manifest["shards"][k]["file"] for k in sorted(manifest["shards"], key=int)]
     assert len(files) == 4
@@ -166,7 +143,7 @@ def test_damaged_shards_are_redone_and_manifest_names_cannot_escape(model_dir, d
     manifest["shards"]["9"] = {**manifest["shards"]["3"], "file": "../victim.parquet"}
     (out / MANIFEST).write_text(json.dumps(manifest))
 
-    again = _embed(model_dir, folder, "--out", str(out), "--shard-size", "10")
+    again = embed(model_dir, folder, "--out", str(out), "--shard-size", "10")
     assert again.exit_code == 0, again.output
     text = again.output
     assert f"({files[0]!r}) has " in text and "bytes, not the" in text          # truncated
@@ -186,7 +163,7 @@ def test_the_folder_reads_as_one_dataset(model_dir, digits_small, digit_paths, t
     import polars as pl
     import pyarrow.parquet as pq
     out = str(tmp_path / "feats")
-    result = _embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
+    result = embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
     assert result.exit_code == 0, result.output
     ids, vectors, _, _ = read_output(out)
     manifest = json.load(open(os.path.join(out, MANIFEST)))
@@ -228,7 +205,7 @@ def test_a_second_job_is_refused_and_a_dead_ones_lock_taken_over(model_dir, pipe
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"locked\n"
-        refused = _embed(model_dir, folder, "--out", str(out))
+        refused = embed(model_dir, folder, "--out", str(out))
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -240,7 +217,7 @@ def test_a_second_job_is_refused_and_a_dead_ones_lock_taken_over(model_dir, pipe
     assert not os.path.exists(out / MANIFEST)
     # the holder is gone: its pid is still in the file, but the lock went with it
     assert open(lock).read() == str(holder.pid)
-    done = _embed(model_dir, folder, "--out", str(out))
+    done = embed(model_dir, folder, "--out", str(out))
     assert done.exit_code == 0, done.output
     assert len(read_output(str(out))[0]) == 10
     # in one process too: a held lock refuses a second holder, and run_job with it
@@ -271,17 +248,17 @@ def test_a_full_disk_is_one_line_and_the_resume_completes(model_dir, digit_paths
         folder = str(_folder(tmp_path / "imgs", digit_paths[:120],
                              [f"{i:04d}.png" for i in range(120)]))
         out = str(mnt / "feats")
-        full = _embed(model_dir, folder, "--out", out, "--shard-size", "8")
+        full = embed(model_dir, folder, "--out", out, "--shard-size", "8")
         assert full.exit_code == 1, full.output
         assert "Traceback" not in full.output and "Errno" not in full.output
         errors = [line for line in full.output.splitlines() if line.startswith("Error")]
         assert len(errors) == 1 and "the disk is full" in errors[0], full.output
         assert "run the same command again to resume" in errors[0]
         subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True, timeout=60)
-        again = _embed(model_dir, folder, "--out", out, "--shard-size", "8")
+        again = embed(model_dir, folder, "--out", out, "--shard-size", "8")
         assert again.exit_code == 0, again.output
         clean = str(tmp_path / "clean")
-        assert _embed(model_dir, folder, "--out", clean, "--shard-size", "8").exit_code == 0
+        assert embed(model_dir, folder, "--out", clean, "--shard-size", "8").exit_code == 0
         _assert_same_rows(out, clean)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)

@@ -10,51 +10,23 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import cli
-from common.files import iter_image_files
 from runtime.bulk.output import MANIFEST, read_output
+from tests.bulk.common import embed, wait_for_shards
 from tests.conftest import ROOT
 
 pytest.importorskip("pyarrow")
 
 
-@pytest.fixture(scope="module")
-def model_dir(exported_model, fmnist_small):
-    """small_cnn (seeded random weights) exported by the export stage."""
-    return exported_model(fmnist_small, heads=[("specific", [f"c{i}" for i in range(10)])])
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    from runtime import FeaturePipeline
-    with FeaturePipeline(model_dir, device="cpu", batch_size=8) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def digit_paths(digits_small):
-    """300 real digits PNGs, in the order a folder walk gives them."""
-    paths = list(iter_image_files(digits_small))
-    assert len(paths) == 300
-    return paths
-
-
-def _embed(model_dir, *args):
-    result = CliRunner().invoke(cli.main, ["embed", model_dir, *args, "--device", "cpu",
-                                           "--batch-size", "8"])
-    return result
-
-
 def test_folder_to_shards_equals_library_rows(model_dir, pipe, digits_small, digit_paths,
                                               tmp_path):
     out = str(tmp_path / "feats")
-    result = _embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
+    result = embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
     assert result.exit_code == 0, result.output
     manifest = json.load(open(os.path.join(out, MANIFEST)))
     assert manifest["finished"] and manifest["rows"] == 300 and manifest["shard_size"] == 64
@@ -69,16 +41,16 @@ def test_folder_to_shards_equals_library_rows(model_dir, pipe, digits_small, dig
     assert "(300 new, 0 changed)" in result.output
 
     # the same command again: nothing to do, and it says so
-    again = _embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
+    again = embed(model_dir, digits_small, "--out", out, "--shard-size", "64")
     assert again.exit_code == 0, again.output
     assert "embedded 0/0 images" in again.output and "kept 300 unchanged rows" in again.output
     assert read_output(out)[0] == digit_paths
     # another job into the same folder is refused, and --overwrite replaces it
-    other = _embed(model_dir, digit_paths[0], "--out", out, "--shard-size", "64")
+    other = embed(model_dir, digit_paths[0], "--out", out, "--shard-size", "64")
     assert other.exit_code != 0 and "another job's shards" in other.output
     with open(os.path.join(out, "keep.parquet"), "wb") as f:  # not ours: left alone
         f.write(b"user data")
-    replaced = _embed(model_dir, digit_paths[0], "--out", out, "--overwrite")
+    replaced = embed(model_dir, digit_paths[0], "--out", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert read_output(out)[0] == [digit_paths[0]]
     assert sorted(os.listdir(out)) == ["_lock", MANIFEST, "keep.parquet",
@@ -133,16 +105,7 @@ def test_kill_9_then_resume(model_dir, pipe, digit_paths, tmp_path):
     writer = _feed_pipe(fifo, data[:offsets[100]], stop)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        complete = 0
-        while time.monotonic() < deadline and proc.poll() is None and complete < 1:
-            time.sleep(0.05)
-            try:
-                complete = len(json.load(open(os.path.join(out, MANIFEST)))["shards"])
-            except (OSError, ValueError):
-                complete = 0
-        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-        assert complete >= 1
+        wait_for_shards(proc, out, 1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -191,7 +154,7 @@ def test_webdataset_tar_input(model_dir, pipe, digit_paths, tmp_path):
         add("../evil.png", _png_bytes(digit_paths[0]))   # escapes: refused, not read
         add("s/label-only.cls", b"3")                    # no image in this sample
     out = str(tmp_path / "out")
-    result = _embed(model_dir, str(tar_path), "--out", out, "--shard-size", "8")
+    result = embed(model_dir, str(tar_path), "--out", out, "--shard-size", "8")
     assert result.exit_code == 0, result.output
     ids, vectors, errors, _ = read_output(out)
     assert ids == [f"shard-0001.tar/s/{i:04d}" for i in range(20)] + [
@@ -211,7 +174,7 @@ def test_parquet_bytes_column_input(model_dir, pipe, digit_paths, tmp_path):
     pq.write_table(pa.table({"key": keys, "jpg": pa.array(data, pa.binary())}),
                    tmp_path / "t.parquet")
     out = str(tmp_path / "out")
-    result = _embed(model_dir, str(tmp_path / "t.parquet"), "--out", out, "--shard-size", "10")
+    result = embed(model_dir, str(tmp_path / "t.parquet"), "--out", out, "--shard-size", "10")
     assert result.exit_code == 0, result.output
     ids, vectors, errors, _ = read_output(out)
     assert ids == keys and sorted(errors) == [30, 31]
@@ -234,7 +197,7 @@ def test_csv_path_column_refuses_escaping_paths(model_dir, pipe, digit_paths, tm
     rows += [f"{outside},1", "../outside.png,2", "img/missing.png,3"]
     (table_dir / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     out = str(tmp_path / "out")
-    result = _embed(model_dir, str(table_dir / "list.csv"), "--out", out)
+    result = embed(model_dir, str(table_dir / "list.csv"), "--out", out)
     assert result.exit_code == 0, result.output
     ids, vectors, errors, _ = read_output(out)
     assert ids == [r.split(",")[0] for r in rows]
@@ -244,7 +207,7 @@ def test_csv_path_column_refuses_escaping_paths(model_dir, pipe, digit_paths, tm
     expected = pipe.embed([str(table_dir / "img" / f"{i}.png") for i in range(12)]).vectors
     np.testing.assert_allclose(vectors[:12], expected, rtol=0, atol=1e-6)
     # a named column that is not there: a clear usage error, nothing written
-    bad = _embed(model_dir, str(table_dir / "list.csv"), "--out", str(tmp_path / "o2"),
+    bad = embed(model_dir, str(table_dir / "list.csv"), "--out", str(tmp_path / "o2"),
                  "--column", "file")
     assert bad.exit_code == 2 and "no column 'file'" in bad.output
 
@@ -313,16 +276,16 @@ def test_renamed_file_is_new_and_the_old_row_kept_until_pruned(model_dir, pipe, 
     for i, path in enumerate(digit_paths[:40]):
         shutil.copy(path, folder / f"{i:04d}.png")
     out = str(tmp_path / "out")
-    first = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
+    first = embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
     assert first.exit_code == 0, first.output
     os.rename(folder / "0000.png", folder / "0000b.png")
-    again = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
+    again = embed(model_dir, str(folder), "--out", out, "--shard-size", "16")
     assert again.exit_code == 0, again.output
     assert "(1 new, 0 changed)" in again.output and "kept 39 unchanged rows" in again.output
     assert "1 rows have no input any more" in again.output and "--prune" in again.output
     ids = read_output(out)[0]
     assert len(ids) == 41 and str(folder / "0000.png") in ids and str(folder / "0000b.png") in ids
-    pruned = _embed(model_dir, str(folder), "--out", out, "--shard-size", "16", "--prune")
+    pruned = embed(model_dir, str(folder), "--out", out, "--shard-size", "16", "--prune")
     assert pruned.exit_code == 0, pruned.output
     assert "1 inputs gone: 1 rows removed" in pruned.output
     ids, vectors, errors, _ = read_output(out)
