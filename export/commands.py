@@ -6,7 +6,7 @@ import os
 
 import click
 
-from common.checks import data_spec, writable_output
+from .options import out_option, variant_and_parity_options
 
 
 @click.command("export")
@@ -29,9 +29,7 @@ from common.checks import data_spec, writable_output
               help="Multi-depth features: the pooled outputs of these stages (0-based, negative "
                    "from the end, 'final' = the usual embedding), each L-infinity normalised, "
                    "concatenated; for EfficientNet-Lites and timm models.")
-@click.option("--out", "-o", "out_dir", required=True, metavar="MODEL_DIR",
-              callback=writable_output("folder"),
-              help="Folder to write (model.onnx, description.json, export.json, ...).")
+@out_option
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
               help="onnx (always written: the bridge), caffe2 (init_net.pb, predict_net.pb, "
                    "value_info.json, proven with a NumPy executor) and/or triton (a Triton "
@@ -48,20 +46,10 @@ from common.checks import data_spec, writable_output
 @click.option("--logits", is_flag=True,
               help="Also output logits_<head> for every trained head (logits_<run>_<head> for "
                    "combinations).")
-@click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (float32 in/out).")
-@click.option("--int8", is_flag=True,
-              help="Also write model.int8.onnx (static QDQ); needs --calib.")
-@click.option("--calib", metavar="DATA", default=None, callback=data_spec,
-              help="Real images to calibrate --int8 and to measure the probe-accuracy change "
-                   "(a folder or a built-in, e.g. fashion-mnist:per_class=30).")
 @click.option("--opset", type=click.IntRange(17, 30), default=18, show_default=True,
               help="ONNX opset (17 or newer; 18+ uses the dynamo exporter).")
-@click.option("--check-data", metavar="DATA", default=None, callback=data_spec,
-              help="Images for the parity check when the runs' training data is not "
-                   "available here.")
-@click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
-              help="How many real images the parity checks use.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
+@variant_and_parity_options("Images for the parity check when the runs' training data is "
+                            "not available here.")
 def export(run_dirs, arch, pretrained, weights, input_size, arch_kwargs, taps, out_dir, formats,
            triton_repo, triton_max_batch, triton_probes, logits, fp16, int8, calib,
            opset, check_data, parity_images, overwrite):

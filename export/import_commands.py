@@ -5,8 +5,9 @@ import math
 
 import click
 
-from common.checks import data_spec, writable_output
 from common.description import INTERPOLATIONS
+
+from .options import out_option, variant_and_parity_options
 
 
 def _three_floats(ctx, param, value):
@@ -26,9 +27,7 @@ def _three_floats(ctx, param, value):
 
 @click.command("import")
 @click.argument("model_file", metavar="MODEL.onnx")
-@click.option("--out", "-o", "out_dir", required=True, metavar="MODEL_DIR",
-              callback=writable_output("folder"),
-              help="Folder to write (model.onnx, description.json, export.json, ...).")
+@out_option
 @click.option("--input-size", type=click.IntRange(1, 4096), default=None,
               help="Side S of the square crop the model takes (default: the graph's own, when "
                    "it fixes one).")
@@ -57,16 +56,8 @@ def _three_floats(ctx, param, value):
                    "normalised and concatenated into the embedding.")
 @click.option("--name", metavar="NAME", default=None,
               help="Architecture name in the description (default: onnx:<file stem>).")
-@click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (float32 in/out).")
-@click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ); needs --calib.")
-@click.option("--calib", metavar="DATA", default=None, callback=data_spec,
-              help="Real images to calibrate --int8 and to measure the probe-accuracy change.")
-@click.option("--check-data", metavar="DATA", default=None, callback=data_spec,
-              help="Real images for the parity checks (default: crops of the photos that "
-                   "matplotlib and scikit-learn ship).")
-@click.option("--parity-images", type=click.IntRange(1, 512), default=16, show_default=True,
-              help="How many real images the parity checks use.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing MODEL_DIR (atomically).")
+@variant_and_parity_options("Real images for the parity checks (default: crops of the photos "
+                            "that matplotlib and scikit-learn ship).")
 def import_model(model_file, out_dir, input_size, resize_size, mean, std, interpolation,
                  resize_rounding, like, output, taps, name, fp16, int8, calib, check_data,
                  parity_images, overwrite):
