@@ -6,7 +6,8 @@ Rows (labels start with "S"): the plain ImageNet EfficientNet-Lite0/1/2 at their
 levels of a source (all its levels as heads, every layer but the last block at alpha x lr),
 alone and combined with plain Lite0 in one graph; the controls for size: plain Lite0 + a
 random-weights twin (the same cost as Lite0 + a tuned Lite0), and plain Lite2, the bigger
-backbone (it costs about as much as two Lite0s). Sources: the emoji levels (category >
+backbone (it costs about as much as two Lite0s); the control for the levels: the same tuning
+on the leaf labels alone (Fashion-MNIST), alone and beside plain Lite0. Sources: the emoji levels (category >
 subcategory > emoji, Google style) and the Fashion-MNIST levels (generic > specific).
 
 Targets: counted ones are held out from every source (digits, MNIST, three icon themes labelled
@@ -54,7 +55,7 @@ STRONG_SCALES: dict[str, dict] = {
 }
 
 # runs that do not depend on the training seed: ImageNet weights, untrained (one per study)
-SEEDLESS_RUNS = {"s-lite0", "s-lite0-fashion", "s-lite1", "s-lite2"}
+SEEDLESS_RUNS = {"s-lite0", "s-lite0-fashion", "s-lite0-fashion-flat", "s-lite1", "s-lite2"}
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,24 @@ ROWS: dict[str, StrongRow] = {r.id: r for r in [
               ("s-lite0", "s-fsft-emoji", "s-fsft-fashion"), "recipe"),
     StrongRow("s-random-twin", "S control: Lite0 + random twin", ("s-lite0", "s-random"),
               "control"),
+    # the levels' own share: the same tuning, images and seeds on the leaf labels alone
+    StrongRow("s-fsft-fashion-flat", "S control: Lite0 FSFT fashion, leaf level only",
+              ("s-fsft-fashion-flat",), "control"),
+    StrongRow("s-plus-fashion-flat", "S control: Lite0 + FSFT fashion, leaf level only",
+              ("s-lite0", "s-fsft-fashion-flat"), "control"),
 ]}
 BIG, TWIN, PLAIN = "s-lite2", "s-random-twin", "s-lite0"
 COMBINED_RECIPES = ["s-plus-emoji", "s-plus-fashion", "s-plus-both"]
+# (levels recipe, its flat control): the same tuning with one head on the leaf labels
+LEVELS_CONTROLS = [("s-fsft-fashion", "s-fsft-fashion-flat"),
+                   ("s-plus-fashion", "s-plus-fashion-flat")]
 
 # paired comparisons (row, control) by id: every combined recipe against both size controls,
-# each tuned network alone against the Lite0 it started from (does tuning forget?), and the
-# bigger backbones and the twin against plain Lite0
+# the levels against the same tuning on the leaf level alone, each tuned network alone against
+# the Lite0 it started from (does tuning forget?), and the bigger backbones and the twin against
+# plain Lite0
 PAIR_IDS: list[tuple[str, str]] = [
-    *[(r, c) for r in COMBINED_RECIPES for c in (BIG, TWIN)],
+    *[(r, c) for r in COMBINED_RECIPES for c in (BIG, TWIN)], *LEVELS_CONTROLS,
     ("s-fsft-emoji", PLAIN), ("s-fsft-fashion", PLAIN),
     *[(f"s-{k}-taps", f"s-{k}") for k in LITES], ("s-lite0-taps", BIG),
     ("s-lite1", PLAIN), ("s-lite2", PLAIN), (TWIN, PLAIN), (TWIN, BIG)]
@@ -156,6 +166,13 @@ def strong_steps(scale: str, seed: int, replicate: int) -> dict[str, TrainStep]:
         "s-fsft-fashion": TrainStep("s-fsft-fashion", tune + ["--per-class",
                                                               str(s["fashion_per_class"])],
                                     after=["s-lite0-fashion"], data=fashion),
+        # the flat control: one head on the leaf labels (FSFT tunes its start's problem)
+        "s-lite0-fashion-flat": TrainStep(
+            "s-lite0-fashion-flat", lite("lite0", s["fashion_per_class"])
+            + ["--pretrained", "--method", "specific", "--epochs", "0"], data=fashion),
+        "s-fsft-fashion-flat": TrainStep("s-fsft-fashion-flat",
+                                         tune + ["--per-class", str(s["fashion_per_class"])],
+                                         after=["s-lite0-fashion-flat"], data=fashion),
         # the same architecture with seeded random weights: the same-size control's twin
         "s-random": TrainStep("s-random", lite("lite0", 1) + ["--epochs", "0", "--seed",
                                                              str(seed + 100)],

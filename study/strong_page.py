@@ -12,7 +12,16 @@ import numpy as np
 from common.atomic import atomic_open
 
 from . import strong_prose as prose
-from .strong import BIG, COMBINED_RECIPES, PAIR_IDS, PLAIN, ROWS, TWIN, member_name
+from .strong import (
+    BIG,
+    COMBINED_RECIPES,
+    LEVELS_CONTROLS,
+    PAIR_IDS,
+    PLAIN,
+    ROWS,
+    TWIN,
+    member_name,
+)
 from .strong_stages import hits_from_text
 
 CONFIDENCE = 0.95
@@ -220,6 +229,7 @@ def reading(view: dict) -> list[str]:
                 verdict = prose.PROVISIONAL.format(verdict=verdict)
             out.append(prose.ALONE.format(label=ROWS[rid].label, diff=_said(c),
                                           verdict=verdict))
+    out += _levels_lines(view)
     base = view["rows"].get(ROWS[PLAIN].label)
     for rid in ("s-lite1", "s-lite2", TWIN):
         c = _find(view, rid, PLAIN)
@@ -228,6 +238,22 @@ def reading(view: dict) -> list[str]:
                                            gflops=view["rows"][ROWS[rid].label]["gflops"],
                                            base=base["gflops"],
                                            note="" if c["complete"] else ", provisional"))
+    return out
+
+
+def _levels_lines(view: dict) -> list[str]:
+    """Each levels recipe against the same tuning on the leaf labels alone."""
+    out = []
+    for rid, flat in LEVELS_CONTROLS:
+        c = _find(view, rid, flat)
+        if c is None:
+            continue
+        kind = "same" if not c["significant"] else "up" if c["diff"] > 0 else "down"
+        verdict = prose.LEVELS_VERDICT[kind]
+        if not c["complete"]:
+            verdict = prose.PROVISIONAL.format(verdict=verdict)
+        out.append(prose.LEVELS.format(label=ROWS[rid].label, control=ROWS[flat].label,
+                                       diff=_said(c), verdict=verdict))
     return out
 
 

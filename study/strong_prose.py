@@ -28,6 +28,10 @@ SETUP = [
     "- Size controls: plain Lite0 + a random-weights Lite0 twin (the cost of Lite0 + a tuned "
     "Lite0), and plain Lite2, the bigger backbone. A recipe counts only if its paired interval "
     "excludes 0 against both.",
+    "- Control for the levels: the same FSFT tuning of ImageNet Lite0, on the same Fashion-MNIST "
+    "images with the same seeds, with one head on the leaf labels only (10 classes instead of "
+    "5 + 10), alone and beside plain Lite0: what the categorical levels add over tuning on "
+    "the source at all.",
     "- Counted targets (held out from every source): {counted}. Shown, not counted (a source's "
     "own domain): {shown}.",
     "- Probe: logistic regression as in the rest of the page, at most {max_per_class} images "
@@ -79,5 +83,9 @@ ALONE = "{label} alone against plain Lite0: {diff}: {verdict}."
 ALONE_VERDICT = {"up": "the tuning gains beyond the noise",
                  "down": "it loses beyond the noise (forgetting)",
                  "same": "within the noise"}
+LEVELS = "{label} against {control}: {diff}: {verdict}."
+LEVELS_VERDICT = {"up": "the levels add beyond the noise",
+                  "down": "the leaf level alone is better beyond the noise",
+                  "same": "the levels' own share is within the noise"}
 BIGGER = "{label} against plain Lite0 ({gflops:.2f} against {base:.2f} GFLOPs): {diff}{note}."
 NO_COMPARISON = "not compared yet"

@@ -162,7 +162,8 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
 # the cheaper source (Fashion-MNIST) before the emoji one, so a partial run says the most.
 RUN_ORDER = ["s-lite0", "s-lite1", "s-lite2", "s-lite0-taps", "s-lite1-taps", "s-lite2-taps",
              "s-random-twin", "s-fsft-fashion",
-             "s-plus-fashion", "s-fsft-emoji", "s-plus-emoji", "s-plus-both"]
+             "s-plus-fashion", "s-fsft-emoji", "s-plus-emoji", "s-plus-both",
+             "s-fsft-fashion-flat", "s-plus-fashion-flat"]
 
 
 def members_in_order(seeds: int) -> list[tuple[StrongRow, int]]:

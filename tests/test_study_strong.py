@@ -128,8 +128,8 @@ def _records(seeds: int, recipe_gain: float) -> dict:
 def test_view_from_records_compares_recipes_with_both_size_controls():
     view = strong_page.arm_view(_records(3, 0.06), seeds=3, seed=0, n_counted=2)
     assert view["counted"] == COUNTED and view["shown"] == SHOWN
-    # 3 plain backbones and their taps (one model each), 6 seeded rows with 3 replicates
-    assert view["done"] == view["total"] == 3 + 3 + 6 * 3
+    # 3 plain backbones and their taps (one model each), 8 seeded rows with 3 replicates
+    assert view["done"] == view["total"] == 3 + 3 + 8 * 3
     row = view["rows"]["S: Lite0 + FSFT emoji"]
     assert row["members"] == [f"S: Lite0 + FSFT emoji [r{r}]" for r in range(3)]
     assert row["mean"] == pytest.approx(0.70 + 0.06 + 0.005)
@@ -144,6 +144,29 @@ def test_view_from_records_compares_recipes_with_both_size_controls():
     assert pairs["S: Lite2 plain", "S: Lite0 plain"]["method"].startswith("paired bootstrap")
     text = "\n".join(strong_page.reading(view))
     assert "Met by: S: Lite0 + FSFT emoji" in text
+    # the levels recipe beside Lite0 gains 6 points over the same tuning on the leaf level
+    levels = pairs["S: Lite0 + FSFT fashion", "S control: Lite0 + FSFT fashion, leaf level only"]
+    assert levels["significant"] and 100 * levels["diff"] == pytest.approx(6.5)
+    assert ("S: Lite0 + FSFT fashion against S control: Lite0 + FSFT fashion, leaf level only: "
+            "+6.5") in text and "the levels add beyond the noise" in text
+    assert ("S: Lite0 FSFT fashion levels against S control: Lite0 FSFT fashion, leaf level "
+            "only: +0.0") in text and "the levels' own share is within the noise" in text
+
+
+def test_the_levels_control_differs_from_the_recipe_only_in_its_heads():
+    """Same images, tuning options and seeds; the start has one head on the leaf labels."""
+    for replicate in (0, 2):
+        steps = strong.strong_steps("small", 0, replicate)
+        levels, flat = steps["s-fsft-fashion"], steps["s-fsft-fashion-flat"]
+        assert (levels.args, levels.data) == (flat.args, flat.data)
+        start, flat_start = steps["s-lite0-fashion"], steps["s-lite0-fashion-flat"]
+        assert _opt(start.args, "--method") == "multilevel"
+        assert _opt(flat_start.args, "--method") == "specific"
+        drop = lambda a: [x for x in a if x not in ("multilevel", "specific")]
+        assert drop(start.args) == drop(flat_start.args) and start.data == flat_start.data
+        assert flat.after == [flat_start.name] and flat_start.name == "s-lite0-fashion-flat"
+    assert ("s-plus-fashion", "s-plus-fashion-flat") in strong.PAIR_IDS
+    assert strong.ROWS["s-plus-fashion-flat"].runs == ("s-lite0", "s-fsft-fashion-flat")
 
 
 def test_a_recipe_within_the_noise_does_not_meet_the_floor():
