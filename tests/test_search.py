@@ -221,7 +221,7 @@ def test_a_parquet_folder_names_its_model(embedded, tmp_path):
 def test_service_search_endpoint_answers_like_the_cli(embedded):
     import httpx
 
-    from tests.test_serve import running_server
+    from tests.servers import serve_process
     model, npy, _, queries, _ = embedded
     _cli("index", "build", npy)
     want = _search_jsonl(npy, queries)
@@ -230,7 +230,9 @@ def test_service_search_endpoint_answers_like_the_cli(embedded):
         with open(p, "rb") as f:
             images.append(base64.b64encode(f.read()).decode())
     images.append(base64.b64encode(b"not an image").decode())
-    with running_server(model, "--index", npy, "--name", "m") as (port, _):
+    with serve_process([model, "--index", npy, "--name", "m"]) as served:
+        port = served.port
+        _infer_neighbours_like_the_cli(served, queries, want)
         r = httpx.post(f"http://127.0.0.1:{port}/v2/models/m/search",
                        json={"image": images, "k": 5}, timeout=60)
         assert r.status_code == 200, r.text
@@ -247,6 +249,45 @@ def test_service_search_endpoint_answers_like_the_cli(embedded):
         assert bad.status_code == 400 and "image" in bad.json()["error"]
 
 
+def _infer_neighbours_like_the_cli(served, queries, want):
+    """neighbour_id / neighbour_score as infer outputs: tritonclient over gRPC and over HTTP
+    give the CLI's answer; a bad image keeps its row (empty ids, its error); a bad k is
+    INVALID_ARGUMENT / 400; the metadata lists the two outputs."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+    batch = [open(p, "rb").read() for p in queries] + [b"not an image"]
+    names = ["neighbour_id", "neighbour_score", "error"]
+    answers = []
+    with grpcclient.InferenceServerClient(url=f"127.0.0.1:{served.grpc_port}") as client:
+        meta = client.get_model_metadata("m", as_json=True)
+        assert {"neighbour_id", "neighbour_score"} <= {o["name"] for o in meta["outputs"]}
+        inp = grpcclient.InferInput("image", [len(batch)], "BYTES")
+        inp.set_data_from_numpy(np.array(batch, dtype=object))
+        outs = [grpcclient.InferRequestedOutput(n) for n in names]
+        answers.append(client.infer("m", [inp], outputs=outs, parameters={"neighbours": 5},
+                                    client_timeout=60))
+        with pytest.raises(InferenceServerException, match="neighbours.*1..10000") as bad:
+            client.infer("m", [inp], outputs=outs, parameters={"neighbours": 0},
+                         client_timeout=60)
+        assert "INVALID_ARGUMENT" in str(bad.value.status())
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{served.port}",
+                                              network_timeout=60)
+    inp = httpclient.InferInput("image", [len(batch)], "BYTES")
+    inp.set_data_from_numpy(np.array(batch, dtype=object), binary_data=True)
+    answers.append(client.infer("m", [inp], parameters={"neighbours": 5}, outputs=[
+        httpclient.InferRequestedOutput(n, binary_data=True) for n in names]))
+    for answer in answers:
+        ids, scores = answer.as_numpy("neighbour_id"), answer.as_numpy("neighbour_score")
+        assert ids.shape == scores.shape == (4, 5)
+        for i, cli_row in enumerate(want):
+            assert [x.decode() for x in ids[i]] == [n["id"] for n in cli_row["neighbours"]]
+            np.testing.assert_allclose(scores[i], [n["score"] for n in cli_row["neighbours"]],
+                                       atol=1e-4)
+        assert list(ids[3]) == [b""] * 5 and np.isnan(scores[3]).all()
+        assert answer.as_numpy("error")[3].startswith(b"item 3:")
+
+
 def test_search_on_a_model_without_an_index_is_a_bad_request():
     import asyncio
 
@@ -256,3 +297,23 @@ def test_search_on_a_model_without_an_index_is_a_bad_request():
     plane = DataPlane([ModelEndpoint(ServedModel("models/never-loaded", name="m"))])
     with pytest.raises(BadRequest, match="no similarity index.*--index m="):
         asyncio.run(plane.search("m", None, [b"x"], 5))
+    # infer asking for the neighbour outputs says the same, before any image is embedded
+    from runtime.service.protocol import InferRequest
+    request = InferRequest(id=None, inputs=[], outputs={"neighbour_id": True},
+                           binary_outputs=True)
+    with pytest.raises(BadRequest, match="no similarity index, so no neighbour_id"):
+        asyncio.run(plane._neighbours(plane.endpoint("m", None), [], request))
+
+
+@pytest.mark.parametrize("value, k", [(None, 10), (5, 5), ("7", 7), (3.0, 3), (10_000, 10_000)])
+def test_neighbours_parameter_is_a_whole_number_in_range(value, k):
+    from runtime.service.neighbours import k_from
+    assert k_from({} if value is None else {"neighbours": value}) == k
+
+
+@pytest.mark.parametrize("value", [0, -1, 10_001, 2.5, "x", True, [3], None, float("nan")])
+def test_a_bad_neighbours_parameter_is_a_bad_request(value):
+    from runtime.service.errors import BadRequest
+    from runtime.service.neighbours import k_from
+    with pytest.raises(BadRequest, match="'neighbours' must be a whole number in 1..10000"):
+        k_from({"neighbours": value})

@@ -329,7 +329,12 @@ class DataPlane:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
     def model_metadata(self, name: str, version: str | None = None) -> dict:
-        return self.endpoint(name, version).model.metadata()
+        e = self.endpoint(name, version)
+        meta = e.model.metadata()
+        if e.search_index is not None:
+            from .neighbours import neighbour_specs
+            meta["outputs"] = [*meta["outputs"], *neighbour_specs()]
+        return meta
 
     def model_config(self, name: str, version: str | None = None) -> dict:
         return self.endpoint(name, version).config()
@@ -395,12 +400,28 @@ class DataPlane:
                                                       if len(failed) > 3 else ""))
         outputs = e.model.outputs(results)
         if request.outputs:
+            outputs.update(await self._neighbours(e, results, request))
             unknown = [n for n in request.outputs if n not in outputs]
             if unknown:
                 raise BadRequest(f"unknown output(s) {unknown}; this model gives "
                                  f"{', '.join(outputs)}")
             outputs = {n: outputs[n] for n in request.outputs}
         return outputs
+
+    async def _neighbours(self, e: ModelEndpoint, results: list[ItemResult],
+                          request: InferRequest) -> dict[str, Any]:
+        """The neighbour outputs when the request names them (runtime/service/neighbours.py)."""
+        from . import neighbours
+        if not neighbours.wanted(request.outputs):
+            return {}
+        if e.search_index is None:
+            raise BadRequest(f"model {e.name!r} has no similarity index, so no "
+                             f"{' or '.join(neighbours.NEIGHBOUR_OUTPUTS)}; start the server "
+                             f"with --index {e.name}=INDEX_DIR (made by `cli.py index build`)")
+        k = neighbours.k_from(request.parameters)
+        vectors = [None if r.error else r.vector for r in results]
+        return await asyncio.get_running_loop().run_in_executor(
+            None, neighbours.neighbour_outputs, e.search_index, vectors, k)
 
     async def infer(self, name: str, version: str | None,
                     request: InferRequest) -> tuple[ModelEndpoint, dict[str, Any]]:

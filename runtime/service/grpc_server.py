@@ -134,7 +134,17 @@ def request_from_proto(request) -> InferRequest:
         raise BadRequest(f"input names repeat: {names}")
     outputs = {o.name: True for o in request.outputs}
     return InferRequest(id=request.id or None, inputs=tensors, outputs=outputs,
-                        binary_outputs=True)
+                        binary_outputs=True, parameters=_parameters(request.parameters))
+
+
+def _parameters(params) -> dict:
+    """A map of InferParameter -> plain values (an unset one is left out)."""
+    out = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(value, choice)
+    return out
 
 
 def _from_raw(blob: bytes, datatype: str, shape: tuple, count: int, name: str) -> np.ndarray:
