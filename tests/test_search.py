@@ -4,6 +4,7 @@ output, and the service's search endpoint answering like the CLI."""
 import base64
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -247,6 +248,39 @@ def test_service_search_endpoint_answers_like_the_cli(embedded):
         bad = httpx.post(f"http://127.0.0.1:{port}/v2/models/m/search", json={"k": 5},
                          timeout=30)
         assert bad.status_code == 400 and "image" in bad.json()["error"]
+
+
+def test_a_repository_model_serves_the_index_in_its_folder(embedded, exported_model,
+                                                           fmnist_small, tmp_path):
+    """REPO/NAME/index/ is attached to NAME without --index; an index of another model's
+    vectors in a model folder stops the start with a one-line error."""
+    import httpx
+
+    from tests.servers import serve_process
+    model, npy, _, queries, _ = embedded
+    repo = tmp_path / "repo"
+    shutil.copytree(model, repo / "spe")
+    shutil.copytree(model, repo / "plain")            # no index: no search
+    _cli("index", "build", npy, "--kind", "exact", "--out", str(repo / "spe" / "index"))
+    want = _search_jsonl(str(repo / "spe" / "index"), queries)
+    image = base64.b64encode(open(queries[0], "rb").read()).decode()
+    with serve_process(["--repository", str(repo)], grpc=False) as served:
+        r = httpx.post(served.url("/v2/models/spe/search"), json={"image": [image], "k": 5},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert [n["id"] for n in r.json()["results"][0]["neighbours"]] == \
+            [n["id"] for n in want[0]["neighbours"]]
+        none = httpx.post(served.url("/v2/models/plain/search"), json={"image": [image]},
+                          timeout=60)
+        assert none.status_code == 400 and "no similarity index" in none.json()["error"]
+        assert "spe: similarity index" in served.log()
+    other = exported_model(fmnist_small, name="other-for-repo", seed=1)
+    shutil.copytree(other, repo / "other")
+    shutil.copytree(repo / "spe" / "index", repo / "other" / "index")
+    refused = _cli("serve", "--repository", str(repo), "--port", "0", "--grpc-port", "0",
+                   check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "not the model whose vectors were indexed" in refused.stderr
 
 
 def _infer_neighbours_like_the_cli(served, queries, want):

@@ -31,15 +31,18 @@ def _checked_specs(model_dirs, repository, probe_specs, name) -> list:
 @click.argument("model_dirs", nargs=-1, metavar="MODEL_DIR [MODEL_DIR ...]")
 @click.option("--repository", metavar="DIR", default=None,
               help="A folder of model folders, each served under its folder name with the "
-                   "probes in its probes/NAME/ subfolders (instead of, or beside, MODEL_DIRs).")
+                   "probes in its probes/NAME/ subfolders and the similarity index in its "
+                   "index/ subfolder (instead of, or beside, MODEL_DIRs).")
 @click.option("--probe", "probe_specs", multiple=True, metavar="[MODEL:]NAME=PROBE_DIR",
               help="Serve a probe beside the embedding (outputs NAME_label, NAME_score, "
                    "NAME_topk_*); repeat for several; MODEL: says which model when there are "
                    "several. Refused at start if it was fitted on another backbone.")
 @click.option("--index", "index_specs", multiple=True, metavar="[MODEL=]INDEX_DIR",
-              help="Serve POST /v2/models/MODEL/search over this similarity index (`cli.py "
-                   "index build`; an embed output with an index works too); MODEL= says "
-                   "which model when there are several. Refused if another model made it.")
+              help="Serve POST /v2/models/MODEL/search (and the infer outputs neighbour_id, "
+                   "neighbour_score) over this similarity index (`cli.py index build`; an embed "
+                   "output with an index works too); MODEL= says which model when there are "
+                   "several. Refused if another model made it. A --repository model's "
+                   "index/ subfolder is attached without it.")
 @click.option("--name", default=None,
               help="Model name in the URLs (/v2/models/NAME) when one MODEL_DIR is served; "
                    "default: the folder name.")
@@ -143,7 +146,7 @@ def serve(model_dirs, repository, probe_specs, index_specs, name, host, port, gr
                                            batch_size=max_batch, top_k=top_k),
                                max_batch=max_batch, max_delay_ms=max_delay_ms,
                                max_queue=max_queue, timeout_s=timeout_s) for s in specs]
-    _attach_indexes(endpoints, index_specs)
+    _attach_indexes(endpoints, index_specs, {s.name: s.index for s in specs if s.index})
     try:
         plane = DataPlane(endpoints, api_key=api_key, metrics_public=public_metrics)
     except ValueError as e:
@@ -171,14 +174,12 @@ def serve(model_dirs, repository, probe_specs, index_specs, name, host, port, gr
         raise click.ClickException(failure)
 
 
-def _attach_indexes(endpoints, index_specs) -> None:
-    """Load each --index [MODEL=]DIR, check it holds that model's vectors, attach it."""
-    if not index_specs:
-        return
-    from runtime.search import check_model, load_index
-    from runtime.service.model import model_description
-
+def _attach_indexes(endpoints, index_specs, found: dict[str, str]) -> None:
+    """Load each --index [MODEL=]DIR and each index found in a repository's model folder
+    (`found`, by model; an --index for the same model wins), check that it holds that model's
+    vectors, attach it."""
     by_name = {e.name: e for e in endpoints}
+    chosen = dict(found)
     for spec in index_specs:
         model, sep, path = spec.rpartition("=")
         if not sep:
@@ -188,7 +189,14 @@ def _attach_indexes(endpoints, index_specs) -> None:
             model = endpoints[0].name
         if model not in by_name:
             raise click.UsageError(f"--index {spec}: no served model is named {model!r}")
+        chosen[model] = path
+    if not chosen:
+        return
+    from runtime.search import check_model, load_index
+    from runtime.service.model import model_description
+    for model, path in chosen.items():
         endpoint = by_name[model]
         index = load_index(path)
         check_model(index, model_description(endpoint.model.model_dir), endpoint.model.model_dir)
         endpoint.search_index = index
+        click.echo(f"{model}: similarity index {path}", err=True)

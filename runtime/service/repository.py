@@ -4,8 +4,9 @@
     model_specs([], "models", [], None)      # models/*/ with their probes in models/*/probes/*/
 
 A repository is a folder of model folders (each holding a model description); each is served
-under its folder name, with the probes found in its `probes/NAME/` subfolders. `--probe
-MODEL:NAME=DIR` adds a probe to one model (`NAME=DIR` when only one is served).
+under its folder name, with the probes found in its `probes/NAME/` subfolders and the
+similarity index in its `index/` subfolder (`cli.py index build FEATS --out REPO/NAME/index`).
+`--probe MODEL:NAME=DIR` adds a probe to one model (`NAME=DIR` when only one is served).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from common.model_dir import DESCRIPTION_FILE, MODEL_FILE
 from .model import parse_probe_specs
 
 PROBES_SUBDIR = "probes"
+INDEX_SUBDIR = "index"
 
 
 @dataclass
@@ -24,6 +26,7 @@ class ModelSpec:
     model_dir: str
     name: str
     probes: dict[str, str] = field(default_factory=dict)
+    index: str | None = None   # a similarity index found in the model folder (repository)
 
 
 def folder_name(path: str) -> str:
@@ -44,6 +47,12 @@ def folder_probes(model_dir: str) -> dict[str, str]:
             if not entry.startswith(".") and os.path.isdir(os.path.join(base, entry))}
 
 
+def folder_index(model_dir: str) -> str | None:
+    """MODEL_DIR/index/ when it is a folder (its contents are checked when it is loaded)."""
+    path = os.path.join(model_dir, INDEX_SUBDIR)
+    return path if os.path.isdir(path) else None
+
+
 def repository_models(repository: str) -> list[str]:
     if not os.path.isdir(repository):
         raise ValueError(f"--repository {repository}: not a folder")
@@ -60,7 +69,7 @@ def model_specs(model_dirs: list[str], repository: str | None, probe_specs: list
     """The models to serve, named and with their probes; ValueError says what is wrong."""
     specs = [ModelSpec(d, folder_name(d)) for d in model_dirs]
     if repository:
-        specs += [ModelSpec(d, folder_name(d), folder_probes(d))
+        specs += [ModelSpec(d, folder_name(d), folder_probes(d), folder_index(d))
                   for d in repository_models(repository)]
     if not specs:
         raise ValueError("give MODEL_DIR (one or more) or --repository DIR")
