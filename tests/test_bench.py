@@ -121,3 +121,46 @@ def test_bench_errors_name_the_problem(model_dir, tmp_path):
     empty.mkdir()
     result = CliRunner().invoke(bench, [str(empty), "--target", "none"])
     assert result.exit_code == 2 and "no model.onnx" in result.output
+
+
+def test_bench_on_an_imported_onnx_times_our_side_and_says_why_not_pytorch(corpus, tmp_path):
+    """An ONNX made elsewhere (torch.onnx.export of a small conv net), brought in with `cli.py
+    import`: no PyTorch source to rebuild, so bench times onnxruntime, model-only and end to
+    end, with INT8, and says in one line why the PyTorch side is left out."""
+    import torch
+
+    import cli
+    from benchmarks.commands import bench
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    src = str(tmp_path / "foreign.onnx")
+    torch.onnx.export(net, torch.zeros(1, 3, 64, 64), src, input_names=["pixels"],
+                      output_names=["features"], dynamic_axes={"pixels": {0: "n"}},
+                      dynamo=False)
+    model_dir = str(tmp_path / "imported")
+    imported = CliRunner().invoke(cli.main, ["import", src, "--out", model_dir,
+                                             "--resize-size", "72", "--mean", "0.5,0.5,0.5",
+                                             "--std", "0.25,0.25,0.25",
+                                             "--check-data", corpus, "--parity-images", "4"])
+    assert imported.exit_code == 0, imported.output
+    out = tmp_path / "imported.json"
+    result = CliRunner().invoke(bench, [model_dir, "--images", corpus, "--repeats", "1",
+                                        "--limit", "12", "--batch-size", "4", "--threads", "1",
+                                        "--target", "none", "--int8", "--latency-images", "5",
+                                        "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    text = result.output
+    assert "PyTorch   left out:" in text and "names no source runs" in text
+    assert "   PyTorch eager" not in text and "   PyTorch recipe" not in text
+    assert "DataLoader workers" not in text
+    report = json.loads(out.read_text())
+    assert set(report["speed"]) == {"ort_model_only_fp32", "ours_end_to_end_fp32",
+                                    "ort_model_only_int8", "ours_end_to_end_int8"}
+    assert all(v["images"] == 12 and v["images_per_s"] > 0 for v in report["speed"].values())
+    assert set(report["ratios"]) == {"end_to_end_fraction_of_model_only",
+                                     "int8_vs_fp32_model_only", "int8_vs_fp32_end_to_end",
+                                     "int8_end_to_end_fraction_of_model_only"}
+    assert [f["floor"] for f in report["floors"]] == ["end-to-end fp32 >= 95% of ORT model-only"]
+    assert report["pytorch"].startswith("left out:") and report["feature_dim"] == 16
