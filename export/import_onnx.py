@@ -28,9 +28,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from common.atomic import make_temp_dir, replace_folder
+from common.atomic import make_temp_dir
 from common.description import INTERPOLATIONS, ModelDescription, Preprocessing, save_json_atomic
-from common.model_dir import DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
+from common.model_dir import DESCRIPTION_FILE, MODEL_FILE
 
 from . import import_graph as G
 from . import import_taps as T
@@ -44,7 +44,13 @@ from .onnx_export import (
     log,
     optimise_in_place,
 )
-from .onnx_files import count_ops, file_info, graph_io, set_description_metadata
+from .onnx_files import (
+    count_ops,
+    file_info,
+    graph_io,
+    publish_model_folder,
+    set_description_metadata,
+)
 
 IMPORT_EXPORTER = "import"
 DEFAULT_CHECK_PHOTOS = 48     # the default parity images: crops of the photos packages ship
@@ -413,11 +419,8 @@ def import_onnx(src: str, out_dir: str, preprocessing: PreprocessingOptions | No
             "versions": desc.versions["export"],
             "timings_s": {"total": round(time.perf_counter() - started, 3)},
         }
-        report["files"] = {n: file_info(os.path.join(tmp_dir, n))
-                           for n in sorted(os.listdir(tmp_dir)) if not n.startswith(".")}
-        save_json_atomic(os.path.join(tmp_dir, EXPORT_REPORT_FILE), report)
-        _check_out(src, out_dir, overwrite)  # still true after the time spent here?
-        replace_folder(tmp_dir, out_dir)
+        publish_model_folder(tmp_dir, out_dir, report,
+                             lambda: _check_out(src, out_dir, overwrite))
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

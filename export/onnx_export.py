@@ -22,17 +22,17 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from common.atomic import make_temp_dir, replace_folder
+from common.atomic import make_temp_dir
 from common.description import ModelDescription, save_json_atomic
-from common.model_dir import DESCRIPTION_FILE, EXPORT_REPORT_FILE, MODEL_FILE
+from common.model_dir import DESCRIPTION_FILE, MODEL_FILE
 
 from . import parity as parity_mod
 from . import variants as variants_mod
 from .onnx_files import (  # ExportError is also imported from here by callers
     ExportError,
     count_ops,
-    file_info,
     graph_io,
+    publish_model_folder,
     set_description_metadata,
 )
 from .sources import Member, load_members, load_runs  # noqa: F401  (load_runs: imported from here too)
@@ -473,12 +473,8 @@ def write_model_dir(out_dir: str, desc: ModelDescription, descs: list[ModelDescr
             "timings_s": {"onnx_export": round(export_seconds, 3),
                           "total": round(time.perf_counter() - started, 3)},
         }
-        report["files"] = {name: file_info(os.path.join(tmp_dir, name))
-                           for name in sorted(os.listdir(tmp_dir))
-                           if not name.startswith(".")}
-        save_json_atomic(os.path.join(tmp_dir, EXPORT_REPORT_FILE), report)
-        check_out_dir(out_dir, folders, overwrite)  # still true after the minutes spent here?
-        replace_folder(tmp_dir, out_dir)
+        publish_model_folder(tmp_dir, out_dir, report,
+                             lambda: check_out_dir(out_dir, folders, overwrite))
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -53,6 +53,20 @@ def file_info(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
+def publish_model_folder(tmp_dir: str, out_dir: str, report: dict, recheck) -> None:
+    """The last step of an export or an import: the report lists every file of the finished
+    temporary folder (size, sha256) and is written into it; `recheck()` confirms that OUT may
+    still be written (minutes may have passed); then the folder replaces OUT atomically."""
+    from common.atomic import replace_folder
+    from common.description import save_json_atomic
+    from common.model_dir import EXPORT_REPORT_FILE
+    report["files"] = {name: file_info(os.path.join(tmp_dir, name))
+                       for name in sorted(os.listdir(tmp_dir)) if not name.startswith(".")}
+    save_json_atomic(os.path.join(tmp_dir, EXPORT_REPORT_FILE), report)
+    recheck()
+    replace_folder(tmp_dir, out_dir)
+
+
 def graph_io(path: str) -> dict:
     """{'inputs': {name: [dims]}, 'outputs': {...}} with symbolic dims as strings."""
     import onnx
