@@ -28,7 +28,8 @@ from .options import out_option, variant_and_parity_options
 @click.option("--taps", default=None, metavar="STAGE,...",
               help="Multi-depth features: the pooled outputs of these stages (0-based, negative "
                    "from the end, 'final' = the usual embedding), each L-infinity normalised, "
-                   "concatenated; for EfficientNet-Lites and timm models.")
+                   "concatenated; for EfficientNet-Lites, timm models and torchvision's "
+                   "convolutional families (ResNet, RegNet, EfficientNet, MobileNet, ConvNeXt).")
 @out_option
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
               help="onnx (always written: the bridge), caffe2 (init_net.pb, predict_net.pb, "

@@ -247,6 +247,51 @@ def test_export_with_taps_of_a_timm_model_proves_parity(tmp_path, fmnist_small):
     assert "taps: 1 (80-d), 2 (160-d), final (320-d)" in cli("inspect", out).stdout
 
 
+def test_torchvision_taps_are_its_stage_modules():
+    """ResNet layer1..4, RegNet trunk blocks, the entries of `features` (EfficientNet): each
+    tap is that module's output, pooled, checked against forward hooks; Swin and ViT have no
+    stage list (channels-last, tokens), so a stage tap names what is possible."""
+    from train.models import create_backbone
+    from train.taps import TapError, TappedBackbone, linf_normalise, torchvision_stages
+    for name, stage, module in (("resnet18", 2, "layer3"),
+                                ("regnet_y_400mf", 0, "trunk_output.block1"),
+                                ("efficientnet_b0", -2, "features.7")):
+        backbone = create_backbone(f"torchvision:{name}").eval()
+        stages = torchvision_stages(backbone.model)
+        index = stage % len(stages)
+        assert stages[index][0] == module
+        seen = {}
+        hook = backbone.model.get_submodule(module).register_forward_hook(
+            lambda m, a, out, seen=seen: seen.__setitem__("out", out))
+        tapped = TappedBackbone(backbone, ["final", str(stage)], name).eval()
+        x = torch.randn(2, 3, 96, 96)
+        with torch.no_grad():
+            final = backbone(x)
+            got = tapped(x)
+        hook.remove()
+        want = torch.cat([linf_normalise(final), linf_normalise(seen["out"].mean(dim=(2, 3)))],
+                         dim=1)
+        assert tapped.dims == [backbone.feature_dim, stages[index][1]], name
+        assert got.shape == (2, tapped.feature_dim) and torch.allclose(got, want, atol=1e-5)
+    for name in ("swin_t", "vit_b_16"):
+        with pytest.raises(TapError, match="no stage list.*only 'final'"):
+            TappedBackbone(create_backbone(f"torchvision:{name}"), ["1", "final"], name)
+
+
+@pytest.mark.slow
+def test_export_with_taps_of_a_torchvision_model_proves_parity(tmp_path, fmnist_small):
+    weights = _random_torchvision_file(tmp_path, "resnet18")
+    out = tmp_path / "r18-taps"
+    r = cli("export", "--arch", "torchvision:resnet18", "--weights", weights, "--taps",
+            "1,3,final", "--input-size", "96", "--out", out, "--parity-images", 4,
+            "--check-data", fmnist_small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    desc = ModelDescription.load(str(out))
+    assert [t["dim"] for t in desc.extra["taps"]] == [128, 512, 512] and desc.feature_dim == 1152
+    report = json.load(open(out / "export.json"))
+    assert report["parity"]["onnxruntime"]["outputs"]["embedding"]["min_cosine"] >= 0.99999
+
+
 # --------------------------------------------------------------------------- C: timm, torchvision
 
 def _photo_pngs(tmp_path) -> list[str]:
