@@ -233,7 +233,8 @@ def run_strong_arm(scale: str, work: str, page: str, records_dir: str, threads: 
                                                         threads))
     elif speed_only:
         from .strong_stages import measure_row_speeds
-        measure_row_speeds(work, records_dir, threads, device)
+        measure_row_speeds(work, records_dir, threads, device, scale=scale, seed=seed,
+                           seeds=seeds)
     write_strong_page(scale, seed, seeds, records_dir, page, threads)
 
 

@@ -107,11 +107,13 @@ LEVELS_CONTROLS = [("s-fsft-fashion", "s-fsft-fashion-flat"),
 
 # paired comparisons (row, control) by id: every combined recipe against both size controls,
 # the levels against the same tuning on the leaf level alone, each tuned network alone against
-# the Lite0 it started from (does tuning forget?), and the bigger backbones and the twin against
-# plain Lite0
+# the Lite0 it started from (does tuning forget?) and against both size controls, and the bigger
+# backbones and the twin against plain Lite0
 PAIR_IDS: list[tuple[str, str]] = [
     *[(r, c) for r in COMBINED_RECIPES for c in (BIG, TWIN)], *LEVELS_CONTROLS,
     ("s-fsft-emoji", PLAIN), ("s-fsft-fashion", PLAIN),
+    # a tuned Lite0 alone (Lite0's cost) against the bigger backbone and the two-network twin
+    ("s-fsft-emoji", BIG), ("s-fsft-fashion", BIG), ("s-fsft-fashion", TWIN),
     *[(f"s-{k}-taps", f"s-{k}") for k in LITES], ("s-lite0-taps", BIG),
     ("s-lite1", PLAIN), ("s-lite2", PLAIN), (TWIN, PLAIN), (TWIN, BIG)]
 

@@ -263,16 +263,24 @@ def plot(view: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colours = {"plain": "tab:blue", "recipe": "tab:green", "control": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5.6))
+    # rows of one cost sit side by side (a small x offset) with labels alternating left and
+    # right, so that equal-cost rows stay readable
+    seen_at: dict[float, int] = {}
     for name, r in view["rows"].items():
+        k = seen_at[round(r["gflops"], 2)] = seen_at.get(round(r["gflops"], 2), -1) + 1
+        x, y = r["gflops"] + 0.012 * k, 100 * r["mean"]
         iv = r["interval"]
         err = ([[100 * (r["mean"] - iv["low"])], [100 * (iv["high"] - r["mean"])]]
                if iv else None)
-        ax.errorbar(r["gflops"], 100 * r["mean"], yerr=err, fmt="o", capsize=3,
-                    color=colours[r["kind"]])
-        ax.annotate(name.replace("S: ", "").replace("S control: ", "control: "),
-                    (r["gflops"], 100 * r["mean"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, color=colours[r["kind"]])
+        left = k % 2 == 1
+        ax.annotate(name.replace("S: ", "").replace("S control: ", "control: "), (x, y),
+                    fontsize=7, xytext=(-5 if left else 5, 2), textcoords="offset points",
+                    ha="right" if left else "left")
+    costs = [r["gflops"] for r in view["rows"].values() if np.isfinite(r["gflops"])]
+    if costs:
+        ax.set_xlim(min(costs) - 0.4, max(costs) + 0.5)  # room for the labels at both ends
     ax.set_xlabel("GFLOPs per image (2 per multiply-add; a combination runs every member)")
     ax.set_ylabel("held-out mean top-1 (%)")
     ax.set_title("Strong backbones: accuracy on held-out targets against cost", fontsize=10)
@@ -299,7 +307,9 @@ def section(view: dict, meta: dict, png_name: str, hand_reading: str | None) -> 
         lines += [prose.PARTIAL.format(done=view["done"], total=view["total"],
                                        missing=f"{view['total'] - view['done']} to go",
                                        records=meta["records"]), ""]
-    lines += [prose.GENERATED.format(**meta), "", *[s.format(**meta) for s in prose.SETUP], "",
+    so_far = " so far" if view["done"] < view["total"] else ""
+    lines += [prose.GENERATED.format(**meta, so_far=so_far), "",
+              *[s.format(**meta) for s in prose.SETUP], "",
               prose.FIGURE.format(png=png_name), "", *table(view), "",
               prose.COST.format(threads=meta.get("threads", "?"),
                                 speed_how=_speed_how(meta.get("speeds") or {})),

@@ -3,7 +3,8 @@ photos (real photographs shipped with matplotlib and scikit-learn, cropped to 50
 encoded at quality 90: the decode cost of an ImageNet photo) through each model's pipeline (decode, resize, onnxruntime
 on this CPU), models interleaved over several rounds so that a change of load on a shared
 machine touches every model alike; a model's figure is its best round. Kept in
-RECORDS/speed.json (one entry per model, reused while the model's record is unchanged)."""
+RECORDS/speed.json (one entry per model, reused while every model file is unchanged; when
+one is new or changed, all are timed again together)."""
 from __future__ import annotations
 
 import io
@@ -53,7 +54,7 @@ def photo_corpus(n: int, seed: int = 0) -> list[bytes]:
 def measure_speeds(models: dict[str, str], records: str, threads: int, device: str,
                    n_images: int = 96, rounds: int = 3) -> dict[str, dict]:
     """{model name: {"images_per_s", "rounds", "load_average"}} for `models` {name: model dir};
-    entries already in RECORDS/speed.json for the same model file are kept."""
+    RECORDS/speed.json is returned as it is while it holds every model for the same files."""
     from runtime.pipeline import FeaturePipeline
     path = os.path.join(records, "speed.json")
     known: dict = {}
@@ -64,9 +65,13 @@ def measure_speeds(models: dict[str, str], records: str, threads: int, device: s
     def stamp(model_dir: str) -> float:
         return os.path.getmtime(os.path.join(model_dir, "model.onnx"))
 
-    todo = {n: d for n, d in models.items() if n not in known or known[n].get("stamp") != stamp(d)}
-    if not todo:
+    stale = [n for n, d in models.items()
+             if n not in known or known[n].get("stamp") != stamp(d)]
+    if not stale:
         return known
+    # one new model means timing them all again: figures compare only within one session
+    todo = dict(models)
+    known = {}
     images = photo_corpus(n_images)
     speeds: dict[str, list[float]] = {n: [] for n in todo}
     loads = []

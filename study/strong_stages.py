@@ -118,6 +118,30 @@ def _input_size(model_dir: str) -> int:
         return int(json.load(f)["preprocessing"]["input_size"])
 
 
+def model_path(work: str, row: StrongRow, replicate: int) -> str:
+    return os.path.join(work, "models", stages.slug(member_name(row, replicate)))
+
+
+def build_model(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
+                threads: int, device: str) -> tuple[str, dict[str, float]]:
+    """Train the runs one model needs (finished runs are kept) and export it: (its folder,
+    the seconds each stage took)."""
+    times: dict[str, float] = {}
+    for step in needed_steps(row, scale, seed, replicate):
+        t0 = time.perf_counter()
+        if stages.train_run(step, os.path.join(work, "runs", step.name), threads, device=device):
+            times[f"train {step.name}"] = round(time.perf_counter() - t0, 1)
+    run_dirs = [os.path.join(work, "runs", run_name(r, replicate)) for r in row.runs]
+    t0 = time.perf_counter()
+    model_dir = model_path(work, row, replicate)
+    if row.tap_of is None:
+        stages.export_model(run_dirs, model_dir)
+    else:
+        stages.export_architecture(export_args(row, scale), model_dir)
+    times["export"] = round(time.perf_counter() - t0, 1)
+    return model_dir, times
+
+
 def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
                records: str, threads: int, device: str) -> dict:
     """One model of the arm, from training to its record (a matching record is returned as it
@@ -127,19 +151,7 @@ def run_member(row: StrongRow, replicate: int, scale: str, seed: int, work: str,
     record = load_record(records, name, key)
     if record is not None:
         return record
-    times: dict[str, float] = {}
-    for step in needed_steps(row, scale, seed, replicate):
-        t0 = time.perf_counter()
-        if stages.train_run(step, os.path.join(work, "runs", step.name), threads, device=device):
-            times[f"train {step.name}"] = round(time.perf_counter() - t0, 1)
-    run_dirs = [os.path.join(work, "runs", run_name(r, replicate)) for r in row.runs]
-    t0 = time.perf_counter()
-    model_dir = os.path.join(work, "models", stages.slug(name))
-    if row.tap_of is None:
-        stages.export_model(run_dirs, model_dir)
-    else:
-        stages.export_architecture(export_args(row, scale), model_dir)
-    times["export"] = round(time.perf_counter() - t0, 1)
+    model_dir, times = build_model(row, replicate, scale, seed, work, threads, device)
     from .cost import model_parameters
     counted, shown = targets(scale)
     target_dirs = [stages.resolve_target(t, work) for t in counted + shown]
@@ -196,7 +208,7 @@ def run_strong(scale: str, seed: int, seeds: int, work: str, records: str, threa
             continue
         if fresh and after_each is not None:
             after_each()
-    measure_row_speeds(work, records, threads, device)
+    measure_row_speeds(work, records, threads, device, scale=scale, seed=seed, seeds=seeds)
     if after_each is not None:
         after_each()
     if failed:
@@ -205,16 +217,22 @@ def run_strong(scale: str, seed: int, seeds: int, work: str, records: str, threa
     return done
 
 
-def measure_row_speeds(work: str, records: str, threads: int, device: str) -> dict:
-    """The speed stage (study.strong_speed) for the first model of every row that exists under
-    WORK/models."""
+def measure_row_speeds(work: str, records: str, threads: int, device: str, *,
+                       scale: str | None = None, seed: int = 0, seeds: int = 1) -> dict:
+    """The speed stage (study.strong_speed) over one model of every row: the first replicate
+    found under WORK/models (the replicates share one graph, so any times the row); with
+    `scale`, a row with none gets replicate 0 rebuilt (its runs trained, then exported), so
+    that every row is timed in the same interleaved session."""
     from .strong_speed import measure_speeds
     models = {}
     for row in ROWS.values():
-        name = member_name(row, 0)
-        model_dir = os.path.join(work, "models", stages.slug(name))
-        if os.path.exists(os.path.join(model_dir, "model.onnx")):
-            models[row.label] = model_dir
+        found = [model_path(work, row, r) for r in range(seeds if row.seeded else 1)]
+        found = [d for d in found if os.path.exists(os.path.join(d, "model.onnx"))]
+        if not found and scale is not None:
+            log(f"speed: rebuilding {member_name(row, 0)} to time it")
+            found = [build_model(row, 0, scale, seed, work, threads, device)[0]]
+        if found:
+            models[row.label] = found[0]
     log(f"speed: {len(models)} models, interleaved")
     return measure_speeds(models, records, threads, "cuda" if device == "cuda" else "cpu")
 
