@@ -88,8 +88,9 @@ def measure_speeds(models: dict[str, str], records: str, threads: int, device: s
                 pipe.close()
         loads.append(os.getloadavg()[0])
         log(f"speed round {r + 1}/{rounds} done")
+    session = time.time()   # every figure of one interleaved session carries the same stamp
     for n in todo:
-        known[n] = {"images_per_s": round(max(speeds[n]), 1),
+        known[n] = {"images_per_s": round(max(speeds[n]), 1), "session": session,
                     "rounds": [round(v, 1) for v in speeds[n]], "stamp": stamp(todo[n]),
                     "n_images": n_images, "threads": threads,
                     "load_average": [round(min(loads), 2), round(max(loads), 2)]}

@@ -273,3 +273,28 @@ def test_speed_stage_photos_are_real_jpegs_of_imagenet_size():
     for data in photos:
         img = Image.open(__import__("io").BytesIO(data))
         assert img.format == "JPEG" and img.size == (500, 375)
+
+
+def test_speed_stage_times_every_model_again_when_one_is_new(exported_model, fmnist_small,
+                                                             tmp_path):
+    """Throughput figures compare only within one interleaved session: unchanged models are
+    not timed again, and one new or re-exported model re-times them all, together."""
+    import shutil
+
+    from study.strong_speed import measure_speeds
+    models = {}
+    for name in ("a", "b"):
+        models[name] = str(tmp_path / name)
+        shutil.copytree(exported_model(fmnist_small), models[name])
+    first = measure_speeds(models, str(tmp_path), threads=1, device="cpu", n_images=8,
+                           rounds=1)
+    assert set(first) == {"a", "b"} and first["a"]["session"] == first["b"]["session"]
+    assert all(v["images_per_s"] > 0 and len(v["rounds"]) == 1 for v in first.values())
+    again = measure_speeds(models, str(tmp_path), threads=1, device="cpu", n_images=8, rounds=1)
+    assert again == first                                        # nothing timed again
+    onnx = os.path.join(models["b"], "model.onnx")
+    os.utime(onnx, (os.path.getatime(onnx), os.path.getmtime(onnx) + 10))   # b re-exported
+    third = measure_speeds(models, str(tmp_path), threads=1, device="cpu", n_images=8, rounds=1)
+    assert third["a"]["session"] == third["b"]["session"] != first["a"]["session"]
+    with open(tmp_path / "speed.json") as f:
+        assert json.load(f) == third
